@@ -1,0 +1,53 @@
+"""Turning an uploaded file into the pixels a job carries, exactly as the original `prepare_image` did."""
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from jobs import IMAGE_SHAPE
+
+
+class ImageError(ValueError):
+    """The upload is not an image we can classify; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+def _to_rgb(image):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Pillow clips wide integer modes to 255 when converting, which would turn a 16-bit photo white.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def prepare_image(data, max_pixels):
+    """Decode, convert to RGB and resize to 224x224 with Pillow's default filter; returns uint8 HxWx3.
+
+    Raises ImageError for anything that is not a complete image of at most `max_pixels` pixels.
+    """
+    if not data:
+        raise ImageError("the uploaded file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted", 413)
+            image = next(ImageSequence.Iterator(image))  # animated images: the first frame
+            image.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("the uploaded file is not an image format we can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("image declares too many pixels", 413) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"the image could not be decoded: {exc}") from None
+    resized = _to_rgb(image).resize(IMAGE_SHAPE[1::-1])
+    return np.asarray(resized, dtype=np.uint8)

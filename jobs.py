@@ -1,0 +1,133 @@
+"""The shapes that travel through Redis: a job (web -> worker) and a result (worker -> web), as JSON.
+
+Pixels travel as base64 of raw uint8 RGB (147 KiB per job, a quarter of the original float32 payload);
+the model-specific normalisation happens on the worker.
+"""
+import base64
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IMAGE_SHAPE = (224, 224, 3)
+MAX_TOP_K = 20
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class JobError(ValueError):
+    """A job on the queue that cannot be processed; `job_id` is set when the requester can be told."""
+
+    def __init__(self, message, job_id=None, reply_to=None):
+        super().__init__(message)
+        self.job_id, self.reply_to = job_id, reply_to
+
+
+@dataclass
+class Job:
+    pixels: np.ndarray
+    deadline: float
+    top_k: int = 5
+    reply_to: str | None = None
+    request_id: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    enqueued_at: float = field(default_factory=time.time)
+    attempts: int = 0
+
+    def __post_init__(self):
+        self.request_id = self.request_id or self.id
+
+
+def encode_job(job):
+    return json.dumps(
+        {
+            "id": job.id,
+            "request_id": job.request_id,
+            "image": base64.b64encode(np.ascontiguousarray(job.pixels, dtype=np.uint8)).decode("ascii"),
+            "shape": list(job.pixels.shape),
+            "dtype": "uint8",
+            "top_k": job.top_k,
+            "deadline": job.deadline,
+            "enqueued_at": job.enqueued_at,
+            "reply_to": job.reply_to,
+            "attempts": job.attempts,
+        }
+    )
+
+
+def decode_job(raw):
+    """Parse and validate a job from the queue; raises JobError saying what is wrong with it."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise JobError(f"job is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise JobError("job is not a JSON object")
+    job_id, reply_to = data.get("id"), data.get("reply_to")
+    if not isinstance(job_id, str) or not _ID.match(job_id):
+        raise JobError("job has no valid id")
+    if reply_to is not None and not isinstance(reply_to, str):
+        reply_to = None
+
+    def fail(message):
+        return JobError(message, job_id, reply_to)
+
+    if data.get("shape") != list(IMAGE_SHAPE) or data.get("dtype") != "uint8":
+        raise fail(f"job image must be uint8 of shape {list(IMAGE_SHAPE)}")
+    try:
+        pixels = np.frombuffer(base64.b64decode(data.get("image", ""), validate=True), dtype=np.uint8)
+    except (ValueError, TypeError):
+        raise fail("job image is not valid base64") from None
+    if pixels.size != np.prod(IMAGE_SHAPE):
+        raise fail(f"job image has {pixels.size} bytes, expected {int(np.prod(IMAGE_SHAPE))}")
+    top_k, deadline = data.get("top_k"), data.get("deadline")
+    if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        raise fail(f"job top_k must be an integer from 1 to {MAX_TOP_K}")
+    if not isinstance(deadline, (int, float)):
+        raise fail("job has no deadline")
+    return Job(
+        pixels=pixels.reshape(IMAGE_SHAPE),
+        deadline=float(deadline),
+        top_k=top_k,
+        reply_to=reply_to,
+        request_id=str(data.get("request_id") or job_id),
+        id=job_id,
+        enqueued_at=float(data.get("enqueued_at") or 0),
+        attempts=int(data.get("attempts") or 0),
+    )
+
+
+def success_result(job, predictions, model, batch_size, inference_ms, queue_ms):
+    return {
+        "id": job.id,
+        "success": True,
+        "model": model,
+        "predictions": predictions,
+        "batch_size": batch_size,
+        "inference_ms": round(inference_ms, 2),
+        "queue_ms": round(queue_ms, 2),
+    }
+
+
+def error_result(job_id, error, status):
+    """`status` is the HTTP status the web server answers with."""
+    return {"id": job_id, "success": False, "error": error, "status": status}
+
+
+def encode_result(result):
+    return json.dumps(result)
+
+
+def decode_result(raw):
+    return json.loads(raw)
+
+
+def address(raw):
+    """(job id, reply channel) of a raw job, or (None, None) when it has no valid id."""
+    try:
+        job = decode_job(raw)
+    except JobError as exc:
+        return exc.job_id, exc.reply_to
+    return job.id, job.reply_to

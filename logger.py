@@ -1,0 +1,152 @@
+"""One log format for every process: `log(action, **details)` from anywhere.
+
+Each line: ISO-8601 UTC time with milliseconds, level, server name, the script that was started, the
+action, then key=value details. LOG_FORMAT=json writes the same fields as JSON lines. LOG_TO_REDIS=1 also
+copies every line into a capped Redis stream, which `python logger.py tail` follows for all servers at once.
+"""
+import contextvars
+import datetime
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+
+import settings
+
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+_context = contextvars.ContextVar("log_context", default={})
+_write_lock = threading.Lock()
+_sink = None
+
+
+def _script_name():
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv and sys.argv[0] else "python")
+    return os.path.basename(path)
+
+
+SCRIPT = _script_name()
+_ROLES = {"run_web_server.py": "web", "run_model_server.py": "worker"}
+SERVER = settings.SERVER_NAME or f"{socket.gethostname()}-{_ROLES.get(SCRIPT, 'client')}"
+
+
+def bind(**details):
+    """Add details to every line logged from this thread/context (e.g. the request id)."""
+    _context.set({**_context.get(), **details})
+
+
+def _format_value(value):
+    text = f"{value:.1f}" if isinstance(value, float) else str(value)
+    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+
+
+def format_line(record):
+    if settings.LOG_FORMAT == "json":
+        return json.dumps(record, default=str)
+    fixed = ("ts", "level", "server", "script", "action")
+    details = " ".join(f"{k}={_format_value(v)}" for k, v in record.items() if k not in fixed)
+    return f"{record['ts']} {record['level']:<7} {record['server']} {record['script']} {record['action']}" + (
+        f" {details}" if details else ""
+    )
+
+
+def log(action, level="INFO", **details):
+    if LEVELS[level] < LEVELS.get(settings.LOG_LEVEL, 20):
+        return
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
+        "level": level,
+        "server": SERVER,
+        "script": SCRIPT,
+        "action": action,
+        **_context.get(),
+        **details,
+    }
+    line = format_line(record)
+    with _write_lock:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    if settings.LOG_TO_REDIS:
+        _redis_sink().put(record)
+
+
+class _RedisSink:
+    """Ships records to the log stream from a background thread, so a slow Redis never slows a request."""
+
+    def __init__(self):
+        import redis_client
+        from keys import Keys
+
+        self._redis = redis_client.connect()
+        self._stream = Keys().log_stream
+        self._queue = queue.Queue(maxsize=10_000)
+        threading.Thread(target=self._run, name="log-sink", daemon=True).start()
+
+    def put(self, record):
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            pass  # dropping log lines beats blocking the service; the console still has them
+
+    def _run(self):
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty() and len(batch) < 500:
+                batch.append(self._queue.get_nowait())
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                for record in batch:
+                    fields = {k: json.dumps(v, default=str) if not isinstance(v, str) else v for k, v in record.items()}
+                    pipe.xadd(self._stream, fields, maxlen=settings.LOG_STREAM_MAXLEN, approximate=True)
+                pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - the sink must outlive any Redis trouble
+                sys.stderr.write(f"log stream unavailable: {exc}\n")
+
+
+def _redis_sink():
+    global _sink
+    if _sink is None or _sink[0] != os.getpid():  # a forked process needs its own thread
+        _sink = (os.getpid(), _RedisSink())
+    return _sink[1]
+
+
+def tail(from_start=False, follow=True, out=sys.stdout):
+    """Print the merged log of every server from the Redis stream."""
+    import redis_client
+    from keys import Keys
+
+    r = redis_client.connect(decode=True, socket_timeout=None)
+    stream = Keys().log_stream
+    last = "0" if from_start else "$"
+    while True:
+        entries = r.xread({stream: last}, block=0 if follow else None, count=1000)
+        if not entries:
+            return
+        for last, fields in entries[0][1]:
+            record = {k: _decode_field(v) for k, v in fields.items()}
+            out.write(format_line(record) + "\n")
+        out.flush()
+
+
+def _decode_field(value):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Follow the merged log of every web server and worker.")
+    parser.add_argument("command", choices=["tail"])
+    parser.add_argument("--from-start", action="store_true", help="print the whole retained log first")
+    parser.add_argument("--no-follow", action="store_true", help="exit after printing what is there")
+    args = parser.parse_args()
+    try:
+        tail(from_start=args.from_start, follow=not args.no_follow)
+    except KeyboardInterrupt:
+        pass

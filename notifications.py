@@ -1,0 +1,144 @@
+"""How a web process waits for its jobs' results: one pub/sub subscription per process, polling as fallback.
+
+Every web process subscribes to its own channel before it pushes any job; workers PUBLISH a finished job's
+id there, and the listener thread wakes the request waiting for it. Pub/sub is at-most-once (a message sent
+while the listener is reconnecting is gone), so a waiting request also polls its result key with backoff,
+and after every (re)subscribe the listener wakes all waiting requests to re-check their keys.
+"""
+import os
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import redis
+
+import jobs
+import redis_client
+import settings
+from logger import log
+
+
+class _Pending:
+    def __init__(self, job_id):
+        self.job_id = job_id
+        self.event = threading.Event()
+
+
+class ResultWaiter:
+    def __init__(self, connection, keys, mode=settings.WAIT_MODE, listener_connection=None):
+        if mode not in ("notify", "poll"):
+            raise ValueError(f"WAIT_MODE must be 'notify' or 'poll', not {mode!r}")
+        self.redis, self.keys, self.mode = connection, keys, mode
+        self._listener_redis = listener_connection
+        self._pending = {}
+        self._lock = threading.Lock()
+        self._pid = None
+        self._subscribed = threading.Event()
+        self.channel = None
+        self.stats = {"notified": 0, "fallback_hits": 0, "timeouts": 0}
+
+    # -- listener ----------------------------------------------------------------------------------------
+    def start(self, timeout=5.0):
+        """Subscribe (once per process: gunicorn forks after import) and wait until the subscription holds.
+
+        Returns the reply channel for new jobs, or None in poll mode. Raises redis.ConnectionError when the
+        subscription cannot be made, so that no job is pushed before its notification could arrive.
+        """
+        if self.mode == "poll":
+            return None
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._subscribed = threading.Event()
+                self.channel = self.keys.channel(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+                connection = self._listener_redis or redis_client.connect(socket_timeout=None)
+                threading.Thread(target=self._listen, args=(connection, self._subscribed), name="result-listener",
+                                 daemon=True).start()
+        if not self._subscribed.wait(timeout):
+            raise redis.ConnectionError("the result notification channel is not subscribed")
+        return self.channel
+
+    def _listen(self, connection, subscribed):
+        delay = 0.1
+        while True:
+            pubsub = connection.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                # Wait for Redis to confirm, so that a job pushed after start() cannot miss its message.
+                while (pubsub.get_message(timeout=1.0) or {}).get("type") != "subscribe":
+                    pass
+                subscribed.set()
+                log("listener_subscribed", channel=self.channel)
+                delay = 0.1
+                self._wake_all()  # results published while we were away: re-check their keys
+                while True:
+                    message = pubsub.get_message(timeout=30.0)
+                    if message and message["type"] == "message":
+                        self._wake(message["data"].decode())
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                subscribed.clear()
+                log("listener_disconnected", level="WARNING", channel=self.channel, error=str(exc), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:  # noqa: BLE001 - the connection is already gone
+                    pass
+
+    def _wake(self, job_id):
+        with self._lock:
+            pending = self._pending.get(job_id)
+        if pending:
+            pending.event.set()
+
+    def _wake_all(self):
+        with self._lock:
+            waiting = list(self._pending.values())
+        for pending in waiting:
+            pending.event.set()
+
+    # -- waiting -----------------------------------------------------------------------------------------
+    @contextmanager
+    def expect(self, job_id):
+        """Register interest in a job before it is pushed; the notification may come at once."""
+        pending = _Pending(job_id)
+        with self._lock:
+            self._pending[job_id] = pending
+        try:
+            yield pending
+        finally:
+            with self._lock:
+                self._pending.pop(job_id, None)
+
+    def fetch(self, job_id):
+        """The job's result, read and deleted in one step, or None while there is none."""
+        raw = self.redis.getdel(self.keys.result(job_id))
+        return None if raw is None else jobs.decode_result(raw)
+
+    def wait(self, pending, deadline):
+        """The result of the pending job, or None once `deadline` (time.time()) has passed."""
+        if self.mode == "poll":
+            interval, growth, cap = settings.POLL_INTERVAL, 1.0, settings.POLL_INTERVAL
+        else:
+            interval, growth, cap = settings.FALLBACK_POLL_AFTER, 2.0, settings.FALLBACK_POLL_MAX
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                self.stats["timeouts"] += 1
+                return None
+            notified = pending.event.wait(min(interval, remaining))
+            pending.event.clear()
+            result = self.fetch(pending.job_id)
+            if result is not None:
+                if notified:
+                    self.stats["notified"] += 1
+                elif self.mode == "notify":
+                    self.stats["fallback_hits"] += 1
+                    log("fallback_poll_hit", level="WARNING", id=pending.job_id)
+                return result
+            if not notified:
+                interval = min(interval * growth, cap)
+                if self.mode == "notify":
+                    log("fallback_poll", level="DEBUG", id=pending.job_id, next_in_s=interval)
