@@ -38,15 +38,15 @@ def prepare_image(data, max_pixels):
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageError(f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted", 413)
+                raise ImageError(f"image is too large: {width}x{height} pixels, at most {max_pixels} accepted", 413)
             image = next(ImageSequence.Iterator(image))  # animated images: the first frame
             image.load()
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError("the uploaded file is not an image format we can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError("image declares too many pixels", 413) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image is too large: {exc}", 413) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"the image could not be decoded: {exc}") from None
     resized = _to_rgb(image).resize(IMAGE_SHAPE[1::-1])

@@ -33,8 +33,9 @@ SERVER = settings.SERVER_NAME or f"{socket.gethostname()}-{_ROLES.get(SCRIPT, 'c
 
 
 def bind(**details):
-    """Add details to every line logged from this thread/context (e.g. the request id)."""
-    _context.set({**_context.get(), **details})
+    """Set the details that every later line from this thread carries (e.g. the request id), replacing any
+    set before: a server thread calls it at the start of each request."""
+    _context.set(details)
 
 
 def _format_value(value):

@@ -26,11 +26,12 @@ class _Pending:
 
 
 class ResultWaiter:
-    def __init__(self, connection, keys, mode=settings.WAIT_MODE, listener_connection=None):
+    def __init__(self, connection, keys, mode=settings.WAIT_MODE, url=None):
         if mode not in ("notify", "poll"):
             raise ValueError(f"WAIT_MODE must be 'notify' or 'poll', not {mode!r}")
         self.redis, self.keys, self.mode = connection, keys, mode
-        self._listener_redis = listener_connection
+        self._url = url
+        self._closed = threading.Event()
         self._pending = {}
         self._lock = threading.Lock()
         self._pid = None
@@ -52,7 +53,8 @@ class ResultWaiter:
                 self._pid = os.getpid()
                 self._subscribed = threading.Event()
                 self.channel = self.keys.channel(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
-                connection = self._listener_redis or redis_client.connect(socket_timeout=None)
+                # No socket timeout: the listener may rightly hear nothing for a long time.
+                connection = redis_client.connect(self._url, socket_timeout=None)
                 threading.Thread(target=self._listen, args=(connection, self._subscribed), name="result-listener",
                                  daemon=True).start()
         if not self._subscribed.wait(timeout):
@@ -61,7 +63,7 @@ class ResultWaiter:
 
     def _listen(self, connection, subscribed):
         delay = 0.1
-        while True:
+        while not self._closed.is_set():
             pubsub = connection.pubsub()
             try:
                 pubsub.subscribe(self.channel)
@@ -72,20 +74,24 @@ class ResultWaiter:
                 log("listener_subscribed", channel=self.channel)
                 delay = 0.1
                 self._wake_all()  # results published while we were away: re-check their keys
-                while True:
-                    message = pubsub.get_message(timeout=30.0)
+                while not self._closed.is_set():
+                    message = pubsub.get_message(timeout=1.0)
                     if message and message["type"] == "message":
                         self._wake(message["data"].decode())
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 subscribed.clear()
                 log("listener_disconnected", level="WARNING", channel=self.channel, error=str(exc), retry_in_s=delay)
-                time.sleep(delay)
+                self._closed.wait(delay)
                 delay = min(delay * 2, 5.0)
             finally:
                 try:
                     pubsub.close()
                 except Exception:  # noqa: BLE001 - the connection is already gone
                     pass
+
+    def close(self):
+        """Stop listening (the listener thread ends within a second)."""
+        self._closed.set()
 
     def _wake(self, job_id):
         with self._lock:

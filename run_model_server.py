@@ -23,13 +23,13 @@ class _Interrupted(Exception):
 
 
 class Worker:
-    def __init__(self, classifier, connection=None, name=None, batch_size=settings.BATCH_SIZE):
+    def __init__(self, classifier, url=None, name=None, batch_size=settings.BATCH_SIZE):
         self.classifier = classifier
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.batch_size = batch_size
-        self.redis = connection or redis_client.connect()
+        self.redis = redis_client.connect(url)
         # BLMOVE blocks for BLOCK_TIMEOUT; its connection must wait longer than that before giving up.
-        self.blocking_redis = redis_client.connect(socket_timeout=settings.BLOCK_TIMEOUT + 5)
+        self.blocking_redis = redis_client.connect(url, socket_timeout=settings.BLOCK_TIMEOUT + 5)
         self.queue = JobQueue(self.redis)
         self.registry = WorkerRegistry(self.redis, self.queue)
         self.counts = {"batches": 0, "jobs": 0, "errors": 0, "expired": 0}

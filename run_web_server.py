@@ -3,10 +3,12 @@
 `python run_web_server.py` serves with gunicorn (threads) on HOST:PORT; `run_web_server:app` is the WSGI
 app for any other host.
 """
+import re
 import time
+import uuid
 
 import redis
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 import helpers
@@ -31,6 +33,9 @@ def _parse_top_k(raw):
     return int(raw)
 
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
 def create_app(connection=None, keys=None, waiter=None):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES
@@ -40,9 +45,25 @@ def create_app(connection=None, keys=None, waiter=None):
     waiter = waiter or ResultWaiter(connection, keys)
     app.extensions["result_waiter"] = waiter
 
+    @app.before_request
+    def identify_request():
+        g.job_id = uuid.uuid4().hex
+        offered = request.headers.get("X-Request-Id")
+        g.request_id = offered if offered and _REQUEST_ID.match(offered) else g.job_id
+        bind(rid=g.request_id)
+        if offered and offered != g.request_id:
+            return _error("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", 400)
+        return None
+
+    @app.after_request
+    def return_request_id(response):
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        return response
+
     @app.post("/predict")
     def predict():
         received = time.time()
+        log("request_received", bytes=request.content_length, top_k=request.args.get("top_k"))
         try:
             top_k = _parse_top_k(request.args.get("top_k"))
         except ValueError as exc:
@@ -57,9 +78,7 @@ def create_app(connection=None, keys=None, waiter=None):
             return _error(str(exc), exc.status)
         try:
             reply_to = waiter.start()
-            job = jobs.Job(pixels, received + settings.REQUEST_TIMEOUT, top_k, reply_to,
-                           request.headers.get("X-Request-Id"))
-            bind(rid=job.request_id)
+            job = jobs.Job(pixels, received + settings.REQUEST_TIMEOUT, top_k, reply_to, g.request_id, g.job_id)
             with waiter.expect(job.id) as pending:
                 queue.enqueue(jobs.encode_job(job), settings.MAX_QUEUE_LENGTH)
                 log("job_queued", id=job.id, top_k=top_k)

@@ -1,0 +1,98 @@
+"""Image preparation: identical to the original prepare_image, and clear errors for what is not an image."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import helpers
+from conftest import CASTLE
+
+LIMIT = 40_000_000
+
+
+def encode(image, fmt, **kwargs):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_castle_pixels_equal_the_original_preparation():
+    original = np.asarray(Image.open(CASTLE).convert("RGB").resize((224, 224)), dtype=np.uint8)
+    pixels = helpers.prepare_image(CASTLE.read_bytes(), LIMIT)
+    assert pixels.dtype == np.uint8 and pixels.shape == (224, 224, 3)
+    assert np.array_equal(pixels, original)
+
+
+def _gradient(mode, size=(64, 48)):
+    array = np.linspace(0, 255, size[0] * size[1], dtype=np.float64).reshape(size[1], size[0])
+    return Image.fromarray(array.astype(np.uint8), "L").convert(mode)
+
+
+def _sixteen_bit_png():
+    array = (np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16)
+    image = Image.fromarray(array)
+    assert image.mode == "I;16"
+    return encode(image, "PNG")
+
+
+def _animated_gif():
+    frames = [Image.new("RGB", (40, 30), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("grayscale", lambda: encode(_gradient("L"), "PNG")),
+        ("rgba", lambda: encode(_gradient("RGBA"), "PNG")),
+        ("palette", lambda: encode(_gradient("RGB").convert("P"), "PNG")),
+        ("16-bit", _sixteen_bit_png),
+        ("cmyk jpeg", lambda: encode(_gradient("CMYK"), "JPEG")),
+        ("1x1", lambda: encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")),
+    ],
+)
+def test_unusual_but_valid_images_are_prepared(name, data):
+    pixels = helpers.prepare_image(data(), LIMIT)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+    assert pixels.std() > 0 or name == "1x1"
+
+
+def test_sixteen_bit_image_keeps_its_tones():
+    pixels = helpers.prepare_image(_sixteen_bit_png(), LIMIT)
+    assert pixels.min() < 20 and pixels.max() > 235  # not clipped to white
+
+
+def test_animated_gif_uses_the_first_frame():
+    pixels = helpers.prepare_image(_animated_gif(), LIMIT)
+    assert tuple(pixels[100, 100]) == (255, 0, 0)
+
+
+def _bomb():
+    # A valid PNG header that declares 30000x30000 pixels; the pixel data need not exist.
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "data, status, message",
+    [
+        (b"", 400, "empty"),
+        (b"hello, this is text and not an image", 400, "not an image"),
+        (b"%PDF-1.4\n1 0 obj << >> endobj\n", 400, "not an image"),
+        (CASTLE.read_bytes()[:5000], 400, "could not be decoded"),
+        (_bomb(), 413, "too large"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(data, status, message):
+    with pytest.raises(helpers.ImageError, match=message) as err:
+        helpers.prepare_image(data, LIMIT)
+    assert err.value.status == status
