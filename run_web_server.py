@@ -9,6 +9,8 @@ import uuid
 
 import redis
 from flask import Flask, g, jsonify, request
+from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.exceptions import HTTPException
 
 import helpers
@@ -117,15 +119,27 @@ def create_app(connection=None, keys=None, waiter=None):
 app = create_app()
 
 
-def main():
-    from gunicorn.app.base import BaseApplication
+class _GracefulThreadWorker(ThreadWorker):
+    """gunicorn's threaded worker, but once it is stopping, new connections are refused at once.
 
+    The stock worker only stops accepting: its copy of the listening socket stays open until the last
+    waiting request is answered, so a new client would hang in the backlog instead of going elsewhere.
+    """
+
+    def set_accept_enabled(self, enabled):
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
+
+
+def main():
     class _Server(BaseApplication):
         def load_config(self):
             for key, value in {
                 "bind": f"{settings.HOST}:{settings.PORT}",
                 "workers": settings.WEB_PROCESSES,
-                "worker_class": "gthread",
+                "worker_class": _GracefulThreadWorker,
                 "threads": settings.WEB_THREADS,
                 # A stopping worker lets its waiting requests finish: they end by REQUEST_TIMEOUT at the latest.
                 "graceful_timeout": int(settings.REQUEST_TIMEOUT) + 5,

@@ -1,0 +1,69 @@
+"""The whole service as real processes: redis-server, model workers (real EfficientNet-Lite0 weights), gunicorn."""
+import concurrent.futures
+import re
+import subprocess
+import sys
+
+import requests
+
+from conftest import ASSETS, CASTLE, ROOT
+from keys import Keys
+
+
+def post(url, path=CASTLE, **kwargs):
+    with open(path, "rb") as f:
+        return requests.post(f"{url}/predict", files={"image": f}, timeout=60, **kwargs)
+
+
+def test_castle_through_the_whole_service(service, real_redis):
+    service.start_worker()
+    service.start_web()
+    response = post(service.url)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["success"] is True and body["model"] == "efficientnet_lite0"
+    assert len(body["predictions"]) == 5
+    assert body["predictions"][0]["label"] == "castle"
+    assert body["predictions"][0]["probability"] > 0.9
+    assert len(body["id"]) == 32
+    # The web server read and deleted the result; nothing but the worker registry is left behind.
+    assert not real_redis.keys(Keys().result_prefix + "*")
+    assert real_redis.llen(Keys().queue) == 0
+
+    printed = subprocess.run([sys.executable, "simple_request.py", "--url", f"{service.url}/predict"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert re.fullmatch(r"1\. castle: 0\.9\d{3}", lines[0])
+    assert all(re.fullmatch(rf"{i}\. \w+: 0\.\d{{4}}", line) for i, line in enumerate(lines[1:5], 2))
+
+    curl = subprocess.run(["curl", "-s", "-X", "POST", "-F", f"image=@{ASSETS / 'jemma.png'}",
+                           f"{service.url}/predict?top_k=1"], capture_output=True, text=True, timeout=60)
+    assert '"label":"beagle"' in curl.stdout.replace(" ", "")
+
+
+def test_simple_request_says_clearly_when_the_server_is_down():
+    from conftest import free_port
+
+    printed = subprocess.run([sys.executable, "simple_request.py", "--url", f"http://127.0.0.1:{free_port()}/predict"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert printed.returncode != 0 and "cannot reach the service" in printed.stderr
+
+
+def test_two_workers_under_concurrent_load_answer_every_request_once(service, real_redis):
+    workers = [service.start_worker(BATCH_SIZE="8"), service.start_worker(BATCH_SIZE="8")]
+    service.start_web()
+    images = [CASTLE, ASSETS / "jemma.png"]
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        responses = list(pool.map(lambda i: post(service.url, images[i % 2]), range(128)))
+        clients = real_redis.client_list()
+    assert [r.status_code for r in responses] == [200] * 128
+    for i, response in enumerate(responses):
+        assert response.json()["predictions"][0]["label"] == ("castle" if i % 2 == 0 else "beagle")
+    ids = [r.json()["id"] for r in responses]
+    assert len(set(ids)) == 128
+    published = [re.findall(r"result_published id=(\w+)", service.log_text(w)) for w in workers]
+    assert sorted(published[0] + published[1]) == sorted(ids)  # each job classified once, by one worker
+    assert all(published), "both workers should have taken part"
+    # 64 requests waited at once over a bounded pool, not a connection each.
+    assert len(clients) < 30, len(clients)

@@ -1,0 +1,189 @@
+"""Nothing lost, nothing hung: worker crashes, poison jobs, deadlines, Redis outages, graceful stops.
+
+Real processes and a real redis-server throughout; the fake parts are only the ones that play a crashing
+worker, which no real worker can be made to be on purpose.
+"""
+import concurrent.futures
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import requests
+
+import jobs
+from conftest import CASTLE, wait_for
+from job_queue import JobQueue
+from keys import Keys
+from run_model_server import Worker
+from test_queue import CountingClassifier
+from worker_registration import WorkerRegistry
+
+
+def post(url, timeout=60):
+    with open(CASTLE, "rb") as f:
+        return requests.post(f"{url}/predict", files={"image": f}, timeout=timeout)
+
+
+def fire(url, n):
+    pool = concurrent.futures.ThreadPoolExecutor(n)
+    return pool, [pool.submit(post, url) for _ in range(n)]
+
+
+def worker_name(service, process):
+    wait_for(lambda: "worker_ready" in service.log_text(process), 60, "worker_ready")
+    return service.log_text(process).split("worker_ready worker=")[1].split()[0]
+
+
+def claimed_by(redis, name):
+    return redis.llen(Keys().processing(name))
+
+
+def test_kill_9_of_a_busy_worker_loses_no_request(service, real_redis):
+    doomed = service.start_worker(BATCH_SIZE="4")
+    survivor = service.start_worker(BATCH_SIZE="4")
+    doomed_name = worker_name(service, doomed)
+    service.start_web()
+    pool, futures = fire(service.url, 24)
+    wait_for(lambda: claimed_by(real_redis, doomed_name) > 0, 30, "the doomed worker to hold a batch")
+    held = claimed_by(real_redis, doomed_name)
+    os.kill(doomed.pid, signal.SIGKILL)
+    responses = [f.result() for f in futures]
+    pool.shutdown()
+    assert held > 0
+    assert [r.status_code for r in responses] == [200] * 24
+    assert all(r.json()["predictions"][0]["label"] == "castle" for r in responses)
+    assert f"worker_dead worker={doomed_name}" in service.log_text(survivor)
+    assert real_redis.llen(Keys().dead) == 0
+
+
+def test_poison_job_is_dead_lettered_and_its_requester_told(service, real_redis):
+    service.start_web(MAX_ATTEMPTS="2")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, service.url)
+        queue = JobQueue(real_redis)
+        registry = WorkerRegistry(real_redis, queue)
+        for attempt in range(2):  # a worker takes the job and dies with it, twice
+            registry.beat("crasher", {"ready": 1}, ttl=60)
+            wait_for(lambda: queue.length() > 0, 10, "the job")
+            [raw] = queue.claim("crasher", 8, 1)
+            real_redis.delete(Keys().heartbeat("crasher"))
+            registry.sweep(max_attempts=2)
+        response = answer.result()
+    assert response.status_code == 500
+    body = response.json()
+    assert body["success"] is False and "failed 2 times" in body["error"] and body["id"] == jobs.decode_job(raw).id
+    [dead] = real_redis.lrange(Keys().dead, 0, -1)
+    assert json.loads(dead)["id"] == body["id"] and json.loads(dead)["attempts"] == 2
+    assert queue.length() == 0
+
+
+def test_malformed_job_on_the_queue_is_dead_lettered_with_an_answer(service, real_redis):
+    service.start_worker()
+    pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
+    job = jobs.Job(pixels, time.time() + 30)
+    bad = json.loads(jobs.encode_job(job))
+    bad["shape"] = [2, 2, 3]
+    real_redis.rpush(Keys().queue, b"\x00 not json", json.dumps(bad))
+    wait_for(lambda: real_redis.llen(Keys().dead) == 2, 20, "both jobs to be dead-lettered")
+    result = jobs.decode_result(real_redis.get(Keys().result(job.id)))
+    assert result["success"] is False and result["status"] == 422 and "shape" in result["error"]
+
+
+def test_worker_skips_jobs_whose_deadline_passed(real_redis, redis_server, monkeypatch):
+    monkeypatch.setattr("settings.BLOCK_TIMEOUT", 0.2)
+    queue = JobQueue(real_redis)
+    late = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() - 1)
+    fresh = jobs.Job(np.ones(jobs.IMAGE_SHAPE, np.uint8), time.time() + 30)
+    for job in (late, fresh):
+        queue.enqueue(jobs.encode_job(job), 10)
+    classifier = CountingClassifier()
+    worker = Worker(classifier, url=redis_server.url, name="punctual")
+    assert worker.run_once() == 2
+    assert classifier.seen == [1 + 256]  # only the fresh job reached the model
+    assert not real_redis.exists(Keys().result(late.id)) and real_redis.exists(Keys().result(fresh.id))
+    assert worker.counts["expired"] == 1 and not real_redis.exists(Keys().processing("punctual"))
+
+
+def test_sigterm_to_a_busy_worker_finishes_or_returns_its_batch(service, real_redis):
+    leaving = service.start_worker(BATCH_SIZE="4")
+    name = worker_name(service, leaving)
+    service.start_web()
+    pool, futures = fire(service.url, 16)
+    wait_for(lambda: claimed_by(real_redis, name) > 0, 30, "the worker to hold a batch")
+    leaving.send_signal(signal.SIGTERM)
+    assert leaving.wait(15) == 0
+    assert "worker_stopped" in service.log_text(leaving)
+    assert claimed_by(real_redis, name) == 0 and not real_redis.sismember(Keys().workers, name)
+    assert all(jobs.decode_job(raw).attempts == 0 for raw in real_redis.lrange(Keys().queue, 0, -1))
+    service.start_worker()
+    responses = [f.result() for f in futures]
+    pool.shutdown()
+    assert [r.status_code for r in responses] == [200] * 16
+
+
+def test_sigterm_to_the_web_server_lets_waiting_requests_finish(service, real_redis):
+    web = service.start_web()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(post, service.url)
+        wait_for(lambda: real_redis.llen(Keys().queue) == 1, 10, "the request to be queued")
+        web.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        refused = False
+        try:
+            post(service.url, timeout=5)
+        except requests.ConnectionError:
+            refused = True
+        service.start_worker()
+        assert waiting.result().status_code == 200
+    assert refused  # it stopped taking new requests
+    assert web.wait(15) == 0
+
+
+def test_redis_outage_under_load_then_full_service_without_restarts(service, real_redis, redis_server):
+    worker = service.start_worker(REQUEST_TIMEOUT="5")
+    web = service.start_web(REQUEST_TIMEOUT="5")
+    assert post(service.url).status_code == 200
+    outcomes, stop = [], threading.Event()
+
+    def load():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status = post(service.url, timeout=20).status_code
+            except requests.RequestException as exc:
+                status = repr(exc)
+            outcomes.append((status, time.monotonic() - started))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    redis_server.stop()
+    time.sleep(3)
+    redis_server.start()
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    statuses = [status for status, _ in outcomes]
+    assert 503 in statuses  # refused quickly while Redis was down
+    assert set(statuses) <= {200, 503, 504}, statuses
+    assert max(duration for _, duration in outcomes) < 7  # never past REQUEST_TIMEOUT (+ slack)
+    after = [post(service.url, timeout=20) for _ in range(5)]
+    assert [r.status_code for r in after] == [200] * 5
+    assert worker.poll() is None and web.poll() is None  # nothing was restarted
+    assert "listener_subscribed" in service.log_text(web).split("listener_disconnected")[-1]
+
+
+def test_result_keys_do_not_pile_up_after_load(service, real_redis):
+    service.start_worker()
+    service.start_web()
+    assert post(service.url).status_code == 200
+    baseline = real_redis.dbsize()
+    pool, futures = fire(service.url, 32)
+    assert [f.result().status_code for f in futures] == [200] * 32
+    pool.shutdown()
+    assert real_redis.dbsize() == baseline
