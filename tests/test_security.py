@@ -1,0 +1,78 @@
+"""Redis with a password and over TLS works end to end; secrets stay out of logs; safe defaults."""
+import io
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import redis_client
+import run_web_server
+from conftest import CASTLE, ROOT, free_port, wait_for
+from keys import Keys
+from notifications import ResultWaiter
+from run_model_server import Worker
+from test_queue import CountingClassifier
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory):
+    """redis-server speaking only TLS, with a password, and a self-signed certificate for 127.0.0.1."""
+    tmp = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", tmp / "key.pem",
+                    "-out", tmp / "cert.pem", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                               "--tls-cert-file", tmp / "cert.pem", "--tls-key-file", tmp / "key.pem",
+                               "--tls-auth-clients", "no", "--requirepass", "s3cret", "--save", "",
+                               "--dir", tmp], stdout=subprocess.DEVNULL)
+    url = f"rediss://:s3cret@127.0.0.1:{port}/0?ssl_ca_certs={tmp / 'cert.pem'}"
+
+    def answers():
+        try:
+            return redis_client.connect(url).ping()
+        except Exception:  # noqa: BLE001 - still starting
+            return False
+
+    wait_for(answers, 10, "redis-server with TLS")
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
+def test_whole_round_trip_over_tls_with_a_password(tls_redis, monkeypatch):
+    monkeypatch.setattr("settings.BLOCK_TIMEOUT", 0.5)
+    connection = redis_client.connect(tls_redis, max_connections=4)
+    waiter = ResultWaiter(connection, Keys(), mode="notify", url=tls_redis)
+    client = run_web_server.create_app(connection=connection, waiter=waiter).test_client()
+    worker = Worker(CountingClassifier(), url=tls_redis, name="tls-worker")
+    thread = threading.Thread(target=lambda: [worker.run_once() for _ in range(10)])
+    thread.start()
+    response = client.post("/predict", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")},
+                           content_type="multipart/form-data")
+    thread.join(20)
+    waiter.close()
+    assert response.status_code == 200 and response.get_json()["model"] == "counting"
+    assert waiter.stats["notified"] == 1  # the pub/sub notification came over TLS too
+
+
+def test_wrong_password_is_a_clear_503(tls_redis):
+    wrong = tls_redis.replace(":s3cret@", ":nope@")
+    connection = redis_client.connect(wrong, max_connections=2)
+    client = run_web_server.create_app(connection=connection, waiter=ResultWaiter(connection, Keys(), mode="poll")
+                                       ).test_client()
+    response = client.post("/predict", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")},
+                           content_type="multipart/form-data")
+    assert response.status_code == 503 and "s3cret" not in response.get_data(as_text=True)
+
+
+def test_password_never_reaches_the_log():
+    assert redis_client.describe("rediss://:s3cret@db.internal:6380/2?ssl_ca_certs=/x") == "rediss://db.internal:6380/2"
+
+
+def test_defaults_bind_loopback_and_name_no_host():
+    code = "import settings; print(settings.HOST, settings.REDIS_URL)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={"PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out == ["127.0.0.1", "redis://127.0.0.1:6379/0"]
