@@ -15,11 +15,11 @@ run: $(VENV)/.installed
 	bash scripts/run.sh
 
 test: $(VENV)/.installed
-	bash scripts/install_system.sh redis-server
+	bash scripts/install_system.sh redis-server chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 install-system:
-	bash scripts/install_system.sh redis-server
+	bash scripts/install_system.sh redis-server chromium
 
 clean:
 	rm -rf $(VENV) .redis .pytest_cache

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import redis
 
 import jobs
+import metrics
 import redis_client
 import settings
 from logger import log
@@ -37,7 +38,6 @@ class ResultWaiter:
         self._pid = None
         self._subscribed = threading.Event()
         self.channel = None
-        self.stats = {"notified": 0, "fallback_hits": 0, "timeouts": 0}
 
     # -- listener ----------------------------------------------------------------------------------------
     def start(self, timeout=5.0):
@@ -132,16 +132,15 @@ class ResultWaiter:
         while True:
             remaining = deadline - time.time()
             if remaining <= 0:
-                self.stats["timeouts"] += 1
+                metrics.TIMEOUTS.inc()
                 return None
             notified = pending.event.wait(min(interval, remaining))
             pending.event.clear()
             result = self.fetch(pending.job_id)
             if result is not None:
-                if notified:
-                    self.stats["notified"] += 1
-                elif self.mode == "notify":
-                    self.stats["fallback_hits"] += 1
+                via = "notification" if notified else "fallback_poll" if self.mode == "notify" else "poll"
+                metrics.WAKEUPS.labels(via).inc()
+                if via == "fallback_poll":
                     log("fallback_poll_hit", level="WARNING", id=pending.job_id)
                 return result
             if not notified:

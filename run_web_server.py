@@ -15,12 +15,14 @@ from werkzeug.exceptions import HTTPException
 
 import helpers
 import jobs
+import metrics
 import redis_client
 import settings
 from job_queue import JobQueue, QueueFull
 from keys import Keys
 from logger import bind, log
 from notifications import ResultWaiter
+from worker_registration import WorkerRegistry
 
 
 def _error(message, status, **extra):
@@ -44,8 +46,8 @@ def create_app(connection=None, keys=None, waiter=None):
     connection = connection or redis_client.connect(max_connections=settings.WEB_REDIS_CONNECTIONS)
     keys = keys or Keys()
     queue = JobQueue(connection, keys)
+    registry = WorkerRegistry(connection, queue)
     waiter = waiter or ResultWaiter(connection, keys)
-    app.extensions["result_waiter"] = waiter
 
     @app.before_request
     def identify_request():
@@ -60,7 +62,37 @@ def create_app(connection=None, keys=None, waiter=None):
     @app.after_request
     def return_request_id(response):
         response.headers["X-Request-Id"] = g.get("request_id", "")
+        if request.path == "/predict":
+            metrics.REQUESTS.labels(str(response.status_code)).inc()
         return response
+
+    @app.get("/")
+    def upload_page():
+        return app.send_static_file("index.html")
+
+    @app.get("/health/live")
+    def live():
+        return jsonify({"status": "alive"})
+
+    @app.get("/health/ready")
+    def ready():
+        """Ready when Redis answers, our notification channel holds, and a warmed-up worker beats."""
+        try:
+            connection.ping()
+            waiter.start(timeout=2.0)
+            workers = registry.workers()
+        except redis.RedisError as exc:
+            return jsonify({"status": "not ready", "reason": f"Redis: {exc}"}), 503
+        # A heartbeat hash exists only while it is fresh: it expires HEARTBEAT_TTL after the last beat.
+        fresh = [w for w in workers if w.get("ready") == "1"]
+        if not fresh:
+            return jsonify({"status": "not ready", "reason": "no worker with a loaded model and a fresh heartbeat",
+                            "workers": workers}), 503
+        return jsonify({"status": "ready", "workers": fresh, "queue_depth": queue.length()})
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        return metrics.exposition(queue, registry), 200, {"Content-Type": metrics.CONTENT_TYPE}
 
     @app.post("/predict")
     def predict():
@@ -100,6 +132,7 @@ def create_app(connection=None, keys=None, waiter=None):
         if not result["success"]:
             log("job_failed", level="ERROR", id=job.id, error=result["error"], ms=elapsed_ms)
             return _error(result["error"], result.get("status", 500), id=job.id)
+        metrics.observe_result(result, elapsed_ms / 1000)
         log("request_done", id=job.id, ms=elapsed_ms, batch_size=result["batch_size"])
         return jsonify({"success": True, "id": job.id, "request_id": job.request_id, "model": result["model"],
                         "predictions": result["predictions"]})

@@ -3,11 +3,16 @@ import threading
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 import jobs
 import redis_client
 from keys import Keys
 from notifications import ResultWaiter
+
+
+def counted(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0
 
 
 def store(r, keys, job_id, channel=None):
@@ -39,6 +44,7 @@ def test_notification_wakes_exactly_the_right_request(real_redis, redis_server, 
     monkeypatch.setattr("settings.FALLBACK_POLL_AFTER", 30)  # so that only a notification can wake them
     waiter = waiter_for(mode="notify")
     channel = waiter.start()
+    notified, timeouts = counted("imgclf_result_wakeups_total", via="notification"), counted("imgclf_timeouts_total")
     out = {}
     threads = [threading.Thread(target=wait_in_thread, args=(waiter, job_id, 3, out)) for job_id in ("a" * 32, "b" * 32)]
     for t in threads:
@@ -50,13 +56,15 @@ def test_notification_wakes_exactly_the_right_request(real_redis, redis_server, 
     assert "b" * 32 not in out  # the other request is still waiting
     threads[1].join(5)
     assert out["b" * 32][0] is None  # and times out, as nothing was published for it
-    assert waiter.stats["notified"] == 1 and waiter.stats["timeouts"] == 1
+    assert counted("imgclf_result_wakeups_total", via="notification") == notified + 1
+    assert counted("imgclf_timeouts_total") == timeouts + 1
 
 
 def test_lost_notification_is_covered_by_the_fallback_poll(real_redis, redis_server, waiter_for, monkeypatch):
     monkeypatch.setattr("settings.FALLBACK_POLL_AFTER", 0.3)
     waiter = waiter_for(mode="notify")
     waiter.start()
+    polled = counted("imgclf_result_wakeups_total", via="fallback_poll")
     out = {}
     thread = threading.Thread(target=wait_in_thread, args=(waiter, "c" * 32, 5, out))
     thread.start()
@@ -64,7 +72,7 @@ def test_lost_notification_is_covered_by_the_fallback_poll(real_redis, redis_ser
     store(real_redis, Keys(), "c" * 32)  # stored, but the PUBLISH never happened
     thread.join(5)
     assert out["c" * 32][0]["id"] == "c" * 32
-    assert waiter.stats["fallback_hits"] == 1
+    assert counted("imgclf_result_wakeups_total", via="fallback_poll") == polled + 1
     assert not real_redis.exists(Keys().result("c" * 32))  # read and deleted
 
 

@@ -5,6 +5,7 @@ import sys
 import threading
 
 import pytest
+from prometheus_client import REGISTRY
 
 import redis_client
 import run_web_server
@@ -46,6 +47,7 @@ def test_whole_round_trip_over_tls_with_a_password(tls_redis, monkeypatch):
     connection = redis_client.connect(tls_redis, max_connections=4)
     waiter = ResultWaiter(connection, Keys(), mode="notify", url=tls_redis)
     client = run_web_server.create_app(connection=connection, waiter=waiter).test_client()
+    notified = REGISTRY.get_sample_value("imgclf_result_wakeups_total", {"via": "notification"}) or 0
     worker = Worker(CountingClassifier(), url=tls_redis, name="tls-worker")
     thread = threading.Thread(target=lambda: [worker.run_once() for _ in range(10)])
     thread.start()
@@ -54,7 +56,8 @@ def test_whole_round_trip_over_tls_with_a_password(tls_redis, monkeypatch):
     thread.join(20)
     waiter.close()
     assert response.status_code == 200 and response.get_json()["model"] == "counting"
-    assert waiter.stats["notified"] == 1  # the pub/sub notification came over TLS too
+    # The pub/sub notification came over TLS too.
+    assert REGISTRY.get_sample_value("imgclf_result_wakeups_total", {"via": "notification"}) == notified + 1
 
 
 def test_wrong_password_is_a_clear_503(tls_redis):

@@ -1,0 +1,117 @@
+"""What operators and users get: probes, Prometheus metrics, request ids, one merged log, the upload page."""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from conftest import CASTLE, ROOT, wait_for
+
+
+def post(url, path=CASTLE, **kwargs):
+    with open(path, "rb") as f:
+        return requests.post(f"{url}/predict", files={"image": f}, timeout=60, **kwargs)
+
+
+def sample(text, name, labels=""):
+    match = re.search(rf"^{re.escape(name + labels)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+def test_probes_follow_redis_and_workers(service, redis_server):
+    service.start_web()
+    assert requests.get(f"{service.url}/health/live", timeout=5).status_code == 200
+    not_ready = requests.get(f"{service.url}/health/ready", timeout=5)
+    assert not_ready.status_code == 503 and "no worker" in not_ready.json()["reason"]
+    service.start_worker()
+    wait_for(lambda: requests.get(f"{service.url}/health/ready", timeout=5).status_code == 200, 10, "readiness")
+    [worker] = requests.get(f"{service.url}/health/ready", timeout=5).json()["workers"]
+    assert worker["model"] == "efficientnet_lite0" and worker["batch_size"] == "32"
+    redis_server.stop()
+    down = requests.get(f"{service.url}/health/ready", timeout=10)
+    assert down.status_code == 503 and "Redis" in down.json()["reason"]
+    assert requests.get(f"{service.url}/health/live", timeout=5).status_code == 200
+    redis_server.start()
+
+
+def test_metrics_add_up_across_gunicorn_processes(service):
+    service.start_worker()
+    service.start_web(WEB_PROCESSES="2")
+    for _ in range(6):
+        assert post(service.url).status_code == 200
+    for _ in range(3):
+        assert requests.post(f"{service.url}/predict", timeout=10).status_code == 400
+    # Scrape several times: whichever process answers, it reports the totals of both.
+    for _ in range(4):
+        text = requests.get(f"{service.url}/metrics", timeout=10).text
+        assert sample(text, "imgclf_requests_total", '{status="200"}') == 6
+        assert sample(text, "imgclf_requests_total", '{status="400"}') == 3
+        assert sample(text, "imgclf_request_latency_seconds_count") == 6
+        assert sample(text, "imgclf_batch_size_count") == 6
+        assert sample(text, "imgclf_inference_seconds_count") == 6
+        assert sample(text, "imgclf_queue_wait_seconds_count") == 6
+        assert sample(text, "imgclf_result_wakeups_total", '{via="notification"}') == 6
+        assert sample(text, "imgclf_queue_depth") == 0
+        assert sample(text, "imgclf_workers_alive") == 1
+
+
+def test_request_id_follows_the_job_through_every_log(service):
+    worker = service.start_worker()
+    web = service.start_web()
+    response = post(service.url, headers={"X-Request-Id": "trace-7f3a"}, params={"top_k": 3})
+    assert response.headers["X-Request-Id"] == "trace-7f3a"
+    body = response.json()
+    assert body["request_id"] == "trace-7f3a" and len(body["predictions"]) == 3
+    web_lines = [line for line in service.log_text(web).splitlines() if body["id"] in line or "trace-7f3a" in line]
+    worker_lines = [line for line in service.log_text(worker).splitlines() if body["id"] in line]
+    assert {"request_received", "job_queued", "request_done"} <= {line.split()[4] for line in web_lines}
+    assert all("rid=trace-7f3a" in line for line in web_lines + worker_lines)
+    assert worker_lines
+
+
+def test_logger_tail_merges_every_server(service):
+    service.start_worker(LOG_TO_REDIS="1", SERVER_NAME="gpu-box-1")
+    service.start_web(LOG_TO_REDIS="1", SERVER_NAME="front-1")
+    assert post(service.url).status_code == 200
+    env = {**service.env, "LOG_TO_REDIS": "0"}
+
+    def tailed():
+        return subprocess.run([sys.executable, "logger.py", "tail", "--from-start", "--no-follow"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=30).stdout
+
+    wait_for(lambda: "request_done" in tailed() and "result_published" in tailed(), 10, "the merged log")
+    lines = tailed().splitlines()
+    assert any(" front-1 run_web_server.py request_done " in line for line in lines)
+    assert any(" gpu-box-1 run_model_server.py result_published " in line for line in lines)
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed (`make test` installs it as root)")
+def test_upload_page_in_a_real_browser(service, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    service.start_worker()
+    service.start_web()
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("this is not a picture")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page()
+        page.goto(service.url + "/")
+        page.set_input_files("#file", str(CASTLE))
+        page.wait_for_selector("#predictions li", timeout=30_000)
+        names = page.locator("#predictions .name").all_inner_texts()
+        assert names[0] == "castle" and len(names) == 5
+        assert page.locator("#preview").is_visible()
+        page.screenshot(path=str(tmp_path / "page.png"))
+        page.set_input_files("#file", str(not_an_image))
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30_000)
+        assert "not an image" in page.locator("#error").inner_text()
+        assert page.locator("#predictions li").count() == 0
+        browser.close()
