@@ -156,7 +156,10 @@ def main():
     log("worker_starting", model=settings.MODEL, weights=settings.MODEL_WEIGHTS or "default",
         redis=redis_client.describe())
     classifier = models.load()
-    classifier.predict(np.zeros((1, *jobs.IMAGE_SHAPE), dtype=np.uint8))  # warm up before taking jobs
+    # Warm up before taking jobs: TensorFlow traces the model once for batch 1 and once more for a general
+    # batch size; left to the first real batches, those traces cost a second or two each.
+    for size in (1, 2):
+        classifier.predict(np.zeros((size, *jobs.IMAGE_SHAPE), dtype=np.uint8))
     log("model_loaded", model=classifier.name, weights=classifier.weights)
     Worker(classifier).run()
 

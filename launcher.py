@@ -1,0 +1,122 @@
+"""Start the service's processes on this machine: a private redis-server, workers and web servers.
+
+Used by the benchmark and the tests, which need real processes on free ports, never a developer's 6379.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class RedisServer:
+    """A redis-server of our own on a free loopback port, without persistence; it can stop and start again."""
+
+    def __init__(self, workdir):
+        if not shutil.which("redis-server"):
+            raise RuntimeError("redis-server is not installed: `make install-system` installs it")
+        self.port = free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, 10, "redis-server to start")
+
+    def _answers(self):
+        try:
+            return redis.Redis(port=self.port, socket_timeout=1).ping()
+        except redis.ConnectionError:
+            return False
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+    def client(self, **kwargs):
+        return redis.Redis.from_url(self.url, **kwargs)
+
+
+class Processes:
+    """Workers and web servers as real processes against one Redis, each logging to its own file."""
+
+    def __init__(self, redis_url, logdir, **env):
+        self.logdir = Path(logdir)
+        self.env = {**os.environ, "REDIS_URL": redis_url, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1",
+                    **env}
+        self.processes = []
+        self.port = None
+
+    def _spawn(self, script, name, env):
+        path = self.logdir / f"{name}.log"
+        with open(path, "w") as log:
+            process = subprocess.Popen([sys.executable, str(ROOT / script)], cwd=ROOT, env={**self.env, **env},
+                                       stdout=log, stderr=subprocess.STDOUT)
+        process.log_path = path
+        self.processes.append(process)
+        return process
+
+    @staticmethod
+    def log_text(process):
+        return process.log_path.read_text()
+
+    def start_worker(self, **env):
+        process = self._spawn("run_model_server.py", f"worker{len(self.processes)}", env)
+        wait_for(lambda: "worker_ready" in self.log_text(process) or process.poll() is not None, 180, "a worker")
+        if process.poll() is not None:
+            raise RuntimeError(f"the worker exited:\n{self.log_text(process)}")
+        return process
+
+    def start_web(self, **env):
+        self.port = free_port()
+        process = self._spawn("run_web_server.py", f"web{len(self.processes)}", {"PORT": str(self.port), **env})
+        wait_for(lambda: listening(self.port) or process.poll() is not None, 30, "the web server")
+        if process.poll() is not None:
+            raise RuntimeError(f"the web server exited:\n{self.log_text(process)}")
+        return process
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, process, sig=None):
+        if process.poll() is None:
+            process.terminate() if sig is None else process.send_signal(sig)
+        process.wait(60)
+
+    def stop_all(self):
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
