@@ -23,3 +23,7 @@ install-system:
 
 clean:
 	rm -rf $(VENV) .redis .pytest_cache
+
+bench: $(VENV)/.installed
+	bash scripts/install_system.sh redis-server
+	TF_CPP_MIN_LOG_LEVEL=3 $(PY) bench.py $(BENCH_ARGS)

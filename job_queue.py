@@ -20,12 +20,17 @@ class JobQueue:
         self.keys = keys or Keys()
         self._scripts = {
             name: redis.register_script((SCRIPTS / f"{name}.lua").read_text())
-            for name in ("enqueue", "claim", "finish", "requeue")
+            for name in ("claim", "finish", "requeue")
         }
 
     def enqueue(self, raw_job, max_length):
-        """RPUSH the job unless `max_length` jobs are already waiting (then raise QueueFull)."""
-        if self._scripts["enqueue"](keys=[self.keys.queue], args=[max_length, raw_job]) < 0:
+        """RPUSH the job unless `max_length` jobs were already waiting (then raise QueueFull).
+
+        Push first and take the job back out when the queue turns out to be full: one command on the happy
+        path instead of a script's three. If a worker claimed the job in between, LREM finds nothing and
+        the job is simply served.
+        """
+        if self.redis.rpush(self.keys.queue, raw_job) > max_length and self.redis.lrem(self.keys.queue, -1, raw_job):
             raise QueueFull(f"{max_length} jobs are already waiting")
 
     def length(self):

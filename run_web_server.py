@@ -3,6 +3,7 @@
 `python run_web_server.py` serves with gunicorn (threads) on HOST:PORT; `run_web_server:app` is the WSGI
 app for any other host.
 """
+import os
 import re
 import time
 import uuid
@@ -184,8 +185,11 @@ def main():
         def load(self):
             return app
 
+    if settings.WEB_NICE:
+        os.nice(settings.WEB_NICE)
     log("web_starting", bind=f"{settings.HOST}:{settings.PORT}", processes=settings.WEB_PROCESSES,
-        threads=settings.WEB_THREADS, wait_mode=settings.WAIT_MODE, redis=redis_client.describe())
+        threads=settings.WEB_THREADS, wait_mode=settings.WAIT_MODE, nice=settings.WEB_NICE,
+        redis=redis_client.describe())
     _Server().run()
 
 

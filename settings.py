@@ -26,6 +26,8 @@ PORT = _int("PORT", 5000)
 WEB_PROCESSES = _int("WEB_PROCESSES", 1)
 WEB_THREADS = _int("WEB_THREADS", 96)
 WEB_REDIS_CONNECTIONS = _int("WEB_REDIS_CONNECTIONS", 16)
+# Niceness of the web processes: on a machine shared with a worker, the model's threads go first.
+WEB_NICE = _int("WEB_NICE", 10)
 REQUEST_TIMEOUT = _float("REQUEST_TIMEOUT", 30)
 MAX_UPLOAD_BYTES = _int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024)
 MAX_IMAGE_PIXELS = _int("MAX_IMAGE_PIXELS", 40_000_000)
@@ -33,8 +35,8 @@ MAX_QUEUE_LENGTH = _int("MAX_QUEUE_LENGTH", 500)
 # "notify": pub/sub wake-ups with polling only as a fallback; "poll": plain polling (for comparison).
 WAIT_MODE = _str("WAIT_MODE", "notify")
 POLL_INTERVAL = _float("POLL_INTERVAL", 0.25)
-FALLBACK_POLL_AFTER = _float("FALLBACK_POLL_AFTER", 2.0)
-FALLBACK_POLL_MAX = _float("FALLBACK_POLL_MAX", 8.0)
+FALLBACK_POLL_AFTER = _float("FALLBACK_POLL_AFTER", 5.0)
+FALLBACK_POLL_MAX = _float("FALLBACK_POLL_MAX", 10.0)
 
 # Queue protocol
 IMAGE_QUEUE = _str("IMAGE_QUEUE", "image_queue")

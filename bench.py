@@ -1,0 +1,148 @@
+"""Benchmark: the bare model beside the whole service, in one run, on this machine.
+
+`make bench` (or `python bench.py`) measures in-process predict_on_batch at batch 1, 8 and 32; then the
+service end to end over HTTP at concurrency 1, 8 and 32, with pub/sub notifications and with plain polling
+(WAIT_MODE=poll); Redis commands per request and per idle second from INFO commandstats. The model is
+ResNet50 with random weights (same compute as ImageNet's, and it runs offline). Ratios are what matter on
+a shared machine; the JSON goes to bench-results/.
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import launcher
+import stress_test
+from jobs import IMAGE_SHAPE
+
+ROOT = Path(__file__).resolve().parent
+BENCH_ONLY = {"info", "config", "flushall", "ping"}
+CONCURRENCIES = (1, 8, 32)
+
+
+def bare_model(classifier, seconds, label):
+    results = {}
+    for batch in (1, 8, 32):
+        x = np.random.default_rng(0).integers(0, 256, (batch, *IMAGE_SHAPE), dtype=np.uint8)
+        for _ in range(2):
+            classifier.predict(x)
+        runs, started = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - started < seconds:
+            classifier.predict(x)
+            runs += 1
+        elapsed = time.perf_counter() - started
+        results[batch] = {"images_per_s": round(batch * runs / elapsed, 2), "ms_per_batch": round(elapsed / runs * 1000, 1)}
+        print(f"bare model ({label}) batch {batch:>2}: {results[batch]['images_per_s']:6.2f} images/s, "
+              f"{results[batch]['ms_per_batch']:7.1f} ms per batch", flush=True)
+    return results
+
+
+def command_counts(client):
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+
+
+def count_commands(counts):
+    """INFO commandstats counts every command, those our Lua scripts run included; the bench's own left out."""
+    relevant = {name: calls for name, calls in counts.items() if name not in BENCH_ONLY}
+    return sum(relevant.values()), relevant
+
+
+def service_run(url, redis, image, concurrency, requests_total):
+    stress_test.run(url, image, min(concurrency * 2, 16), concurrency=concurrency)  # warm connections
+    redis.config_resetstat()
+    summary = stress_test.summarize(stress_test.run(url, image, requests_total, concurrency=concurrency))
+    total, by_command = count_commands(command_counts(redis))
+    summary["redis_commands_per_request"] = round(total / requests_total, 2)
+    summary["redis_commands"] = by_command
+    return summary
+
+
+def idle_rate(redis, seconds):
+    redis.config_resetstat()
+    time.sleep(seconds)
+    total, by_command = count_commands(command_counts(redis))
+    return {"commands_per_s": round(total / seconds, 2), "by_command": by_command}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4, help="time per bare-model measurement")
+    parser.add_argument("--requests", type=int, default=8, help="requests per unit of concurrency (min 48)")
+    parser.add_argument("--idle", type=float, default=10, help="seconds to count idle Redis commands")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args(argv)
+
+    import models
+
+    classifier = models.load("resnet50", "none")
+    report = {"bare_before": bare_model(classifier, args.seconds, "before"), "service": {}}
+    image = (ROOT / "castle_image.jpg").read_bytes()
+    worker_env = dict(item.split("=", 1) for item in args.worker_env)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = launcher.RedisServer(tmp)
+        server.start()
+        redis = server.client()
+        service = launcher.Processes(server.url, tmp, MODEL="resnet50", MODEL_WEIGHTS="none")
+        try:
+            service.start_worker(**worker_env)
+            for mode in ("notify", "poll"):
+                web = service.start_web(WAIT_MODE=mode)
+                url = f"{service.url}/predict"
+                report["service"][mode] = {}
+                for concurrency in CONCURRENCIES:
+                    summary = service_run(url, redis, image, concurrency, max(48, concurrency * args.requests))
+                    report["service"][mode][concurrency] = summary
+                    print(f"{mode:<6} concurrency {concurrency:>2}: {summary['throughput_rps']:6.2f} requests/s, "
+                          f"p50 {summary['latency_ms']['p50']:7.1f} ms, p99 {summary['latency_ms']['p99']:7.1f} ms, "
+                          f"{summary['redis_commands_per_request']:.2f} Redis commands/request, "
+                          f"{summary['failed']} failed", flush=True)
+                if mode == "notify":
+                    report["idle"] = idle_rate(redis, args.idle)
+                    print(f"idle: {report['idle']['commands_per_s']} Redis commands/s", flush=True)
+                service.stop(web)
+        finally:
+            service.stop_all()
+            server.stop()
+
+    # The machine is shared: measuring the bare model before and after the service and averaging keeps a
+    # drift in the machine's speed from favouring either side.
+    report["bare_after"] = bare_model(classifier, args.seconds, "after")
+    report["bare"] = {
+        batch: {key: round((report["bare_before"][batch][key] + report["bare_after"][batch][key]) / 2, 2)
+                for key in ("images_per_s", "ms_per_batch")}
+        for batch in report["bare_before"]
+    }
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {args.out}")
+
+
+def print_table(report):
+    bare, notify, poll = report["bare"], report["service"]["notify"], report["service"]["poll"]
+    print("\n| measurement | throughput (images/s) | p50 latency (ms) | p99 latency (ms) | Redis commands/request |")
+    print("|---|---|---|---|---|")
+    for batch, row in bare.items():
+        print(f"| bare predict_on_batch, batch {batch} (mean of before and after) | {row['images_per_s']:.2f} | {row['ms_per_batch']:.1f} | | |")
+    for name, runs in (("notifications", notify), ("polling", poll)):
+        for concurrency, s in runs.items():
+            lat = s["latency_ms"]
+            print(f"| service, {name}, concurrency {concurrency} | {s['throughput_rps']:.2f} | {lat['p50']:.1f} | "
+                  f"{lat['p99']:.1f} | {s['redis_commands_per_request']:.2f} |")
+    print(f"| idle | | | | {report['idle']['commands_per_s']} commands/s |")
+    top = max(CONCURRENCIES)
+    print(f"\nthroughput at concurrency {top} / bare batch {top}: notifications "
+          f"{notify[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x, polling "
+          f"{poll[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x")
+    print(f"p50 at concurrency 1 minus bare batch-1 latency: notifications "
+          f"{notify[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms, polling "
+          f"{poll[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
