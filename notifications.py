@@ -36,7 +36,7 @@ class ResultWaiter:
         self._pending = {}
         self._lock = threading.Lock()
         self._pid = None
-        self._subscribed = threading.Event()
+        self._subscribed = self._established = None
         self.channel = None
 
     # -- listener ----------------------------------------------------------------------------------------
@@ -44,24 +44,25 @@ class ResultWaiter:
         """Subscribe (once per process: gunicorn forks after import) and wait until the subscription holds.
 
         Returns the reply channel for new jobs, or None in poll mode. Raises redis.ConnectionError when the
-        subscription cannot be made, so that no job is pushed before its notification could arrive.
+        subscription cannot be made, so that no job is pushed before its notification could arrive: at
+        once while an established listener is reconnecting, after `timeout` on the first subscription.
         """
         if self.mode == "poll":
             return None
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._subscribed = threading.Event()
+                self._subscribed, self._established = threading.Event(), threading.Event()
                 self.channel = self.keys.channel(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
                 # No socket timeout: the listener may rightly hear nothing for a long time.
                 connection = redis_client.connect(self._url, socket_timeout=None)
-                threading.Thread(target=self._listen, args=(connection, self._subscribed), name="result-listener",
-                                 daemon=True).start()
-        if not self._subscribed.wait(timeout):
+                threading.Thread(target=self._listen, args=(connection, self._subscribed, self._established),
+                                 name="result-listener", daemon=True).start()
+        if not self._subscribed.wait(0 if self._established.is_set() else timeout):
             raise redis.ConnectionError("the result notification channel is not subscribed")
         return self.channel
 
-    def _listen(self, connection, subscribed):
+    def _listen(self, connection, subscribed, established):
         delay = 0.1
         while not self._closed.is_set():
             pubsub = connection.pubsub()
@@ -71,6 +72,7 @@ class ResultWaiter:
                 while (pubsub.get_message(timeout=1.0) or {}).get("type") != "subscribe":
                     pass
                 subscribed.set()
+                established.set()
                 log("listener_subscribed", channel=self.channel)
                 delay = 0.1
                 self._wake_all()  # results published while we were away: re-check their keys
