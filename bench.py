@@ -90,6 +90,13 @@ def main(argv=None):
         service = launcher.Processes(server.url, tmp, MODEL="resnet50", MODEL_WEIGHTS="none")
         try:
             service.start_worker(**worker_env)
+            # TensorFlow (oneDNN) prepares kernels for each new batch size on first use, 15-30 % slower; a
+            # long-running worker has seen them all. Warm them up so that neither mode pays for it.
+            warm = launcher.Processes(server.url, tmp)
+            warm.start_web()
+            for concurrency in (32, 16, 8, 4):
+                stress_test.run(f"{warm.url}/predict", image, 4 * concurrency, concurrency=concurrency)
+            warm.stop_all()
             for mode in ("notify", "poll"):
                 web = service.start_web(WAIT_MODE=mode)
                 url = f"{service.url}/predict"

@@ -39,7 +39,7 @@ class WorkerRegistry:
 
     def sweep(self, max_attempts=settings.MAX_ATTEMPTS, ttl=settings.RESULT_TTL):
         """Requeue the claimed jobs of every worker whose heartbeat expired. Returns their names."""
-        names = [n.decode() if isinstance(n, bytes) else n for n in self.redis.smembers(self.keys.workers)]
+        names = [_text(n) for n in self.redis.smembers(self.keys.workers)]
         if not names:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -66,7 +66,7 @@ class WorkerRegistry:
 
     def workers(self):
         """The heartbeat hashes of the registered workers that are alive, as dicts of str."""
-        names = sorted(n.decode() if isinstance(n, bytes) else n for n in self.redis.smembers(self.keys.workers))
+        names = sorted(_text(n) for n in self.redis.smembers(self.keys.workers))
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(self.keys.heartbeat(name))
