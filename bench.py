@@ -19,7 +19,7 @@ import stress_test
 from jobs import IMAGE_SHAPE
 
 ROOT = Path(__file__).resolve().parent
-BENCH_ONLY = {"info", "config", "flushall", "ping"}
+BENCH_ONLY = {"info", "config|resetstat", "flushall", "ping"}
 CONCURRENCIES = (1, 8, 32)
 
 

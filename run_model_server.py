@@ -14,7 +14,7 @@ import models
 import redis_client
 import settings
 from job_queue import JobQueue
-from logger import log
+from logger import bind, log
 from worker_registration import WorkerRegistry
 
 
@@ -111,6 +111,15 @@ class Worker:
 
     def process(self, raws):
         started = time.time()
+        valid, results, dead = self._triage(raws, started)
+        bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
+        try:
+            self._run_batch(valid, results, dead, started, len(raws))
+        finally:
+            bind()
+
+    def _triage(self, raws, now):
+        """Split claimed jobs into those to run, error results for malformed ones, and raw jobs to dead-letter."""
         valid, results, dead = [], [], []
         for raw in raws:
             try:
@@ -123,14 +132,17 @@ class Worker:
                     error = jobs.error_result(exc.job_id, f"invalid job: {exc}", 422)
                     results.append((exc.job_id, exc.reply_to, jobs.encode_result(error)))
                 continue
-            if job.deadline < started:
+            if job.deadline < now:
                 # Nobody waits for this answer any more: the web server has already replied 504.
                 self.counts["expired"] += 1
                 log("job_expired", level="WARNING", id=job.id, rid=job.request_id, worker=self.name,
-                    late_ms=(started - job.deadline) * 1000)
+                    late_ms=(now - job.deadline) * 1000)
                 continue
             valid.append(job)
-        log("batch_claimed", worker=self.name, claimed=len(raws), batch_size=len(valid))
+        return valid, results, dead
+
+    def _run_batch(self, valid, results, dead, started, claimed):
+        log("batch_claimed", worker=self.name, claimed=claimed, batch_size=len(valid))
         if valid:
             try:
                 probabilities = self.classifier.predict(np.stack([job.pixels for job in valid]))

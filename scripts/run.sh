@@ -5,11 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${VENV:-.venv}/bin/python
 pids=()
+redis_pid=
 
 stop() {
   trap - INT TERM EXIT
+  # Services first, so that a worker can still hand its unfinished jobs back; our Redis last.
   [ ${#pids[@]} -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null || true
-  wait 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  [ -n "$redis_pid" ] && kill -TERM "$redis_pid" 2>/dev/null && wait "$redis_pid" 2>/dev/null || true
 }
 trap stop INT TERM EXIT
 
@@ -25,7 +28,7 @@ if [ -z "${REDIS_URL:-}" ]; then
     echo "starting a private redis-server on 127.0.0.1:6379 (data in .redis/, not saved)" >&2
     redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir "$PWD/.redis" \
       --logfile "$PWD/.redis/redis.log" &
-    pids+=($!)
+    redis_pid=$!
     for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
   fi
   export REDIS_URL=redis://127.0.0.1:6379/0

@@ -11,7 +11,7 @@ sys.path.insert(0, str(ROOT))
 import launcher  # noqa: E402 - after the path is set
 from launcher import free_port, wait_for  # noqa: E402,F401 - re-exported for the tests
 
-ASSETS = ROOT.parent / "shared" / "assets"
+JEMMA = ROOT / "tests" / "data" / "jemma.png"  # the stress test's beagle, from ../shared/assets
 CASTLE = ROOT / "castle_image.jpg"
 
 

@@ -6,7 +6,7 @@ import sys
 
 import requests
 
-from conftest import ASSETS, CASTLE, ROOT
+from conftest import CASTLE, JEMMA, ROOT
 from keys import Keys
 
 
@@ -37,7 +37,7 @@ def test_castle_through_the_whole_service(service, real_redis):
     assert re.fullmatch(r"1\. castle: 0\.9\d{3}", lines[0])
     assert all(re.fullmatch(rf"{i}\. \w+: 0\.\d{{4}}", line) for i, line in enumerate(lines[1:5], 2))
 
-    curl = subprocess.run(["curl", "-s", "-X", "POST", "-F", f"image=@{ASSETS / 'jemma.png'}",
+    curl = subprocess.run(["curl", "-s", "-X", "POST", "-F", f"image=@{JEMMA}",
                            f"{service.url}/predict?top_k=1"], capture_output=True, text=True, timeout=60)
     assert '"label":"beagle"' in curl.stdout.replace(" ", "")
 
@@ -53,7 +53,7 @@ def test_simple_request_says_clearly_when_the_server_is_down():
 def test_two_workers_under_concurrent_load_answer_every_request_once(service, real_redis):
     workers = [service.start_worker(BATCH_SIZE="8"), service.start_worker(BATCH_SIZE="8")]
     service.start_web()
-    images = [CASTLE, ASSETS / "jemma.png"]
+    images = [CASTLE, JEMMA]
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
         responses = list(pool.map(lambda i: post(service.url, images[i % 2]), range(128)))
         clients = real_redis.client_list()

@@ -6,7 +6,7 @@ import pytest
 
 import helpers
 import models
-from conftest import ASSETS, CASTLE
+from conftest import CASTLE, JEMMA
 
 RESNET50_CACHE = Path.home() / ".keras" / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels.h5"
 
@@ -35,7 +35,7 @@ def test_efficientnet_lite0_sees_the_castle(efficientnet):
 
 
 def test_efficientnet_lite0_sees_the_beagle(efficientnet):
-    top = classify(efficientnet, ASSETS / "jemma.png")
+    top = classify(efficientnet, JEMMA)
     assert top[0]["label"] == "beagle" and top[0]["probability"] == pytest.approx(0.95, abs=0.01)
 
 
@@ -48,7 +48,7 @@ def test_cached_model_gives_the_same_probabilities(efficientnet, model_cache):
 
 def test_batches_give_the_same_answer_as_single_images(efficientnet):
     pixels = np.stack([helpers.prepare_image(CASTLE.read_bytes(), 40_000_000),
-                       helpers.prepare_image((ASSETS / "jemma.png").read_bytes(), 40_000_000)])
+                       helpers.prepare_image(JEMMA.read_bytes(), 40_000_000)])
     together = efficientnet.predict(pixels)
     np.testing.assert_allclose(together[0], efficientnet.predict(pixels[:1])[0], atol=1e-5)
 
