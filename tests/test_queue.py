@@ -10,7 +10,6 @@ import pytest
 
 import jobs
 from job_queue import JobQueue, QueueFull
-from keys import Keys
 from run_model_server import Worker
 from worker_registration import WorkerRegistry
 
@@ -91,22 +90,23 @@ def test_requeue_of_a_dead_worker_counts_attempts_then_dead_letters(r):
     assert r.smembers(q.keys.workers) == set()
 
 
-def test_sweep_leaves_live_workers_alone(r):
+def worker_holding_a_job(r, name):
     q = JobQueue(r)
     registry = WorkerRegistry(r, q)
     q.enqueue(raw_job(), 100)
-    registry.beat("alive", {"ready": 1}, ttl=60)
-    q.claim("alive", 10, 1)
+    registry.beat(name, {"ready": 1}, ttl=60)
+    q.claim(name, 10, 1)
+    return q, registry
+
+
+def test_sweep_leaves_live_workers_alone(r):
+    q, registry = worker_holding_a_job(r, "alive")
     assert registry.sweep() == []
     assert r.llen(q.keys.processing("alive")) == 1
 
 
 def test_graceful_unregister_returns_jobs_without_counting_an_attempt(r):
-    q = JobQueue(r)
-    registry = WorkerRegistry(r, q)
-    q.enqueue(raw_job(), 100)
-    registry.beat("leaving", {"ready": 1}, ttl=60)
-    q.claim("leaving", 10, 1)
+    q, registry = worker_holding_a_job(r, "leaving")
     registry.unregister("leaving")
     [back] = r.lrange(q.keys.queue, 0, -1)
     assert jobs.decode_job(back).attempts == 0
