@@ -17,7 +17,7 @@ import settings
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
 _context = contextvars.ContextVar("log_context", default={})
-_write_lock = threading.Lock()
+_write_lock = threading.RLock()  # re-entrant: a signal handler may log while its thread writes
 _sink = None
 
 

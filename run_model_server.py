@@ -34,6 +34,7 @@ class Worker:
         self.registry = WorkerRegistry(self.redis, self.queue)
         self.counts = {"batches": 0, "jobs": 0, "errors": 0, "expired": 0}
         self.stopping = threading.Event()
+        self.stop_signal = None
         self._idle = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -58,9 +59,11 @@ class Worker:
                 log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
 
     def _on_signal(self, signum, _frame):
-        log("stop_requested", signal=signal.Signals(signum).name, worker=self.name)
+        # No logging here: the signal may land while this thread holds the log's lock.
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
         self.stopping.set()
         if self._idle:
+            self._idle = False  # a second signal must not interrupt the clean-up of the first
             raise _Interrupted()
 
     def run(self):
@@ -82,7 +85,7 @@ class Worker:
                 self.registry.unregister(self.name)
             except redis.RedisError as exc:
                 log("unregister_failed", level="WARNING", worker=self.name, error=str(exc))
-            log("worker_stopped", worker=self.name, **self.counts)
+            log("worker_stopped", worker=self.name, signal=self.stop_signal, **self.counts)
 
     def _connect_with_backoff(self, action):
         delay = 0.1

@@ -67,3 +67,28 @@ def test_two_workers_under_concurrent_load_answer_every_request_once(service, re
     assert all(published), "both workers should have taken part"
     # 64 requests waited at once over a bounded pool, not a connection each.
     assert len(clients) < 30, len(clients)
+
+
+def test_run_script_serves_and_stops_everything_on_ctrl_c(redis_server, real_redis, model_cache):
+    """`make run`'s script: one worker and the web server against REDIS_URL; Ctrl-C (SIGINT) stops them all."""
+    import os
+    import signal
+
+    from conftest import free_port, wait_for
+    from launcher import listening
+
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_server.url, "PORT": str(port), "MODEL": "efficientnet_lite0",
+           "MODEL_CACHE_DIR": model_cache, "VENV": os.path.dirname(os.path.dirname(sys.executable))}
+    script = subprocess.Popen(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: listening(port) and real_redis.scard("image_queue:workers") == 1, 120, "make run to serve")
+        assert post(f"http://127.0.0.1:{port}").json()["predictions"][0]["label"] == "castle"
+        os.killpg(script.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        assert script.wait(60) is not None
+        wait_for(lambda: not listening(port) and real_redis.scard("image_queue:workers") == 0, 30,
+                 "the worker and the web server to stop")
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
