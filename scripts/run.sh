@@ -26,7 +26,7 @@ if [ -z "${REDIS_URL:-}" ]; then
     bash scripts/install_system.sh redis-server
     mkdir -p .redis
     echo "starting a private redis-server on 127.0.0.1:6379 (data in .redis/, not saved)" >&2
-    redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir "$PWD/.redis" \
+    setsid redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir "$PWD/.redis" \
       --logfile "$PWD/.redis/redis.log" &
     redis_pid=$!
     for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
@@ -35,9 +35,11 @@ if [ -z "${REDIS_URL:-}" ]; then
 fi
 
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-"$PY" run_model_server.py &
+# Each service in its own session: Ctrl-C reaches only this script, which then sends each one a single
+# SIGTERM. A second signal landing inside gunicorn's own signal handler can deadlock its worker.
+setsid "$PY" run_model_server.py &
 pids+=($!)
-"$PY" run_web_server.py &
+setsid "$PY" run_web_server.py &
 pids+=($!)
 echo "serving on http://${HOST:-127.0.0.1}:${PORT:-5000} — try: $PY simple_request.py (Ctrl-C stops)" >&2
 wait -n "${pids[@]}"
