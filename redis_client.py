@@ -1,4 +1,8 @@
 """Redis connections with the service's timeouts and retry policy (redis-py's default retries for ~10 s)."""
+# Imported before any thread starts: the first lookup of the "idna" codec is not thread-safe. Every Redis
+# connection looks it up (getaddrinfo), and a web request thread (Werkzeug encodes the host name) racing the
+# notification listener's first connection failed with "LookupError: unknown encoding: idna".
+import encodings.idna  # noqa: F401
 import urllib.parse
 
 import redis

@@ -3,10 +3,6 @@
 `python run_web_server.py` serves with gunicorn (threads) on HOST:PORT; `run_web_server:app` is the WSGI
 app for any other host.
 """
-# Imported before any thread starts: the first lookup of the "idna" codec is not thread-safe, and a request
-# thread (Werkzeug encodes the host name) racing a thread connecting to Redis (getaddrinfo) failed with
-# "LookupError: unknown encoding: idna".
-import encodings.idna  # noqa: F401
 import os
 import re
 import time
