@@ -138,7 +138,13 @@ class ResultWaiter:
                 return None
             notified = pending.event.wait(min(interval, remaining))
             pending.event.clear()
-            result = self.fetch(pending.job_id)
+            try:
+                result = self.fetch(pending.job_id)
+            except redis.RedisError as exc:
+                # The job is queued: Redis may come back before the deadline, and the listener's resubscribe
+                # wakes us to look again. Giving up now could abandon an answer that is on its way.
+                log("result_check_failed", level="WARNING", id=pending.job_id, error=str(exc))
+                result = None
             if result is not None:
                 via = "notification" if notified else "fallback_poll" if self.mode == "notify" else "poll"
                 metrics.WAKEUPS.labels(via).inc()
