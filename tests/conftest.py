@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -13,6 +14,12 @@ from launcher import free_port, wait_for  # noqa: E402,F401 - re-exported for th
 
 JEMMA = ROOT / "tests" / "data" / "jemma.png"  # the stress test's beagle, from ../shared/assets
 CASTLE = ROOT / "castle_image.jpg"
+
+
+def post(url, path=CASTLE, timeout=60, **kwargs):
+    """POST an image file to a running service's /predict, the way a client does."""
+    with open(path, "rb") as f:
+        return requests.post(f"{url}/predict", files={"image": f}, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="session")

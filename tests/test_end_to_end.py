@@ -4,15 +4,8 @@ import re
 import subprocess
 import sys
 
-import requests
-
-from conftest import CASTLE, JEMMA, ROOT
+from conftest import CASTLE, JEMMA, ROOT, post
 from keys import Keys
-
-
-def post(url, path=CASTLE, **kwargs):
-    with open(path, "rb") as f:
-        return requests.post(f"{url}/predict", files={"image": f}, timeout=60, **kwargs)
 
 
 def test_castle_through_the_whole_service(service, real_redis):

@@ -14,17 +14,12 @@ import numpy as np
 import requests
 
 import jobs
-from conftest import CASTLE, wait_for
+from conftest import post, wait_for
 from job_queue import JobQueue
 from keys import Keys
 from run_model_server import Worker
 from test_queue import CountingClassifier
 from worker_registration import WorkerRegistry
-
-
-def post(url, timeout=60):
-    with open(CASTLE, "rb") as f:
-        return requests.post(f"{url}/predict", files={"image": f}, timeout=timeout)
 
 
 def fire(url, n):

@@ -7,12 +7,7 @@ import sys
 import pytest
 import requests
 
-from conftest import CASTLE, ROOT, wait_for
-
-
-def post(url, path=CASTLE, **kwargs):
-    with open(path, "rb") as f:
-        return requests.post(f"{url}/predict", files={"image": f}, timeout=60, **kwargs)
+from conftest import CASTLE, ROOT, post, wait_for
 
 
 def sample(text, name, labels=""):
