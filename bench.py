@@ -40,14 +40,14 @@ def bare_model(classifier, seconds, label):
     return results
 
 
-def command_counts(client):
+def count_commands(client):
+    """Total and per-command calls since the last CONFIG RESETSTAT, the benchmark's own left out.
+
+    INFO commandstats counts every command, those our Lua scripts run included.
+    """
     stats = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
-
-
-def count_commands(counts):
-    """INFO commandstats counts every command, those our Lua scripts run included; the bench's own left out."""
-    relevant = {name: calls for name, calls in counts.items() if name not in BENCH_ONLY}
+    calls = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+    relevant = {name: n for name, n in calls.items() if name not in BENCH_ONLY}
     return sum(relevant.values()), relevant
 
 
@@ -55,7 +55,7 @@ def service_run(url, redis, image, concurrency, requests_total):
     stress_test.run(url, image, min(concurrency * 2, 16), concurrency=concurrency)  # warm connections
     redis.config_resetstat()
     summary = stress_test.summarize(stress_test.run(url, image, requests_total, concurrency=concurrency))
-    total, by_command = count_commands(command_counts(redis))
+    total, by_command = count_commands(redis)
     summary["redis_commands_per_request"] = round(total / requests_total, 2)
     summary["redis_commands"] = by_command
     return summary
@@ -64,7 +64,7 @@ def service_run(url, redis, image, concurrency, requests_total):
 def idle_rate(redis, seconds):
     redis.config_resetstat()
     time.sleep(seconds)
-    total, by_command = count_commands(command_counts(redis))
+    total, by_command = count_commands(redis)
     return {"commands_per_s": round(total / seconds, 2), "by_command": by_command}
 
 

@@ -110,9 +110,10 @@ class Processes:
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self, process, sig=None):
+    def stop(self, process):
+        """SIGTERM, then wait for the graceful stop."""
         if process.poll() is None:
-            process.terminate() if sig is None else process.send_signal(sig)
+            process.terminate()
         process.wait(60)
 
     def stop_all(self):
