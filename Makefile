@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench install-system clean
+.PHONY: run test test-fast lint bench install-system clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,18 @@ $(VENV)/.installed: requirements.txt
 run: $(VENV)/.installed
 	bash scripts/run.sh
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	bash scripts/install_system.sh redis-server chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tests alone (fakeredis and a private redis-server, no model, no service processes): seconds.
+test-fast: $(VENV)/.installed
+	bash scripts/install_system.sh redis-server
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 install-system:
 	bash scripts/install_system.sh redis-server chromium

@@ -6,6 +6,7 @@ service end to end over HTTP at concurrency 1, 8 and 32, with pub/sub notificati
 ResNet50 with random weights (same compute as ImageNet's, and it runs offline). Ratios are what matter on
 a shared machine; the JSON goes to bench-results/.
 """
+
 import argparse
 import json
 import tempfile
@@ -34,9 +35,15 @@ def bare_model(classifier, seconds, label):
             classifier.predict(x)
             runs += 1
         elapsed = time.perf_counter() - started
-        results[batch] = {"images_per_s": round(batch * runs / elapsed, 2), "ms_per_batch": round(elapsed / runs * 1000, 1)}
-        print(f"bare model ({label}) batch {batch:>2}: {results[batch]['images_per_s']:6.2f} images/s, "
-              f"{results[batch]['ms_per_batch']:7.1f} ms per batch", flush=True)
+        results[batch] = {
+            "images_per_s": round(batch * runs / elapsed, 2),
+            "ms_per_batch": round(elapsed / runs * 1000, 1),
+        }
+        print(
+            f"bare model ({label}) batch {batch:>2}: {results[batch]['images_per_s']:6.2f} images/s, "
+            f"{results[batch]['ms_per_batch']:7.1f} ms per batch",
+            flush=True,
+        )
     return results
 
 
@@ -78,8 +85,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import models
+    from settings import Settings
 
-    classifier = models.load("resnet50", "none")
+    classifier = models.load(Settings(model="resnet50", model_weights="none"))
     report = {"bare_before": bare_model(classifier, args.seconds, "before"), "service": {}}
     image = (ROOT / "castle_image.jpg").read_bytes()
     worker_env = dict(item.split("=", 1) for item in args.worker_env)
@@ -104,10 +112,13 @@ def main(argv=None):
                 for concurrency in CONCURRENCIES:
                     summary = service_run(url, redis, image, concurrency, max(48, concurrency * args.requests))
                     report["service"][mode][concurrency] = summary
-                    print(f"{mode:<6} concurrency {concurrency:>2}: {summary['throughput_rps']:6.2f} requests/s, "
-                          f"p50 {summary['latency_ms']['p50']:7.1f} ms, p99 {summary['latency_ms']['p99']:7.1f} ms, "
-                          f"{summary['redis_commands_per_request']:.2f} Redis commands/request, "
-                          f"{summary['failed']} failed", flush=True)
+                    print(
+                        f"{mode:<6} concurrency {concurrency:>2}: {summary['throughput_rps']:6.2f} requests/s, "
+                        f"p50 {summary['latency_ms']['p50']:7.1f} ms, p99 {summary['latency_ms']['p99']:7.1f} ms, "
+                        f"{summary['redis_commands_per_request']:.2f} Redis commands/request, "
+                        f"{summary['failed']} failed",
+                        flush=True,
+                    )
                 if mode == "notify":
                     report["idle"] = idle_rate(redis, args.idle)
                     print(f"idle: {report['idle']['commands_per_s']} Redis commands/s", flush=True)
@@ -120,8 +131,10 @@ def main(argv=None):
     # drift in the machine's speed from favouring either side.
     report["bare_after"] = bare_model(classifier, args.seconds, "after")
     report["bare"] = {
-        batch: {key: round((report["bare_before"][batch][key] + report["bare_after"][batch][key]) / 2, 2)
-                for key in ("images_per_s", "ms_per_batch")}
+        batch: {
+            key: round((report["bare_before"][batch][key] + report["bare_after"][batch][key]) / 2, 2)
+            for key in ("images_per_s", "ms_per_batch")
+        }
         for batch in report["bare_before"]
     }
     print_table(report)
@@ -135,20 +148,27 @@ def print_table(report):
     print("\n| measurement | throughput (images/s) | p50 latency (ms) | p99 latency (ms) | Redis commands/request |")
     print("|---|---|---|---|---|")
     for batch, row in bare.items():
-        print(f"| bare predict_on_batch, batch {batch} (mean of before and after) | {row['images_per_s']:.2f} | {row['ms_per_batch']:.1f} | | |")
+        name = f"bare predict_on_batch, batch {batch} (mean of before and after)"
+        print(f"| {name} | {row['images_per_s']:.2f} | {row['ms_per_batch']:.1f} | | |")
     for name, runs in (("notifications", notify), ("polling", poll)):
         for concurrency, s in runs.items():
             lat = s["latency_ms"]
-            print(f"| service, {name}, concurrency {concurrency} | {s['throughput_rps']:.2f} | {lat['p50']:.1f} | "
-                  f"{lat['p99']:.1f} | {s['redis_commands_per_request']:.2f} |")
+            print(
+                f"| service, {name}, concurrency {concurrency} | {s['throughput_rps']:.2f} | {lat['p50']:.1f} | "
+                f"{lat['p99']:.1f} | {s['redis_commands_per_request']:.2f} |"
+            )
     print(f"| idle | | | | {report['idle']['commands_per_s']} commands/s |")
     top = max(CONCURRENCIES)
-    print(f"\nthroughput at concurrency {top} / bare batch {top}: notifications "
-          f"{notify[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x, polling "
-          f"{poll[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x")
-    print(f"p50 at concurrency 1 minus bare batch-1 latency: notifications "
-          f"{notify[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms, polling "
-          f"{poll[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms")
+    print(
+        f"\nthroughput at concurrency {top} / bare batch {top}: notifications "
+        f"{notify[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x, polling "
+        f"{poll[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x"
+    )
+    print(
+        f"p50 at concurrency 1 minus bare batch-1 latency: notifications "
+        f"{notify[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms, polling "
+        f"{poll[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms"
+    )
 
 
 if __name__ == "__main__":

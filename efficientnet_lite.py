@@ -4,6 +4,7 @@
 Lite differs from EfficientNet-B0 by having no squeeze-excite and ReLU6 everywhere; the block table and the
 state-dict names follow the reference PyTorch implementation the checkpoint was saved from.
 """
+
 import keras
 from keras import layers
 

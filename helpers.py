@@ -1,4 +1,5 @@
 """Turning an uploaded file into the pixels a job carries, exactly as the original `prepare_image` did."""
+
 import io
 import warnings
 

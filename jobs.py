@@ -3,12 +3,14 @@
 Pixels travel as base64 of raw uint8 RGB (147 KiB per job, a quarter of the original float32 payload);
 the model-specific normalisation happens on the worker.
 """
+
 import base64
 import json
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,7 +42,19 @@ class Job:
         self.request_id = self.request_id or self.id
 
 
-def encode_job(job):
+class Reply(NamedTuple):
+    """What a worker stores for one job and where it announces it."""
+
+    job_id: str
+    reply_to: str | None  # the web process's notification channel, None when nobody listens
+    payload: str  # the result JSON
+
+    @classmethod
+    def of(cls, job_id: str, reply_to: str | None, result: dict) -> "Reply":
+        return cls(job_id, reply_to, encode_result(result))
+
+
+def encode_job(job: Job) -> str:
     return json.dumps(
         {
             "id": job.id,
@@ -57,7 +71,7 @@ def encode_job(job):
     )
 
 
-def decode_job(raw):
+def decode_job(raw: bytes | str) -> Job:
     """Parse and validate a job from the queue; raises JobError saying what is wrong with it."""
     try:
         data = json.loads(raw)
@@ -99,7 +113,9 @@ def decode_job(raw):
     )
 
 
-def success_result(job, predictions, model, batch_size, inference_ms, queue_ms):
+def success_result(
+    job: Job, predictions: list, model: str, batch_size: int, inference_ms: float, queue_ms: float
+) -> dict:
     return {
         "id": job.id,
         "success": True,
@@ -111,20 +127,20 @@ def success_result(job, predictions, model, batch_size, inference_ms, queue_ms):
     }
 
 
-def error_result(job_id, error, status):
+def error_result(job_id: str, error: str, status: int) -> dict:
     """`status` is the HTTP status the web server answers with."""
     return {"id": job_id, "success": False, "error": error, "status": status}
 
 
-def encode_result(result):
+def encode_result(result: dict) -> str:
     return json.dumps(result)
 
 
-def decode_result(raw):
+def decode_result(raw: bytes | str) -> dict:
     return json.loads(raw)
 
 
-def address(raw):
+def address(raw: bytes | str) -> tuple[str | None, str | None]:
     """(job id, reply channel) of a raw job, or (None, None) when it has no valid id."""
     try:
         job = decode_job(raw)

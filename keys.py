@@ -1,12 +1,11 @@
 """Every Redis key and channel the service uses, named in one place for the web server and the workers."""
-import settings
 
 
 class Keys:
     """Names under one queue; IMAGE_QUEUE doubles as the namespace so two services can share a Redis."""
 
-    def __init__(self, queue=None):
-        self.queue = queue or settings.IMAGE_QUEUE  # LIST of job JSON, RPUSH by web, popped from the left
+    def __init__(self, queue: str):
+        self.queue = queue  # LIST of job JSON, RPUSH by web, popped from the left
         self.dead = f"{self.queue}:dead"  # LIST of jobs that failed MAX_ATTEMPTS times or were malformed
         self.workers = f"{self.queue}:workers"  # SET of registered worker names
         self.log_stream = f"{self.queue}:log"  # STREAM of log lines from every process (opt-in)
@@ -15,18 +14,18 @@ class Keys:
         self.heartbeat_prefix = f"{self.queue}:worker:"
         self.channel_prefix = f"{self.queue}:notify:"
 
-    def result(self, job_id):
+    def result(self, job_id: str) -> str:
         """STRING with the result JSON, written with a TTL by the worker, GETDEL by the web server."""
         return self.result_prefix + job_id
 
-    def processing(self, worker):
+    def processing(self, worker: str) -> str:
         """LIST of the raw jobs a worker has claimed and not yet acknowledged."""
         return self.processing_prefix + worker
 
-    def heartbeat(self, worker):
+    def heartbeat(self, worker: str) -> str:
         """HASH describing a live worker; it expires when the worker stops beating."""
         return self.heartbeat_prefix + worker
 
-    def channel(self, listener):
+    def channel(self, listener: str) -> str:
         """Pub/sub channel of one web process: the worker PUBLISHes finished job ids there."""
         return self.channel_prefix + listener

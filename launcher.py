@@ -1,7 +1,9 @@
 """Start the service's processes on this machine: a private redis-server, workers and web servers.
 
-Used by the benchmark and the tests, which need real processes on free ports, never a developer's 6379.
+Used by the benchmark and the tests, which need real processes on free ports, never a developer's 6379,
+and by `make run` (`python launcher.py redis-server PORT DIR`) for its private Redis.
 """
+
 import os
 import shutil
 import socket
@@ -22,8 +24,8 @@ def free_port():
 
 
 def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.05)
@@ -33,6 +35,24 @@ def wait_for(predicate, timeout, what):
 def listening(port):
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def redis_server_command(port, workdir, *extra):
+    """Our one redis-server command line: loopback only, nothing saved to disk."""
+    return [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        *extra,
+    ]
 
 
 class RedisServer:
@@ -47,11 +67,7 @@ class RedisServer:
         self.process = None
 
     def start(self):
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-        )
+        self.process = subprocess.Popen(redis_server_command(self.port, self.workdir), stdout=subprocess.DEVNULL)
         wait_for(self._answers, 10, "redis-server to start")
 
     def _answers(self):
@@ -73,16 +89,20 @@ class Processes:
 
     def __init__(self, redis_url, logdir, **env):
         self.logdir = Path(logdir)
-        self.env = {**os.environ, "REDIS_URL": redis_url, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1",
-                    **env}
+        self.env = {**os.environ, "REDIS_URL": redis_url, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1", **env}
         self.processes = []
         self.port = None
 
     def _spawn(self, script, name, env):
         path = self.logdir / f"{name}.log"
         with open(path, "w") as log:
-            process = subprocess.Popen([sys.executable, str(ROOT / script)], cwd=ROOT, env={**self.env, **env},
-                                       stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / script)],
+                cwd=ROOT,
+                env={**self.env, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         process.log_path = path
         self.processes.append(process)
         return process
@@ -121,3 +141,10 @@ class Processes:
             if process.poll() is None:
                 process.kill()
             process.wait(10)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] != "redis-server":
+        sys.exit("usage: python launcher.py redis-server PORT DIR [redis-server options]")
+    command = redis_server_command(*sys.argv[2:])
+    os.execvp(command[0], command)

@@ -4,6 +4,7 @@ Each line: ISO-8601 UTC time with milliseconds, level, server name, the script t
 action, then key=value details. LOG_FORMAT=json writes the same fields as JSON lines. LOG_TO_REDIS=1 also
 copies every line into a capped Redis stream, which `python logger.py tail` follows for all servers at once.
 """
+
 import contextvars
 import datetime
 import json
@@ -12,12 +13,15 @@ import queue
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 
-import settings
+from settings import Settings
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
-_context = contextvars.ContextVar("log_context", default={})
-_write_lock = threading.RLock()  # re-entrant: a signal handler may log while its thread writes
+_context = contextvars.ContextVar("log_context", default=None)
+# Re-entrant so that a line logged from a signal handler could not deadlock its own thread; our handlers
+# still log nothing, since such a line could land in the middle of another.
+_write_lock = threading.RLock()
 _sink = None
 
 
@@ -29,7 +33,29 @@ def _script_name():
 
 SCRIPT = _script_name()
 _ROLES = {"run_web_server.py": "web", "run_model_server.py": "worker"}
-SERVER = settings.SERVER_NAME or f"{socket.gethostname()}-{_ROLES.get(SCRIPT, 'client')}"
+
+
+@dataclass(frozen=True)
+class _Config:
+    settings: Settings
+    server: str
+    min_level: int
+
+
+_config = None
+
+
+def configure(config: Settings) -> None:
+    """Take the log settings of this process; an entry point calls it once, before its first line."""
+    global _config
+    server = config.server_name or f"{socket.gethostname()}-{_ROLES.get(SCRIPT, 'client')}"
+    _config = _Config(config, server, LEVELS[config.log_level])
+
+
+def _current():
+    if _config is None:  # a tool that never called configure() logs with the environment's settings
+        configure(Settings.from_env())
+    return _config
 
 
 def bind(**details):
@@ -40,11 +66,12 @@ def bind(**details):
 
 def _format_value(value):
     text = f"{value:.1f}" if isinstance(value, float) else str(value)
-    return json.dumps(text) if (not text or any(c in text for c in ' "=\n')) else text
+    # Quoted and escaped unless plainly safe: no client value can start a line or carry control characters.
+    return json.dumps(text) if (not text or not text.isprintable() or any(c in text for c in ' "=')) else text
 
 
-def format_line(record):
-    if settings.LOG_FORMAT == "json":
+def format_line(record, log_format="text"):
+    if log_format == "json":
         return json.dumps(record, default=str)
     fixed = ("ts", "level", "server", "script", "action")
     details = " ".join(f"{k}={_format_value(v)}" for k, v in record.items() if k not in fixed)
@@ -54,35 +81,37 @@ def format_line(record):
 
 
 def log(action, level="INFO", **details):
-    if LEVELS[level] < LEVELS.get(settings.LOG_LEVEL, 20):
+    config = _current()
+    if LEVELS[level] < config.min_level:
         return
     now = datetime.datetime.now(datetime.timezone.utc)
     record = {
         "ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
         "level": level,
-        "server": SERVER,
+        "server": config.server,
         "script": SCRIPT,
         "action": action,
-        **_context.get(),
+        **(_context.get() or {}),
         **details,
     }
-    line = format_line(record)
+    line = format_line(record, config.settings.log_format)
     with _write_lock:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
-    if settings.LOG_TO_REDIS:
-        _redis_sink().put(record)
+    if config.settings.log_to_redis:
+        _redis_sink(config.settings).put(record)
 
 
 class _RedisSink:
     """Ships records to the log stream from a background thread, so a slow Redis never slows a request."""
 
-    def __init__(self):
+    def __init__(self, config):
         import redis_client
         from keys import Keys
 
-        self._redis = redis_client.connect()
-        self._stream = Keys().log_stream
+        self._redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
+        self._stream = Keys(config.image_queue).log_stream
+        self._maxlen = config.log_stream_maxlen
         self._queue = queue.Queue(maxsize=10_000)
         threading.Thread(target=self._run, name="log-sink", daemon=True).start()
 
@@ -101,35 +130,36 @@ class _RedisSink:
                 pipe = self._redis.pipeline(transaction=False)
                 for record in batch:
                     fields = {k: json.dumps(v, default=str) if not isinstance(v, str) else v for k, v in record.items()}
-                    pipe.xadd(self._stream, fields, maxlen=settings.LOG_STREAM_MAXLEN, approximate=True)
+                    pipe.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)
                 pipe.execute()
             except Exception as exc:  # noqa: BLE001 - the sink must outlive any Redis trouble
                 sys.stderr.write(f"log stream unavailable: {exc}\n")
 
 
-def _redis_sink():
+def _redis_sink(config):
     global _sink
     if _sink is None or _sink[0] != os.getpid():  # a forked process needs its own thread
-        _sink = (os.getpid(), _RedisSink())
+        _sink = (os.getpid(), _RedisSink(config))
     return _sink[1]
 
 
-def tail(from_start=False, follow=True, out=sys.stdout):
+def tail(config, from_start=False, follow=True, out=sys.stdout):
     """Print the merged log of every server from the Redis stream."""
     import redis_client
     from keys import Keys
 
-    r = redis_client.connect(decode=True, socket_timeout=None)
-    stream = Keys().log_stream
+    r = redis_client.connect(config.redis_url, None, decode=True)
+    stream = Keys(config.image_queue).log_stream
     last = "0" if from_start else "$"
     while True:
         entries = r.xread({stream: last}, block=0 if follow else None, count=1000)
         if not entries:
             return
-        for last, fields in entries[0][1]:
+        for _, fields in entries[0][1]:
             record = {k: _decode_field(v) for k, v in fields.items()}
-            out.write(format_line(record) + "\n")
+            out.write(format_line(record, config.log_format) + "\n")
         out.flush()
+        last = entries[0][1][-1][0]
 
 
 def _decode_field(value):
@@ -148,6 +178,6 @@ if __name__ == "__main__":
     parser.add_argument("--no-follow", action="store_true", help="exit after printing what is there")
     args = parser.parse_args()
     try:
-        tail(from_start=args.from_start, follow=not args.no_follow)
+        tail(Settings.from_env(), from_start=args.from_start, follow=not args.no_follow)
     except KeyboardInterrupt:
         pass

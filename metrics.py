@@ -1,31 +1,38 @@
-"""Prometheus metrics of the web tier, including what the workers measured (carried back in each result)."""
+"""Prometheus metrics of the web tier, including what the workers measured (carried back in each result).
+
+With several gunicorn processes, values must live in per-process files so that /metrics adds up every
+process: prometheus_client decides that when it is imported, so run_web_server.py sets
+PROMETHEUS_MULTIPROC_DIR before anything imports this module.
+"""
+
 import os
-import tempfile
 
-import settings
-
-# prometheus_client decides when it is imported whether values live in per-process files; with several
-# gunicorn processes they must, so that /metrics adds up every process and not just the one scraped.
-if settings.WEB_PROCESSES > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-classifier-metrics-")
-
-import prometheus_client  # noqa: E402 - must follow the environment set above
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess  # noqa: E402
-from prometheus_client.core import GaugeMetricFamily  # noqa: E402
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60)
 
 REQUESTS = Counter("imgclf_requests_total", "Answers to /predict by HTTP status", ["status"])
-LATENCY = Histogram("imgclf_request_latency_seconds", "End-to-end /predict latency in the web server",
-                    buckets=LATENCY_BUCKETS)
-QUEUE_WAIT = Histogram("imgclf_queue_wait_seconds", "Time a job waited in Redis before its batch began, "
-                       "as the worker saw it", buckets=LATENCY_BUCKETS)
-INFERENCE = Histogram("imgclf_inference_seconds", "Model time of the batch that held the job, as the worker "
-                      "saw it", buckets=LATENCY_BUCKETS)
-BATCH_SIZE = Histogram("imgclf_batch_size", "Size of the batch that held each job",
-                       buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128))
-WAKEUPS = Counter("imgclf_result_wakeups_total", "How waiting requests learnt of their result",
-                  ["via"])  # notification | fallback_poll | poll
+LATENCY = Histogram(
+    "imgclf_request_latency_seconds", "End-to-end /predict latency in the web server", buckets=LATENCY_BUCKETS
+)
+QUEUE_WAIT = Histogram(
+    "imgclf_queue_wait_seconds",
+    "Time a job waited in Redis before its batch began, as the worker saw it",
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE = Histogram(
+    "imgclf_inference_seconds",
+    "Model time of the batch that held the job, as the worker saw it",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "imgclf_batch_size", "Size of the batch that held each job", buckets=(1, 2, 4, 8, 16, 24, 32, 48, 64, 128)
+)
+WAKEUPS = Counter(
+    "imgclf_result_wakeups_total", "How waiting requests learnt of their result", ["via"]
+)  # notification | fallback_poll | poll
 TIMEOUTS = Counter("imgclf_timeouts_total", "Requests answered 504 after REQUEST_TIMEOUT")
 
 

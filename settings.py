@@ -1,62 +1,96 @@
-"""Every knob of the service, read once from the environment. Nothing else reads os.environ for config."""
+"""Every knob of the service, as one immutable `Settings` read once from the environment at start-up.
+
+Each field's environment variable is its name in capitals (`redis_url` <- REDIS_URL). Entry points call
+`Settings.from_env()` once and hand the result to every component they build; nothing else reads
+os.environ for configuration, and tests build `Settings(...)` with what they need.
+"""
+
+import dataclasses
 import os
+from dataclasses import dataclass
 
 
-def _str(name, default):
-    return os.environ.get(name, default)
+@dataclass(frozen=True)
+class Settings:
+    # Redis: a password or TLS goes in the URL (redis://:pass@host:6379/0, rediss://...).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_socket_timeout: float = 5.0
+    # How long a worker blocks waiting for the first job of a batch; kept below the socket timeout.
+    block_timeout: float = 4.0
+
+    # Web server
+    host: str = "127.0.0.1"
+    port: int = 5000
+    web_processes: int = 1
+    web_threads: int = 96
+    web_redis_connections: int = 16
+    # Niceness of the web processes: on a machine shared with a worker, the model's threads go first.
+    web_nice: int = 10
+    request_timeout: float = 30.0
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_queue_length: int = 500
+    # "notify": pub/sub wake-ups with polling only as a fallback; "poll": plain polling (for comparison).
+    wait_mode: str = "notify"
+    poll_interval: float = 0.25
+    fallback_poll_after: float = 5.0
+    fallback_poll_max: float = 10.0
+
+    # Queue protocol
+    image_queue: str = "image_queue"
+    result_ttl: int = 60
+    max_attempts: int = 3
+    heartbeat_interval: float = 5.0
+    heartbeat_ttl: float = 15.0
+
+    # Model worker
+    model: str = "auto"
+    # Empty: Keras's ImageNet download (or its cache); a path: an .h5 file; "none": random weights.
+    model_weights: str = ""
+    model_cache_dir: str = os.path.expanduser("~/.cache/image-classifier")
+    batch_size: int = 32
+    tf_intra_op_threads: int = 0
+    tf_inter_op_threads: int = 0
+
+    # Logging
+    server_name: str = ""
+    log_level: str = "INFO"
+    log_format: str = "text"
+    log_to_redis: bool = False
+    log_stream_maxlen: int = 100_000
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("wait_mode", ("notify", "poll")),
+            ("log_format", ("text", "json")),
+            ("log_level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name.upper()} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Settings":
+        """The defaults above, overridden by whichever environment variables are set."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field.name.upper(), field.type, raw)
+        if "log_level" in values:
+            values["log_level"] = values["log_level"].upper()
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
 
 
-def _int(name, default):
-    return int(os.environ.get(name, default))
-
-
-def _float(name, default):
-    return float(os.environ.get(name, default))
-
-
-# Redis: a password or TLS goes in the URL (redis://:pass@host:6379/0, rediss://...).
-REDIS_URL = _str("REDIS_URL", "redis://127.0.0.1:6379/0")
-REDIS_SOCKET_TIMEOUT = _float("REDIS_SOCKET_TIMEOUT", 5)
-# How long a worker blocks waiting for the first job of a batch; kept below the socket timeout.
-BLOCK_TIMEOUT = _float("BLOCK_TIMEOUT", 4)
-
-# Web server
-HOST = _str("HOST", "127.0.0.1")
-PORT = _int("PORT", 5000)
-WEB_PROCESSES = _int("WEB_PROCESSES", 1)
-WEB_THREADS = _int("WEB_THREADS", 96)
-WEB_REDIS_CONNECTIONS = _int("WEB_REDIS_CONNECTIONS", 16)
-# Niceness of the web processes: on a machine shared with a worker, the model's threads go first.
-WEB_NICE = _int("WEB_NICE", 10)
-REQUEST_TIMEOUT = _float("REQUEST_TIMEOUT", 30)
-MAX_UPLOAD_BYTES = _int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024)
-MAX_IMAGE_PIXELS = _int("MAX_IMAGE_PIXELS", 40_000_000)
-MAX_QUEUE_LENGTH = _int("MAX_QUEUE_LENGTH", 500)
-# "notify": pub/sub wake-ups with polling only as a fallback; "poll": plain polling (for comparison).
-WAIT_MODE = _str("WAIT_MODE", "notify")
-POLL_INTERVAL = _float("POLL_INTERVAL", 0.25)
-FALLBACK_POLL_AFTER = _float("FALLBACK_POLL_AFTER", 5.0)
-FALLBACK_POLL_MAX = _float("FALLBACK_POLL_MAX", 10.0)
-
-# Queue protocol
-IMAGE_QUEUE = _str("IMAGE_QUEUE", "image_queue")
-RESULT_TTL = _int("RESULT_TTL", 60)
-MAX_ATTEMPTS = _int("MAX_ATTEMPTS", 3)
-HEARTBEAT_INTERVAL = _float("HEARTBEAT_INTERVAL", 5)
-HEARTBEAT_TTL = _float("HEARTBEAT_TTL", 15)
-
-# Model worker
-MODEL = _str("MODEL", "auto")
-# Empty: Keras's ImageNet download (or its cache); a path: an .h5 file; "none": random weights.
-MODEL_WEIGHTS = _str("MODEL_WEIGHTS", "")
-MODEL_CACHE_DIR = _str("MODEL_CACHE_DIR", os.path.expanduser("~/.cache/image-classifier"))
-BATCH_SIZE = _int("BATCH_SIZE", 32)
-TF_INTRA_OP_THREADS = _int("TF_INTRA_OP_THREADS", 0)
-TF_INTER_OP_THREADS = _int("TF_INTER_OP_THREADS", 0)
-
-# Logging
-SERVER_NAME = _str("SERVER_NAME", "")
-LOG_LEVEL = _str("LOG_LEVEL", "INFO").upper()
-LOG_FORMAT = _str("LOG_FORMAT", "text")
-LOG_TO_REDIS = _str("LOG_TO_REDIS", "0") == "1"
-LOG_STREAM_MAXLEN = _int("LOG_STREAM_MAXLEN", 100_000)
+def _parse(name, kind, raw):
+    if kind is bool:
+        if raw not in ("0", "1"):
+            raise ValueError(f"{name} must be 0 or 1, not {raw!r}")
+        return raw == "1"
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, not {raw!r}") from None

@@ -1,22 +1,25 @@
 """Send an image to the service and print its top predictions: python simple_request.py [IMAGE]."""
+
 import argparse
 import sys
 
 import requests
 
-import settings
+from settings import Settings
 
 
 def main(argv=None):
+    config = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("image", nargs="?", default="castle_image.jpg")
-    parser.add_argument("--url", default=f"http://{settings.HOST}:{settings.PORT}/predict")
+    parser.add_argument("--url", default=f"http://{config.host}:{config.port}/predict")
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args(argv)
     try:
         with open(args.image, "rb") as f:
-            response = requests.post(args.url, files={"image": f}, params={"top_k": args.top_k},
-                                     timeout=settings.REQUEST_TIMEOUT + 10)
+            response = requests.post(
+                args.url, files={"image": f}, params={"top_k": args.top_k}, timeout=config.request_timeout + 10
+            )
     except OSError as exc:
         if isinstance(exc, requests.ConnectionError):
             print(f"error: cannot reach the service at {args.url}; is `make run` running?", file=sys.stderr)

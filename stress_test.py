@@ -4,6 +4,7 @@ The defaults reproduce the original test (500 requests, one every 0.05 s, jemma.
 original, every request thread is joined, so the run ends when the last answer arrives, not after a fixed
 sleep, and the summary counts what really happened.
 """
+
 import argparse
 import collections
 import json
@@ -15,12 +16,9 @@ from pathlib import Path
 
 import requests
 
-import settings
+from settings import Settings
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_IMAGE = ROOT.parent / "shared" / "assets" / "jemma.png"
-if not DEFAULT_IMAGE.is_file():
-    DEFAULT_IMAGE = ROOT / "castle_image.jpg"
+DEFAULT_IMAGE = Path(__file__).resolve().parent / "jemma.png"  # the beagle the original test sent
 
 
 class _Outcome:
@@ -99,8 +97,10 @@ def summarize(outcomes):
         "by_status": dict(sorted(by_status.items())),
         "duration_s": round(duration, 3),
         "throughput_rps": round(by_status.get("200", 0) / duration, 2) if duration else 0.0,
-        "latency_ms": {name: (round(percentile(latencies, q), 1) if latencies else None)
-                       for name, q in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("max", 100))},
+        "latency_ms": {
+            name: (round(percentile(latencies, q), 1) if latencies else None)
+            for name, q in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("max", 100))
+        },
     }
 
 
@@ -125,8 +125,9 @@ def plot(outcomes, path):
     fig, (timeline, histogram) = plt.subplots(1, 2, figsize=(12, 4.5))
     timeline.scatter([o.started - start for o in ok], [o.seconds * 1000 for o in ok], s=6, label="200")
     if bad:
-        timeline.scatter([o.started - start for o in bad], [o.seconds * 1000 for o in bad], s=10, c="red",
-                         label="failed")
+        timeline.scatter(
+            [o.started - start for o in bad], [o.seconds * 1000 for o in bad], s=10, c="red", label="failed"
+        )
     timeline.set(xlabel="request sent at (s)", ylabel="latency (ms)", title="Latency over time")
     timeline.legend()
     histogram.hist([o.seconds * 1000 for o in ok], bins=40)
@@ -136,15 +137,17 @@ def plot(outcomes, path):
 
 
 def build_parser():
+    config = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default=f"http://{settings.HOST}:{settings.PORT}/predict")
+    parser.add_argument("--url", default=f"http://{config.host}:{config.port}/predict")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--requests", type=int, default=500)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--concurrency", type=int, help="closed loop: keep C requests in flight")
-    mode.add_argument("--interval", type=float, default=0.05,
-                      help="open loop: start one request every S seconds (default 0.05)")
-    parser.add_argument("--timeout", type=float, default=settings.REQUEST_TIMEOUT + 10)
+    mode.add_argument(
+        "--interval", type=float, default=0.05, help="open loop: start one request every S seconds (default 0.05)"
+    )
+    parser.add_argument("--timeout", type=float, default=config.request_timeout + 10)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--plot", type=Path, help="write latency-over-time and histogram to this PNG")
     parser.add_argument("--no-progress", action="store_true")

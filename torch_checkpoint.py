@@ -4,6 +4,7 @@ The legacy format is five pickles in a row (magic number, protocol version, syst
 itself, the sorted storage keys) followed by the raw bytes of each storage. Tensors inside the object are
 references to those storages, so we unpickle with stand-ins for torch's classes and fill them in after.
 """
+
 import collections
 import pickle
 import struct
@@ -39,7 +40,7 @@ class _TensorRef:
         flat = self.storage.array
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:], shape=self.size, strides=[s * itemsize for s in self.stride]
+            flat[self.offset :], shape=self.size, strides=[s * itemsize for s in self.stride]
         )
         return np.array(view)  # a copy: the checkpoint's buffer can then be freed
 

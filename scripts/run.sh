@@ -26,8 +26,7 @@ if [ -z "${REDIS_URL:-}" ]; then
     bash scripts/install_system.sh redis-server
     mkdir -p .redis
     echo "starting a private redis-server on 127.0.0.1:6379 (data in .redis/, not saved)" >&2
-    setsid redis-server --bind 127.0.0.1 --port 6379 --save "" --appendonly no --dir "$PWD/.redis" \
-      --logfile "$PWD/.redis/redis.log" &
+    setsid "$PY" launcher.py redis-server 6379 "$PWD/.redis" --logfile "$PWD/.redis/redis.log" &
     redis_pid=$!
     for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
   fi

@@ -1,11 +1,20 @@
 """The whole service as real processes: redis-server, model workers (real EfficientNet-Lite0 weights), gunicorn."""
+
 import concurrent.futures
+import os
 import re
+import signal
 import subprocess
 import sys
 
-from conftest import CASTLE, JEMMA, ROOT, post
+import pytest
+
 from keys import Keys
+from launcher import listening
+from support import CASTLE, JEMMA, ROOT, free_port, post, wait_for
+
+pytestmark = pytest.mark.slow
+KEYS = Keys("image_queue")
 
 
 def test_castle_through_the_whole_service(service, real_redis):
@@ -20,26 +29,38 @@ def test_castle_through_the_whole_service(service, real_redis):
     assert body["predictions"][0]["probability"] > 0.9
     assert len(body["id"]) == 32
     # The web server read and deleted the result; nothing but the worker registry is left behind.
-    assert not real_redis.keys(Keys().result_prefix + "*")
-    assert real_redis.llen(Keys().queue) == 0
+    assert not real_redis.keys(KEYS.result_prefix + "*")
+    assert real_redis.llen(KEYS.queue) == 0
 
-    printed = subprocess.run([sys.executable, "simple_request.py", "--url", f"{service.url}/predict"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
+    printed = subprocess.run(
+        [sys.executable, "simple_request.py", "--url", f"{service.url}/predict"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.splitlines()
     assert re.fullmatch(r"1\. castle: 0\.9\d{3}", lines[0])
     assert all(re.fullmatch(rf"{i}\. \w+: 0\.\d{{4}}", line) for i, line in enumerate(lines[1:5], 2))
 
-    curl = subprocess.run(["curl", "-s", "-X", "POST", "-F", f"image=@{JEMMA}",
-                           f"{service.url}/predict?top_k=1"], capture_output=True, text=True, timeout=60)
+    curl = subprocess.run(
+        ["curl", "-s", "-X", "POST", "-F", f"image=@{JEMMA}", f"{service.url}/predict?top_k=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert '"label":"beagle"' in curl.stdout.replace(" ", "")
 
 
 def test_simple_request_says_clearly_when_the_server_is_down():
-    from conftest import free_port
-
-    printed = subprocess.run([sys.executable, "simple_request.py", "--url", f"http://127.0.0.1:{free_port()}/predict"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    printed = subprocess.run(
+        [sys.executable, "simple_request.py", "--url", f"http://127.0.0.1:{free_port()}/predict"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert printed.returncode != 0 and "cannot reach the service" in printed.stderr
 
 
@@ -64,24 +85,30 @@ def test_two_workers_under_concurrent_load_answer_every_request_once(service, re
 
 def test_run_script_serves_and_stops_everything_on_ctrl_c(redis_server, real_redis, model_cache):
     """`make run`'s script: one worker and the web server against REDIS_URL; Ctrl-C (SIGINT) stops them all."""
-    import os
-    import signal
-
-    from conftest import free_port, wait_for
-    from launcher import listening
-
     port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_server.url, "PORT": str(port), "MODEL": "efficientnet_lite0",
-           "MODEL_CACHE_DIR": model_cache, "VENV": os.path.dirname(os.path.dirname(sys.executable))}
-    script = subprocess.Popen(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_server.url,
+        "PORT": str(port),
+        "MODEL": "efficientnet_lite0",
+        "MODEL_CACHE_DIR": model_cache,
+        "VENV": os.path.dirname(os.path.dirname(sys.executable)),
+    }
+    script = subprocess.Popen(
+        ["bash", "scripts/run.sh"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        wait_for(lambda: listening(port) and real_redis.scard("image_queue:workers") == 1, 120, "make run to serve")
+        wait_for(lambda: listening(port) and real_redis.scard(KEYS.workers) == 1, 120, "make run to serve")
         assert post(f"http://127.0.0.1:{port}").json()["predictions"][0]["label"] == "castle"
         os.killpg(script.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
-        assert script.wait(60) is not None
-        wait_for(lambda: not listening(port) and real_redis.scard("image_queue:workers") == 0, 30,
-                 "the worker and the web server to stop")
+        script.wait(60)  # raises if the script is still running a minute later
+        assert not listening(port)  # the script waits for its services before it exits
+        assert real_redis.scard(KEYS.workers) == 0 and not real_redis.keys(KEYS.processing_prefix + "*")
     finally:
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)

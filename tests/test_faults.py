@@ -3,6 +3,7 @@
 Real processes and a real redis-server throughout; the fake parts are only the ones that play a crashing
 worker, which no real worker can be made to be on purpose.
 """
+
 import concurrent.futures
 import json
 import os
@@ -11,15 +12,18 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import requests
 
 import jobs
-from conftest import post, wait_for
 from job_queue import JobQueue
 from keys import Keys
-from run_model_server import Worker
-from test_queue import CountingClassifier
+from launcher import listening
+from support import CountingClassifier, post, wait_for
+from worker import Worker
 from worker_registration import WorkerRegistry
+
+KEYS = Keys("image_queue")
 
 
 def fire(url, n):
@@ -33,9 +37,10 @@ def worker_name(service, process):
 
 
 def claimed_by(redis, name):
-    return redis.llen(Keys().processing(name))
+    return redis.llen(KEYS.processing(name))
 
 
+@pytest.mark.slow
 def test_kill_9_of_a_busy_worker_loses_no_request(service, real_redis):
     doomed = service.start_worker(BATCH_SIZE="4")
     survivor = service.start_worker(BATCH_SIZE="4")
@@ -51,57 +56,60 @@ def test_kill_9_of_a_busy_worker_loses_no_request(service, real_redis):
     assert [r.status_code for r in responses] == [200] * 24
     assert all(r.json()["predictions"][0]["label"] == "castle" for r in responses)
     assert f"worker_dead worker={doomed_name}" in service.log_text(survivor)
-    assert real_redis.llen(Keys().dead) == 0
+    assert real_redis.llen(KEYS.dead) == 0
 
 
-def test_poison_job_is_dead_lettered_and_its_requester_told(service, real_redis):
-    service.start_web(MAX_ATTEMPTS="2")
+@pytest.mark.slow
+def test_poison_job_is_dead_lettered_and_its_requester_told(service, real_redis, config):
+    service.start_web()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(post, service.url)
-        queue = JobQueue(real_redis)
-        registry = WorkerRegistry(real_redis, queue)
-        for attempt in range(2):  # a worker takes the job and dies with it, twice
-            registry.beat("crasher", {"ready": 1}, ttl=60)
+        queue = JobQueue(real_redis, config.replace(max_attempts=2))
+        registry = WorkerRegistry(real_redis, queue, heartbeat_ttl=60)
+        for _ in range(2):  # a worker takes the job and dies with it, twice
+            registry.beat("crasher", {"ready": 1})
             wait_for(lambda: queue.length() > 0, 10, "the job")
             [raw] = queue.claim("crasher", 8, 1)
-            real_redis.delete(Keys().heartbeat("crasher"))
-            registry.sweep(max_attempts=2)
+            real_redis.delete(KEYS.heartbeat("crasher"))
+            assert registry.sweep() == ["crasher"]
         response = answer.result()
     assert response.status_code == 500
     body = response.json()
     assert body["success"] is False and "failed 2 times" in body["error"] and body["id"] == jobs.decode_job(raw).id
-    [dead] = real_redis.lrange(Keys().dead, 0, -1)
+    [dead] = real_redis.lrange(KEYS.dead, 0, -1)
     assert json.loads(dead)["id"] == body["id"] and json.loads(dead)["attempts"] == 2
     assert queue.length() == 0
 
 
+@pytest.mark.slow
 def test_malformed_job_on_the_queue_is_dead_lettered_with_an_answer(service, real_redis):
     service.start_worker()
     pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
     job = jobs.Job(pixels, time.time() + 30)
     bad = json.loads(jobs.encode_job(job))
     bad["shape"] = [2, 2, 3]
-    real_redis.rpush(Keys().queue, b"\x00 not json", json.dumps(bad))
-    wait_for(lambda: real_redis.llen(Keys().dead) == 2, 20, "both jobs to be dead-lettered")
-    result = jobs.decode_result(real_redis.get(Keys().result(job.id)))
+    real_redis.rpush(KEYS.queue, b"\x00 not json", json.dumps(bad))
+    wait_for(lambda: real_redis.llen(KEYS.dead) == 2, 20, "both jobs to be dead-lettered")
+    result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
     assert result["success"] is False and result["status"] == 422 and "shape" in result["error"]
 
 
-def test_worker_skips_jobs_whose_deadline_passed(real_redis, redis_server, monkeypatch):
-    monkeypatch.setattr("settings.BLOCK_TIMEOUT", 0.2)
-    queue = JobQueue(real_redis)
+def test_worker_skips_jobs_whose_deadline_passed(real_redis, config):
+    config = config.replace(block_timeout=0.2)
+    queue = JobQueue(real_redis, config)
     late = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() - 1)
     fresh = jobs.Job(np.ones(jobs.IMAGE_SHAPE, np.uint8), time.time() + 30)
     for job in (late, fresh):
-        queue.enqueue(jobs.encode_job(job), 10)
+        queue.enqueue(jobs.encode_job(job))
     classifier = CountingClassifier()
-    worker = Worker(classifier, url=redis_server.url, name="punctual")
+    worker = Worker(classifier, config, name="punctual")
     assert worker.run_once() == 2
     assert classifier.seen == [1 + 256]  # only the fresh job reached the model
-    assert not real_redis.exists(Keys().result(late.id)) and real_redis.exists(Keys().result(fresh.id))
-    assert worker.counts["expired"] == 1 and not real_redis.exists(Keys().processing("punctual"))
+    assert not real_redis.exists(KEYS.result(late.id)) and real_redis.exists(KEYS.result(fresh.id))
+    assert worker.counts["expired"] == 1 and not real_redis.exists(KEYS.processing("punctual"))
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_busy_worker_finishes_or_returns_its_batch(service, real_redis):
     leaving = service.start_worker(BATCH_SIZE="4")
     name = worker_name(service, leaving)
@@ -111,32 +119,32 @@ def test_sigterm_to_a_busy_worker_finishes_or_returns_its_batch(service, real_re
     leaving.send_signal(signal.SIGTERM)
     assert leaving.wait(15) == 0
     assert "worker_stopped" in service.log_text(leaving)
-    assert claimed_by(real_redis, name) == 0 and not real_redis.sismember(Keys().workers, name)
-    assert all(jobs.decode_job(raw).attempts == 0 for raw in real_redis.lrange(Keys().queue, 0, -1))
+    assert claimed_by(real_redis, name) == 0 and not real_redis.sismember(KEYS.workers, name)
+    returned = real_redis.lrange(KEYS.queue, 0, -1)
+    assert returned, "16 requests and batches of 4: a worker that stops after one batch leaves jobs queued"
+    assert all(jobs.decode_job(raw).attempts == 0 for raw in returned)
     service.start_worker()
     responses = [f.result() for f in futures]
     pool.shutdown()
     assert [r.status_code for r in responses] == [200] * 16
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_web_server_lets_waiting_requests_finish(service, real_redis):
     web = service.start_web()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post, service.url)
-        wait_for(lambda: real_redis.llen(Keys().queue) == 1, 10, "the request to be queued")
+        wait_for(lambda: real_redis.llen(KEYS.queue) == 1, 10, "the request to be queued")
         web.send_signal(signal.SIGTERM)
-        time.sleep(1)
-        refused = False
-        try:
-            post(service.url, timeout=5)
-        except requests.ConnectionError:
-            refused = True
+        wait_for(lambda: not listening(service.port), 10, "the web server to close its port")
+        with pytest.raises(requests.ConnectionError):
+            post(service.url, timeout=5)  # it takes no new requests
         service.start_worker()
         assert waiting.result().status_code == 200
-    assert refused  # it stopped taking new requests
     assert web.wait(15) == 0
 
 
+@pytest.mark.slow
 def test_redis_outage_under_load_then_full_service_without_restarts(service, real_redis, redis_server):
     worker = service.start_worker(REQUEST_TIMEOUT="5")
     web = service.start_web(REQUEST_TIMEOUT="5")
@@ -155,15 +163,18 @@ def test_redis_outage_under_load_then_full_service_without_restarts(service, rea
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    wait_for(lambda: len(outcomes) >= 4, 30, "the load to be served")
     redis_server.stop()
     during = []
     for _ in range(3):  # new requests while Redis is down are refused at once
         started = time.monotonic()
         during.append((post(service.url, timeout=20).status_code, time.monotonic() - started))
-    time.sleep(1)
     redis_server.start()
-    time.sleep(1)
+    wait_for(
+        lambda: "listener_subscribed" in service.log_text(web).split("listener_disconnected")[-1],
+        30,
+        "the web server's listener to resubscribe",
+    )
     stop.set()
     for t in threads:
         t.join(30)
@@ -178,6 +189,7 @@ def test_redis_outage_under_load_then_full_service_without_restarts(service, rea
     assert "listener_subscribed" in service.log_text(web).split("listener_disconnected")[-1]
 
 
+@pytest.mark.slow
 def test_result_keys_do_not_pile_up_after_load(service, real_redis):
     service.start_worker()
     service.start_web()

@@ -1,4 +1,5 @@
 """Image preparation: identical to the original prepare_image, and clear errors for what is not an image."""
+
 import io
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 from PIL import Image
 
 import helpers
-from conftest import CASTLE
+from support import CASTLE, png_bomb
 
 LIMIT = 40_000_000
 
@@ -70,18 +71,6 @@ def test_animated_gif_uses_the_first_frame():
     assert tuple(pixels[100, 100]) == (255, 0, 0)
 
 
-def _bomb():
-    # A valid PNG header that declares 30000x30000 pixels; the pixel data need not exist.
-    import struct
-    import zlib
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize(
     "data, status, message",
     [
@@ -89,7 +78,7 @@ def _bomb():
         (b"hello, this is text and not an image", 400, "not an image"),
         (b"%PDF-1.4\n1 0 obj << >> endobj\n", 400, "not an image"),
         (CASTLE.read_bytes()[:5000], 400, "could not be decoded"),
-        (_bomb(), 413, "too large"),
+        (png_bomb(), 413, "too large"),
     ],
 )
 def test_bad_input_gets_a_clear_error(data, status, message):

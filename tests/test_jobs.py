@@ -1,4 +1,5 @@
 """The job and result shapes that cross Redis: what a worker accepts and what it refuses, with a reason."""
+
 import base64
 import json
 import time

@@ -1,10 +1,11 @@
 """One log format for every process: timestamp, server, the started script, action, key=value details."""
+
 import json
 import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from support import ROOT
 
 LINE = re.compile(
     r"^(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<level>\w+)\s+(?P<server>\S+) (?P<script>\S+) "
@@ -15,14 +16,21 @@ LINE = re.compile(
 def run_script(tmp_path, body, **env):
     script = tmp_path / "some_tool.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom logger import log, bind\n{body}\n")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
-                            env={"PATH": "/usr/bin:/bin", **env}, check=True)
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", **env},
+        check=True,
+    )
     return result.stderr.strip().splitlines()
 
 
 def test_text_line_carries_time_server_script_action_and_details(tmp_path):
-    [line] = run_script(tmp_path, 'log("job_queued", id="abc", batch_size=3, ms=12.345, note="two words")',
-                        SERVER_NAME="web-1")
+    [line] = run_script(
+        tmp_path, 'log("job_queued", id="abc", batch_size=3, ms=12.345, note="two words")', SERVER_NAME="web-1"
+    )
     match = LINE.match(line)
     assert match, line
     assert match["server"] == "web-1"
@@ -44,8 +52,9 @@ def test_bound_request_id_is_on_every_line_until_rebound(tmp_path):
 
 
 def test_json_format(tmp_path):
-    [line] = run_script(tmp_path, 'log("inference_done", level="WARNING", batch_size=4)', LOG_FORMAT="json",
-                        SERVER_NAME="w")
+    [line] = run_script(
+        tmp_path, 'log("inference_done", level="WARNING", batch_size=4)', LOG_FORMAT="json", SERVER_NAME="w"
+    )
     record = json.loads(line)
     assert record["action"] == "inference_done" and record["batch_size"] == 4 and record["level"] == "WARNING"
     assert record["server"] == "w" and record["script"] == "some_tool.py"

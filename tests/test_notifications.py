@@ -1,4 +1,5 @@
 """Waiting for results: a notification wakes exactly its request; a lost one is covered by polling."""
+
 import threading
 import time
 
@@ -9,6 +10,9 @@ import jobs
 import redis_client
 from keys import Keys
 from notifications import ResultWaiter
+from support import wait_for
+
+KEYS = Keys("image_queue")
 
 
 def counted(name, **labels):
@@ -22,11 +26,12 @@ def store(r, keys, job_id, channel=None):
 
 
 @pytest.fixture
-def waiter_for(redis_server):
+def waiter_for(config):
     made = []
 
-    def make(mode):
-        made.append(ResultWaiter(redis_client.connect(redis_server.url), Keys(), mode=mode, url=redis_server.url))
+    def make(**settings):
+        settings = config.replace(**settings)
+        made.append(ResultWaiter(redis_client.connect(settings.redis_url, 5), settings))
         return made[-1]
 
     yield make
@@ -36,70 +41,83 @@ def waiter_for(redis_server):
 
 def wait_in_thread(waiter, job_id, timeout, out):
     with waiter.expect(job_id) as pending:
-        started = time.monotonic()
-        out[job_id] = (waiter.wait(pending, time.time() + timeout), time.monotonic() - started)
+        out[job_id] = waiter.wait(pending, time.monotonic() + timeout)
 
 
-def test_notification_wakes_exactly_the_right_request(real_redis, redis_server, waiter_for, monkeypatch):
-    monkeypatch.setattr("settings.FALLBACK_POLL_AFTER", 30)  # so that only a notification can wake them
-    waiter = waiter_for(mode="notify")
+def start_waiting(waiter, job_ids, timeout, out):
+    """Threads waiting for `job_ids`, returned once every one of them is registered with the waiter."""
+    threads = [threading.Thread(target=wait_in_thread, args=(waiter, job_id, timeout, out)) for job_id in job_ids]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(job_id in waiter._pending for job_id in job_ids), 5, "the requests to wait")
+    return threads
+
+
+def test_notification_wakes_exactly_the_right_request(real_redis, waiter_for):
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=30)  # so that only a notification can wake them
     channel = waiter.start()
     notified, timeouts = counted("imgclf_result_wakeups_total", via="notification"), counted("imgclf_timeouts_total")
     out = {}
-    threads = [threading.Thread(target=wait_in_thread, args=(waiter, job_id, 3, out)) for job_id in ("a" * 32, "b" * 32)]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)
-    store(real_redis, Keys(), "a" * 32, channel)
+    threads = start_waiting(waiter, ["a" * 32, "b" * 32], 3, out)
+    store(real_redis, KEYS, "a" * 32, channel)
     threads[0].join(5)
-    assert out["a" * 32][0]["id"] == "a" * 32  # within the join: only the notification could have woken it
+    assert out["a" * 32]["id"] == "a" * 32  # within the join: only the notification could have woken it
     assert "b" * 32 not in out  # the other request is still waiting
     threads[1].join(5)
-    assert out["b" * 32][0] is None  # and times out, as nothing was published for it
+    assert out["b" * 32] is None  # and times out, as nothing was published for it
     assert counted("imgclf_result_wakeups_total", via="notification") == notified + 1
     assert counted("imgclf_timeouts_total") == timeouts + 1
 
 
-def test_lost_notification_is_covered_by_the_fallback_poll(real_redis, redis_server, waiter_for, monkeypatch):
-    monkeypatch.setattr("settings.FALLBACK_POLL_AFTER", 0.3)
-    waiter = waiter_for(mode="notify")
+def test_lost_notification_is_covered_by_the_fallback_poll(real_redis, waiter_for):
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=0.3)
     waiter.start()
     polled = counted("imgclf_result_wakeups_total", via="fallback_poll")
     out = {}
-    thread = threading.Thread(target=wait_in_thread, args=(waiter, "c" * 32, 5, out))
-    thread.start()
-    time.sleep(0.1)
-    store(real_redis, Keys(), "c" * 32)  # stored, but the PUBLISH never happened
+    [thread] = start_waiting(waiter, ["c" * 32], 5, out)
+    store(real_redis, KEYS, "c" * 32)  # stored, but the PUBLISH never happened
     thread.join(5)
-    assert out["c" * 32][0]["id"] == "c" * 32
+    assert out["c" * 32]["id"] == "c" * 32
     assert counted("imgclf_result_wakeups_total", via="fallback_poll") == polled + 1
-    assert not real_redis.exists(Keys().result("c" * 32))  # read and deleted
+    assert not real_redis.exists(KEYS.result("c" * 32))  # read and deleted
 
 
 def test_poll_mode_finds_results_without_subscribing(real_redis, waiter_for):
-    waiter = waiter_for(mode="poll")
+    waiter = waiter_for(wait_mode="poll")
+    subscribed_before = set(real_redis.pubsub_channels(KEYS.channel_prefix + "*"))  # other tests' listeners
     assert waiter.start() is None
     out = {}
-    thread = threading.Thread(target=wait_in_thread, args=(waiter, "d" * 32, 5, out))
-    thread.start()
-    time.sleep(0.1)
-    store(real_redis, Keys(), "d" * 32)
+    [thread] = start_waiting(waiter, ["d" * 32], 5, out)
+    store(real_redis, KEYS, "d" * 32)
     thread.join(5)
-    assert out["d" * 32][0]["id"] == "d" * 32
-    assert real_redis.pubsub_numsub(Keys().channel_prefix + "x") == [(b"image_queue:notify:x", 0)]
+    assert out["d" * 32]["id"] == "d" * 32
+    assert set(real_redis.pubsub_channels(KEYS.channel_prefix + "*")) <= subscribed_before  # no new subscription
 
 
-def test_listener_resubscribes_after_redis_restart_and_rechecks_waiting_keys(real_redis, redis_server, waiter_for, monkeypatch):
-    monkeypatch.setattr("settings.FALLBACK_POLL_AFTER", 60)  # polling cannot be what finds the result
-    waiter = waiter_for(mode="notify")
+def test_notify_mode_subscribes_its_own_channel(real_redis, waiter_for):
+    channel = waiter_for(wait_mode="notify").start()
+    assert channel.encode() in real_redis.pubsub_channels(KEYS.channel_prefix + "*")
+
+
+def test_listener_resubscribes_after_redis_restart_and_rechecks_waiting_keys(real_redis, redis_server, waiter_for):
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=60)  # polling cannot be what finds the result
     channel = waiter.start()
     out = {}
-    thread = threading.Thread(target=wait_in_thread, args=(waiter, "e" * 32, 20, out))
-    thread.start()
+    [thread] = start_waiting(waiter, ["e" * 32], 20, out)
     redis_server.stop()
-    time.sleep(0.5)
     redis_server.start()
     # The result lands while the listener is still reconnecting: its notification reaches nobody.
-    store(redis_server.client(), Keys(), "e" * 32, channel)
+    store(redis_server.client(), KEYS, "e" * 32, channel)
     thread.join(15)
-    assert out["e" * 32][0]["id"] == "e" * 32  # found long before the 60 s fallback poll
+    assert out["e" * 32]["id"] == "e" * 32  # found long before the 60 s fallback poll
+
+
+def test_a_stray_binary_message_does_not_end_the_listener(real_redis, waiter_for):
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=60)
+    channel = waiter.start()
+    real_redis.publish(channel, b"\xff\xfe not utf-8")
+    out = {}
+    [thread] = start_waiting(waiter, ["f" * 32], 10, out)
+    store(real_redis, KEYS, "f" * 32, channel)
+    thread.join(10)
+    assert out["f" * 32]["id"] == "f" * 32  # woken by its notification, not the 60 s poll

@@ -1,4 +1,5 @@
 """What operators and users get: probes, Prometheus metrics, request ids, one merged log, the upload page."""
+
 import re
 import shutil
 import subprocess
@@ -7,7 +8,9 @@ import sys
 import pytest
 import requests
 
-from conftest import CASTLE, ROOT, post, wait_for
+from support import CASTLE, ROOT, post, wait_for
+
+pytestmark = pytest.mark.slow
 
 
 def sample(text, name, labels=""):
@@ -73,8 +76,14 @@ def test_logger_tail_merges_every_server(service):
     env = {**service.env, "LOG_TO_REDIS": "0"}
 
     def tailed():
-        return subprocess.run([sys.executable, "logger.py", "tail", "--from-start", "--no-follow"], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run(
+            [sys.executable, "logger.py", "tail", "--from-start", "--no-follow"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
 
     wait_for(lambda: "request_done" in tailed() and "result_published" in tailed(), 10, "the merged log")
     lines = tailed().splitlines()
@@ -94,9 +103,18 @@ def test_upload_page_in_a_real_browser(service, tmp_path):
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("this is not a picture")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         page = browser.new_page()
         page.goto(service.url + "/")
         page.set_input_files("#file", str(CASTLE))

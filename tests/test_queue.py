@@ -2,6 +2,7 @@
 
 Protocol tests run on fakeredis and on a real redis-server; the race between workers runs on the real one.
 """
+
 import threading
 import time
 
@@ -10,7 +11,10 @@ import pytest
 
 import jobs
 from job_queue import JobQueue, QueueFull
-from run_model_server import Worker
+from jobs import Reply
+from settings import Settings
+from support import CountingClassifier
+from worker import Worker
 from worker_registration import WorkerRegistry
 
 
@@ -23,20 +27,25 @@ def raw_job(**kwargs):
     return jobs.encode_job(jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 30, **kwargs))
 
 
+def queue_and_registry(r, **settings):
+    q = JobQueue(r, Settings(**settings))
+    return q, WorkerRegistry(r, q, heartbeat_ttl=60)
+
+
 def test_enqueue_refuses_when_full(r):
-    q = JobQueue(r)
+    q = JobQueue(r, Settings(max_queue_length=3))
     for _ in range(3):
-        q.enqueue(raw_job(), max_length=3)
+        q.enqueue(raw_job())
     with pytest.raises(QueueFull):
-        q.enqueue(raw_job(), max_length=3)
+        q.enqueue(raw_job())
     assert q.length() == 3
 
 
 def test_claim_moves_jobs_into_the_processing_list_in_order(r):
-    q = JobQueue(r)
+    q = JobQueue(r, Settings())
     raws = [raw_job() for _ in range(5)]
     for raw in raws:
-        q.enqueue(raw, 100)
+        q.enqueue(raw)
     claimed = q.claim("w1", max_jobs=3, timeout=1)
     assert [c.decode() for c in claimed] == raws[:3]
     assert r.lrange(q.keys.processing("w1"), 0, -1) == claimed
@@ -44,18 +53,18 @@ def test_claim_moves_jobs_into_the_processing_list_in_order(r):
 
 
 def test_claim_returns_nothing_after_timeout(r):
-    assert JobQueue(r).claim("w1", max_jobs=4, timeout=0.1) == []
+    assert JobQueue(r, Settings()).claim("w1", max_jobs=4, timeout=0.1) == []
 
 
 def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
-    q = JobQueue(r)
-    q.enqueue(raw_job(), 100)
+    q = JobQueue(r, Settings())
+    q.enqueue(raw_job())
     [raw] = q.claim("w1", 4, 1)
     job = jobs.decode_job(raw)
     pubsub = r.pubsub()
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
-    q.finish("w1", [(job.id, "chan", '{"ok": 1}')], ttl=60, dead_jobs=[b"garbage"])
+    q.finish("w1", [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=[b"garbage"])
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
     assert 0 < r.ttl(q.keys.result(job.id)) <= 60
     assert r.exists(q.keys.processing("w1")) == 0
@@ -65,24 +74,23 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
 
 
 def test_requeue_of_a_dead_worker_counts_attempts_then_dead_letters(r):
-    q = JobQueue(r)
-    registry = WorkerRegistry(r, q)
+    q, registry = queue_and_registry(r, max_attempts=3)
     first, second = raw_job(), raw_job()
-    q.enqueue(first, 100)
-    q.enqueue(second, 100)
+    q.enqueue(first)
+    q.enqueue(second)
     for attempt in (1, 2):
-        registry.beat("doomed", {"ready": 1}, ttl=60)
+        registry.beat("doomed", {"ready": 1})
         claimed = q.claim("doomed", 10, 1)
         assert len(claimed) == 2
         r.delete(q.keys.heartbeat("doomed"))  # the heartbeat expired: the worker died holding its batch
-        assert registry.sweep(max_attempts=3) == ["doomed"]
+        assert registry.sweep() == ["doomed"]
         queued = [jobs.decode_job(raw) for raw in r.lrange(q.keys.queue, 0, -1)]
         assert [j.id for j in queued] == [jobs.decode_job(first).id, jobs.decode_job(second).id]
         assert all(j.attempts == attempt for j in queued)
-    registry.beat("doomed", {"ready": 1}, ttl=60)
+    registry.beat("doomed", {"ready": 1})
     q.claim("doomed", 10, 1)
     r.delete(q.keys.heartbeat("doomed"))
-    registry.sweep(max_attempts=3)
+    registry.sweep()
     assert q.length() == 0
     assert r.llen(q.keys.dead) == 2
     result = jobs.decode_result(r.get(q.keys.result(jobs.decode_job(first).id)))
@@ -91,10 +99,9 @@ def test_requeue_of_a_dead_worker_counts_attempts_then_dead_letters(r):
 
 
 def worker_holding_a_job(r, name):
-    q = JobQueue(r)
-    registry = WorkerRegistry(r, q)
-    q.enqueue(raw_job(), 100)
-    registry.beat(name, {"ready": 1}, ttl=60)
+    q, registry = queue_and_registry(r)
+    q.enqueue(raw_job())
+    registry.beat(name, {"ready": 1})
     q.claim(name, 10, 1)
     return q, registry
 
@@ -113,28 +120,9 @@ def test_graceful_unregister_returns_jobs_without_counting_an_attempt(r):
     assert not r.exists(q.keys.heartbeat("leaving")) and r.smembers(q.keys.workers) == set()
 
 
-class CountingClassifier:
-    """Stands in for the model so that the race is about the queue, not about TensorFlow."""
-
-    name = "counting"
-
-    def __init__(self):
-        self.seen = []
-        self.lock = threading.Lock()
-
-    def predict(self, pixels):
-        time.sleep(0.002)
-        with self.lock:
-            self.seen.extend(int(p[0, 0, 0]) + 256 * int(p[0, 0, 1]) for p in pixels)
-        return np.full((len(pixels), 1000), 1e-3, dtype=np.float32)
-
-    def top_k(self, probabilities, k):
-        return [{"label": "x", "probability": float(probabilities[0])}] * k
-
-
-def test_two_workers_racing_process_every_job_exactly_once(real_redis, redis_server, monkeypatch):
-    monkeypatch.setattr("settings.BLOCK_TIMEOUT", 0.2)
-    q = JobQueue(real_redis)
+def test_two_workers_racing_process_every_job_exactly_once(real_redis, config):
+    config = config.replace(block_timeout=0.2, batch_size=7, max_queue_length=600)
+    q = JobQueue(real_redis, config)
     total = 600
     ids = []
     for n in range(total):
@@ -142,9 +130,9 @@ def test_two_workers_racing_process_every_job_exactly_once(real_redis, redis_ser
         pixels[0, 0, 0], pixels[0, 0, 1] = n % 256, n // 256
         job = jobs.Job(pixels, time.time() + 60)
         ids.append(job.id)
-        q.enqueue(jobs.encode_job(job), total)
+        q.enqueue(jobs.encode_job(job))
     classifiers = [CountingClassifier(), CountingClassifier()]
-    workers = [Worker(c, url=redis_server.url, name=f"racer{i}", batch_size=7) for i, c in enumerate(classifiers)]
+    workers = [Worker(c, config, name=f"racer{i}") for i, c in enumerate(classifiers)]
 
     def drain(worker):
         while worker.run_once():
@@ -160,3 +148,11 @@ def test_two_workers_racing_process_every_job_exactly_once(real_redis, redis_ser
     assert all(c.seen for c in classifiers)  # both really took part
     assert all(real_redis.exists(q.keys.result(job_id)) for job_id in ids)
     assert q.length() == 0 and not real_redis.keys(q.keys.processing_prefix + "*")
+
+
+def test_sweep_of_a_worker_that_beats_again_does_nothing(r):
+    q, registry = worker_holding_a_job(r, "back")
+    # The sweeper saw no heartbeat a moment ago; by the time the requeue runs, the worker has beaten again.
+    assert q.sweep("back") is None
+    assert r.llen(q.keys.processing("back")) == 1 and q.length() == 0
+    assert r.smembers(q.keys.workers) == {b"back"}

@@ -1,17 +1,26 @@
 """stress_test.py: every request is waited for and counted; failures make it exit non-zero."""
+
 import json
 import subprocess
 import sys
 
+import pytest
+
 import stress_test
-from conftest import ROOT, free_port
+from support import ROOT, free_port
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, "stress_test.py", "--no-progress", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "stress_test.py", "--no-progress", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
+@pytest.mark.slow
 def test_open_and_closed_loop_against_the_service(service, tmp_path):
     service.start_worker()
     service.start_web()
@@ -32,8 +41,9 @@ def test_open_and_closed_loop_against_the_service(service, tmp_path):
 
 
 def test_failures_are_counted_and_make_it_exit_non_zero():
-    result = run_tool("--url", f"http://127.0.0.1:{free_port()}/predict", "--requests", "5", "--interval", "0.01",
-                      "--json")
+    result = run_tool(
+        "--url", f"http://127.0.0.1:{free_port()}/predict", "--requests", "5", "--interval", "0.01", "--json"
+    )
     assert result.returncode == 1
     summary = json.loads(result.stdout)
     assert summary["requests"] == 5 and summary["failed"] == 5 and summary["by_status"] == {"ConnectionError": 5}
@@ -42,7 +52,7 @@ def test_failures_are_counted_and_make_it_exit_non_zero():
 def test_defaults_reproduce_the_original_test():
     args = stress_test.build_parser().parse_args([])
     assert (args.requests, args.concurrency, args.interval) == (500, None, 0.05)
-    assert args.image.name == "jemma.png"
+    assert args.image == ROOT / "jemma.png" and args.image.is_file()
 
 
 def test_percentiles_use_the_nearest_rank():

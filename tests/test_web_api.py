@@ -1,4 +1,5 @@
 """The HTTP contract of /predict, on Flask's test client: clear JSON errors, nothing queued for bad input."""
+
 import io
 import time
 
@@ -6,24 +7,28 @@ import pytest
 from PIL import Image
 
 import redis_client
-import run_web_server
-from conftest import CASTLE, free_port
+import web
 from keys import Keys
 from notifications import ResultWaiter
+from settings import Settings
+from support import CASTLE, free_port, png_bomb
+
+QUEUE = Keys(Settings().image_queue).queue
 
 
 @pytest.fixture
 def make_client(fake_redis):
-    def make(connection=fake_redis):
-        waiter = ResultWaiter(connection, Keys(), mode="poll")
-        return run_web_server.create_app(connection=connection, waiter=waiter).test_client()
+    def make(connection=fake_redis, **settings):
+        config = Settings(wait_mode="poll", **settings)
+        return web.create_app(config, connection, ResultWaiter(connection, config)).test_client()
 
     return make
 
 
 def post_image(client, data, filename="x.jpg", query=""):
-    return client.post(f"/predict{query}", data={"image": (io.BytesIO(data), filename)},
-                       content_type="multipart/form-data")
+    return client.post(
+        f"/predict{query}", data={"image": (io.BytesIO(data), filename)}, content_type="multipart/form-data"
+    )
 
 
 def assert_error(response, status, text):
@@ -41,7 +46,11 @@ def assert_error(response, status, text):
         (lambda c: c.post("/predict", json={"image": "abc"}), 400, "multipart"),
         (lambda c: post_image(c, b""), 400, "empty"),
         (lambda c: post_image(c, b"just some text"), 400, "not an image"),
-        (lambda c: post_image(c, b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "doc.pdf"), 400, "not an image"),
+        (
+            lambda c: post_image(c, b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", "doc.pdf"),
+            400,
+            "not an image",
+        ),
         (lambda c: post_image(c, CASTLE.read_bytes()[:20000]), 400, "could not be decoded"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?top_k=0"), 400, "top_k"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?top_k=21"), 400, "top_k"),
@@ -52,56 +61,49 @@ def assert_error(response, status, text):
 def test_bad_requests_get_a_clear_error_and_queue_nothing(make_client, fake_redis, send, status, text):
     response = send(make_client())
     assert_error(response, status, text)
-    assert fake_redis.llen(Keys().queue) == 0
+    assert fake_redis.llen(QUEUE) == 0
 
 
 def test_decompression_bomb_is_refused(make_client, fake_redis):
-    from test_helpers import _bomb
-
-    assert_error(post_image(make_client(), _bomb(), "bomb.png"), 413, "too large")
-    assert fake_redis.llen(Keys().queue) == 0
+    assert_error(post_image(make_client(), png_bomb(), "bomb.png"), 413, "too large")
+    assert fake_redis.llen(QUEUE) == 0
 
 
-def test_upload_over_the_limit_is_413(make_client, fake_redis, monkeypatch):
-    monkeypatch.setattr("settings.MAX_UPLOAD_BYTES", 50_000)
-    assert_error(post_image(make_client(), CASTLE.read_bytes()), 413, "")
-    assert fake_redis.llen(Keys().queue) == 0
+def test_upload_over_the_limit_is_413(make_client, fake_redis):
+    assert_error(post_image(make_client(max_upload_bytes=50_000), CASTLE.read_bytes()), 413, "exceeds the capacity")
+    assert fake_redis.llen(QUEUE) == 0
 
 
-def test_full_queue_answers_503_with_retry_after_at_once(make_client, fake_redis, monkeypatch):
-    monkeypatch.setattr("settings.MAX_QUEUE_LENGTH", 2)
-    fake_redis.rpush(Keys().queue, "a", "b")
-    started = time.monotonic()
-    response = post_image(make_client(), CASTLE.read_bytes())
-    assert time.monotonic() - started < 1
+def test_full_queue_answers_503_with_retry_after_at_once(make_client, fake_redis):
+    fake_redis.rpush(QUEUE, "a", "b")
+    response = post_image(make_client(max_queue_length=2), CASTLE.read_bytes())
     assert_error(response, 503, "busy")
     assert response.headers["Retry-After"] == "1"
-    assert fake_redis.llen(Keys().queue) == 2
+    assert fake_redis.llen(QUEUE) == 2
 
 
-def test_no_result_in_time_answers_504_with_the_job_id(make_client, fake_redis, monkeypatch):
-    monkeypatch.setattr("settings.REQUEST_TIMEOUT", 0.5)
-    response = post_image(make_client(), CASTLE.read_bytes())
+def test_no_result_in_time_answers_504_with_the_job_id(make_client, fake_redis):
+    response = post_image(make_client(request_timeout=0.5), CASTLE.read_bytes())
     assert_error(response, 504, "no result within 0.5 s")
     job_id = response.get_json()["id"]
-    assert len(job_id) == 32 and job_id in fake_redis.lindex(Keys().queue, 0).decode()
+    assert len(job_id) == 32 and job_id in fake_redis.lindex(QUEUE, 0).decode()
 
 
 def test_redis_down_answers_503_quickly(make_client):
-    nowhere = redis_client.connect(f"redis://127.0.0.1:{free_port()}/0", max_connections=4)
+    nowhere = redis_client.connect(f"redis://127.0.0.1:{free_port()}/0", 5, max_connections=4)
     started = time.monotonic()
     response = post_image(make_client(nowhere), CASTLE.read_bytes())
     assert time.monotonic() - started < 3
     assert_error(response, 503, "unavailable")
 
 
-def test_request_id_is_taken_from_the_header_and_returned(make_client, monkeypatch):
-    monkeypatch.setattr("settings.REQUEST_TIMEOUT", 0.2)
-    response = post_image(make_client(), CASTLE.read_bytes())
+def test_request_id_is_taken_from_the_header_and_returned(make_client):
+    client = make_client(request_timeout=0.2)
+    response = post_image(client, CASTLE.read_bytes())
     assert response.headers["X-Request-Id"] == response.get_json()["id"]  # made up: the job id
-    client = make_client()
-    response = client.post("/predict", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")},
-                           headers={"X-Request-Id": "trace-42"})
+    response = client.post(
+        "/predict", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")}, headers={"X-Request-Id": "trace-42"}
+    )
     assert response.headers["X-Request-Id"] == "trace-42"
 
 
@@ -110,9 +112,9 @@ def test_malformed_request_id_is_refused(make_client):
     assert_error(response, 400, "X-Request-Id")
 
 
-def test_unusual_images_are_queued(make_client, fake_redis, monkeypatch):
-    monkeypatch.setattr("settings.REQUEST_TIMEOUT", 0.1)
+def test_unusual_images_are_queued(make_client, fake_redis):
     buffer = io.BytesIO()
     Image.new("LA", (5, 7)).save(buffer, "PNG")
-    assert post_image(make_client(), buffer.getvalue(), "g.png").status_code == 504  # queued, nobody answered
-    assert fake_redis.llen(Keys().queue) == 1
+    client = make_client(request_timeout=0.1)
+    assert post_image(client, buffer.getvalue(), "g.png").status_code == 504  # queued, nobody answered
+    assert fake_redis.llen(QUEUE) == 1

@@ -1,0 +1,115 @@
+"""The job queue in Redis: enqueue with backpressure, crash-safe batch claims, acknowledgement, and what
+happens to jobs that fail: retry with an attempt counted, dead-letter, and the error answer to the requester.
+
+Claim -> process -> acknowledge, as in RQ or Celery with acks_late: a claimed job sits in the worker's
+processing list until its result is stored, so a worker that dies loses nothing (worker_registration sweeps
+it back). The Lua scripts beside this file each document their KEYS and ARGV.
+"""
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import redis
+
+import jobs
+from jobs import Reply
+from keys import Keys
+from logger import log
+from settings import Settings
+
+_SCRIPTS = Path(__file__).resolve().parent
+
+
+class QueueFull(Exception):
+    pass
+
+
+class JobQueue:
+    def __init__(self, connection: redis.Redis, config: Settings):
+        self.redis = connection
+        self.keys = Keys(config.image_queue)
+        self.max_length = config.max_queue_length
+        self.max_attempts = config.max_attempts
+        self.result_ttl = config.result_ttl
+        self._scripts = {
+            name: connection.register_script((_SCRIPTS / f"{name}.lua").read_text())
+            for name in ("claim", "finish", "requeue")
+        }
+
+    def enqueue(self, raw_job: str) -> None:
+        """RPUSH the job unless the queue already held `max_queue_length` jobs (then raise QueueFull).
+
+        Push first and take the job back out when the queue turns out to be full: one command on the happy
+        path instead of a script's three. If a worker claimed the job in between, LREM finds nothing and
+        the job is simply served.
+        """
+        if self.redis.rpush(self.keys.queue, raw_job) > self.max_length and self.redis.lrem(
+            self.keys.queue, -1, raw_job
+        ):
+            raise QueueFull(f"{self.max_length} jobs are already waiting")
+
+    def length(self) -> int:
+        return self.redis.llen(self.keys.queue)
+
+    def claim(self, worker: str, max_jobs: int, timeout: float, blocking_redis: redis.Redis | None = None) -> list:
+        """Block up to `timeout` s for one job, then take up to `max_jobs`-1 more that are already waiting.
+
+        Every job taken is moved into the worker's processing list in the same step as it leaves the
+        queue. `blocking_redis` is a client whose socket timeout outlasts `timeout`.
+        """
+        processing = self.keys.processing(worker)
+        first = (blocking_redis or self.redis).blmove(self.keys.queue, processing, timeout, "LEFT", "RIGHT")
+        if first is None:
+            return []
+        if max_jobs <= 1:
+            return [first]
+        return [first, *self._scripts["claim"](keys=[self.keys.queue, processing], args=[max_jobs - 1])]
+
+    def finish(self, worker: str, replies: Sequence[Reply], dead_jobs: Iterable = ()) -> None:
+        """Store the batch's replies, dead-letter `dead_jobs` and acknowledge the worker's claim, in one step."""
+        self._store(worker, replies, dead_jobs, acknowledge=True)
+
+    def leave(self, worker: str) -> None:
+        """A graceful exit: the worker's unfinished jobs go back to the queue without counting an attempt."""
+        self._requeue(worker, "leave")
+
+    def fail(self, worker: str) -> list:
+        """The model failed on the worker's batch: retry it with an attempt counted, or give up on the jobs
+        out of attempts and answer their requesters. Returns the jobs given up."""
+        return self._requeue(worker, "fail")
+
+    def sweep(self, worker: str) -> list | None:
+        """Like `fail`, for a worker whose heartbeat expired; None (and nothing done) if it beats again."""
+        return self._requeue(worker, "sweep")
+
+    def _requeue(self, worker, mode):
+        keys = [
+            self.keys.processing(worker),
+            self.keys.queue,
+            self.keys.dead,
+            self.keys.heartbeat(worker),
+            self.keys.workers,
+        ]
+        given_up = self._scripts["requeue"](keys=keys, args=[mode, self.max_attempts, worker])
+        if given_up:
+            self._answer_given_up(worker, given_up)
+        return given_up
+
+    def _answer_given_up(self, worker, given_up):
+        replies = []
+        for raw in given_up:
+            job_id, reply_to = jobs.address(raw)
+            log("job_dead_lettered", level="ERROR", id=job_id, worker=worker, attempts=self.max_attempts)
+            if job_id:
+                error = jobs.error_result(job_id, f"job failed {self.max_attempts} times and was given up", 500)
+                replies.append(Reply.of(job_id, reply_to, error))
+        if replies:
+            # The jobs are already in the dead-letter list, and the processing list may be a new claim.
+            self._store(worker, replies, (), acknowledge=False)
+
+    def _store(self, worker, replies, dead_jobs, acknowledge):
+        keys = [self.keys.processing(worker), self.keys.dead, *(self.keys.result(r.job_id) for r in replies)]
+        args = [self.result_ttl, len(replies), "1" if acknowledge else "0"]
+        for reply in replies:
+            args += [reply.reply_to or "", reply.job_id, reply.payload]
+        self._scripts["finish"](keys=keys, args=[*args, *dead_jobs])

@@ -1,0 +1,31 @@
+-- Store replies with their TTL and notify each waiting web process, dead-letter jobs that can never
+-- succeed and, for a finished batch, acknowledge the worker's claim. Atomic: a crash leaves all of it or none.
+-- KEYS[1] processing       the worker's processing list
+-- KEYS[2] dead             the dead-letter list
+-- KEYS[3 .. n+2]           the result key of each reply, in the order of the replies
+-- ARGV[1] ttl              seconds a result is kept
+-- ARGV[2] n                number of replies
+-- ARGV[3] acknowledge      '1': the batch is done, drop the processing list; '0': only store the replies
+-- ARGV[4 .. 3n+3]          n replies, three values each: channel ('' for none), job id, result JSON
+-- ARGV[3n+4 ..]            raw jobs to dead-letter
+-- Returns n.
+local processing, dead = KEYS[1], KEYS[2]
+local ttl, n, acknowledge = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local first_dead = 3 * n + 4
+
+for i = 1, n do
+  local at = 3 * i + 1
+  local channel, job_id, result = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  local result_key = KEYS[i + 2]
+  redis.call('SET', result_key, result, 'EX', ttl)
+  if channel ~= '' then
+    redis.call('PUBLISH', channel, job_id)
+  end
+end
+for i = first_dead, #ARGV do
+  redis.call('RPUSH', dead, ARGV[i])
+end
+if acknowledge then
+  redis.call('DEL', processing)
+end
+return n

@@ -1,0 +1,44 @@
+-- Put a worker's claimed jobs back at the head of the queue, in their original order. A job that has now
+-- used up its attempts goes to the dead-letter list instead and is returned, so its requester can be told.
+-- KEYS[1] processing    the worker's processing list
+-- KEYS[2] queue         the waiting jobs
+-- KEYS[3] dead          the dead-letter list
+-- KEYS[4] heartbeat     the worker's heartbeat hash
+-- KEYS[5] workers       the set of registered workers
+-- ARGV[1] mode          'leave': a graceful exit, no attempt counted;
+--                       'fail': the model failed, one attempt counted;
+--                       'sweep': the worker died: one attempt counted, and only if its heartbeat is gone,
+--                       checked in the same step so that a worker that beats again is never swept
+-- ARGV[2] max_attempts  attempts after which a job is dead-lettered
+-- ARGV[3] worker        the worker's name in the workers set
+-- Returns the dead-lettered jobs, or false when a worker to sweep turned out to be alive.
+local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local mode, max_attempts, worker = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+
+if mode == 'sweep' then
+  if redis.call('EXISTS', heartbeat) == 1 then
+    return false
+  end
+  redis.call('SREM', workers, worker)
+end
+local count_attempt = mode ~= 'leave'
+local jobs = redis.call('LRANGE', processing, 0, -1)
+local given_up = {}
+for i = #jobs, 1, -1 do
+  local raw = jobs[i]
+  local ok, job = pcall(cjson.decode, raw)
+  local parsed = ok and type(job) == 'table'
+  if parsed and count_attempt then
+    job.attempts = (tonumber(job.attempts) or 0) + 1
+    raw = cjson.encode(job)
+  end
+  if parsed and (tonumber(job.attempts) or 0) >= max_attempts then
+    redis.call('RPUSH', dead, raw)
+    table.insert(given_up, raw)
+  else
+    -- A job we cannot even parse goes back too: the worker that takes it dead-letters it with a reason.
+    redis.call('LPUSH', queue, raw)
+  end
+end
+redis.call('DEL', processing)
+return given_up

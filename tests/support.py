@@ -1,0 +1,59 @@
+"""What several test files share: the images, a client's POST, a stand-in model, crafted inputs."""
+
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from launcher import free_port, wait_for  # noqa: F401 - the tests' one import for these
+
+ROOT = Path(__file__).resolve().parent.parent
+CASTLE = ROOT / "castle_image.jpg"
+JEMMA = ROOT / "jemma.png"  # the beagle the original stress test sent
+
+
+def post(url, path=CASTLE, timeout=60, **kwargs):
+    """POST an image file to a running service's /predict, the way a client does."""
+    with open(path, "rb") as f:
+        return requests.post(f"{url}/predict", files={"image": f}, timeout=timeout, **kwargs)
+
+
+class CountingClassifier:
+    """Stands in for the model so that a test is about the queue, not about TensorFlow.
+
+    Each image's first two pixel values encode a number; `seen` records the numbers it classified.
+    """
+
+    name = "counting"
+
+    def __init__(self):
+        self.seen = []
+        self.lock = threading.Lock()
+
+    def predict(self, pixels):
+        time.sleep(0.002)
+        with self.lock:
+            self.seen.extend(int(p[0, 0, 0]) + 256 * int(p[0, 0, 1]) for p in pixels)
+        return np.full((len(pixels), 1000), 1e-3, dtype=np.float32)
+
+    def top_k(self, probabilities, k):
+        return [{"label": "x", "probability": float(probabilities[0])}] * k
+
+
+def png_bomb():
+    """A valid PNG header that declares 30000x30000 pixels; the pixel data need not exist."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )

@@ -1,0 +1,196 @@
+"""The web app: an application factory, the routes as one blueprint, and JSON errors for everything.
+
+POST /predict turns an upload into a job on the Redis queue and answers with the worker's result; the
+other routes are the upload page, the probes and /metrics. `create_app(config)` builds it, as Flask's
+tutorial does; run_web_server.py serves it with gunicorn.
+"""
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+from flask import Blueprint, Flask, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import helpers
+import jobs
+import metrics
+import redis_client
+from job_queue import JobQueue, QueueFull
+from logger import bind, log
+from notifications import ResultWaiter
+from settings import Settings
+from worker_registration import WorkerRegistry
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+bp = Blueprint("classifier", __name__)
+
+
+@dataclass(frozen=True)
+class _Service:
+    """What the routes share in one app: its settings and its handles on Redis."""
+
+    config: Settings
+    queue: JobQueue
+    registry: WorkerRegistry
+    waiter: ResultWaiter
+
+
+def create_app(config: Settings, connection: redis.Redis | None = None, waiter: ResultWaiter | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
+    connection = connection or redis_client.connect(
+        config.redis_url, config.redis_socket_timeout, max_connections=config.web_redis_connections
+    )
+    queue = JobQueue(connection, config)
+    app.extensions["image_classifier"] = _Service(
+        config,
+        queue,
+        WorkerRegistry(connection, queue, config.heartbeat_ttl),
+        waiter or ResultWaiter(connection, config),
+    )
+    app.register_blueprint(bp)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+def _service() -> _Service:
+    return current_app.extensions["image_classifier"]
+
+
+def _error(message, status, **extra):
+    return jsonify({"success": False, "error": message, **extra}), status
+
+
+@bp.before_app_request
+def _identify_request():
+    g.job_id = uuid.uuid4().hex
+    offered = request.headers.get("X-Request-Id")
+    g.request_id = offered if offered and _REQUEST_ID.match(offered) else g.job_id
+    bind(rid=g.request_id)
+    if offered and offered != g.request_id:
+        return _error("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", 400)
+    return None
+
+
+@bp.after_app_request
+def _return_request_id(response):
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    if request.path == "/predict":
+        metrics.REQUESTS.labels(str(response.status_code)).inc()
+    return response
+
+
+@bp.get("/")
+def upload_page():
+    return current_app.send_static_file("index.html")
+
+
+@bp.get("/health/live")
+def live():
+    return jsonify({"status": "alive"})
+
+
+@bp.get("/health/ready")
+def ready():
+    """Ready when Redis answers, our notification channel holds, and a warmed-up worker beats."""
+    service = _service()
+    try:
+        service.queue.redis.ping()
+        service.waiter.start(timeout=2.0)
+        workers = service.registry.workers()
+    except redis.RedisError as exc:
+        return jsonify({"status": "not ready", "reason": f"Redis: {exc}"}), 503
+    # A heartbeat hash exists only while it is fresh: it expires HEARTBEAT_TTL after the last beat.
+    fresh = [w for w in workers if w.get("ready") == "1"]
+    if not fresh:
+        return jsonify(
+            {"status": "not ready", "reason": "no worker with a loaded model and a fresh heartbeat", "workers": workers}
+        ), 503
+    return jsonify({"status": "ready", "workers": fresh, "queue_depth": service.queue.length()})
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    service = _service()
+    return metrics.exposition(service.queue, service.registry), 200, {"Content-Type": metrics.CONTENT_TYPE}
+
+
+def _parse_top_k(raw):
+    if raw is None:
+        return 5
+    if not raw.isdigit() or not 1 <= int(raw) <= jobs.MAX_TOP_K:
+        raise ValueError(f"top_k must be an integer from 1 to {jobs.MAX_TOP_K}, got {raw!r}")
+    return int(raw)
+
+
+@bp.post("/predict")
+def predict():
+    config = _service().config
+    received, started = time.time(), time.monotonic()
+    log("request_received", bytes=request.content_length, top_k=request.args.get("top_k"))
+    try:
+        top_k = _parse_top_k(request.args.get("top_k"))
+    except ValueError as exc:
+        return _error(str(exc), 400)
+    upload = request.files.get("image")
+    if upload is None:
+        return _error("send the image as a multipart/form-data file field named 'image'", 400)
+    try:
+        pixels = helpers.prepare_image(upload.read(), config.max_image_pixels)
+    except helpers.ImageError as exc:
+        log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
+        return _error(str(exc), exc.status)
+    try:
+        job, result = _queue_and_wait(pixels, top_k, received, started)
+    except QueueFull as exc:
+        log("queue_full", level="WARNING", error=str(exc))
+        response = _error(f"the service is busy ({exc}); retry later", 503)
+        response[0].headers["Retry-After"] = "1"
+        return response
+    except redis.RedisError as exc:
+        log("redis_unavailable", level="ERROR", error=str(exc))
+        return _error("the job queue is unavailable; retry later", 503)
+    elapsed_ms = (time.monotonic() - started) * 1000
+    if result is None:
+        log("request_timeout", level="WARNING", id=job.id, ms=elapsed_ms)
+        return _error(f"no result within {config.request_timeout:g} s", 504, id=job.id)
+    if not result["success"]:
+        log("job_failed", level="ERROR", id=job.id, error=result["error"], ms=elapsed_ms)
+        return _error(result["error"], result.get("status", 500), id=job.id)
+    metrics.observe_result(result, elapsed_ms / 1000)
+    log("request_done", id=job.id, ms=elapsed_ms, batch_size=result["batch_size"])
+    return jsonify(
+        {
+            "success": True,
+            "id": job.id,
+            "request_id": job.request_id,
+            "model": result["model"],
+            "predictions": result["predictions"],
+        }
+    )
+
+
+def _queue_and_wait(pixels, top_k, received, started):
+    """Push the job and wait for its result: (job, result), result None when the deadline passed."""
+    service = _service()
+    timeout = service.config.request_timeout
+    reply_to = service.waiter.start()
+    job = jobs.Job(pixels, received + timeout, top_k, reply_to, g.request_id, g.job_id)
+    with service.waiter.expect(job.id) as pending:
+        service.queue.enqueue(jobs.encode_job(job))
+        log("job_queued", id=job.id, top_k=top_k)
+        return job, service.waiter.wait(pending, started + timeout)
+
+
+def _http_error(exc):
+    return _error(exc.description, exc.code)
+
+
+def _unexpected_error(exc):
+    log("unexpected_error", level="ERROR", error=repr(exc))
+    return _error("internal server error", 500)
