@@ -85,7 +85,7 @@ def test_peak_resident_memory_stays_bounded(large_png):
                             capture_output=True, text=True, timeout=240, check=True)
     measured = json.loads(result.stdout)
     assert measured["shape"] == [224, 224, 3]
-    assert measured["before"] < 200 * 2**20, "the baseline was inherited from pytest: the measurement would mean nothing"
+    assert measured["before"] < 200 * 2**20, "the baseline was inherited from pytest: the increase would mean nothing"
     assert measured["increase"] < 400 * 2**20, f"peak RSS grew by {measured['increase'] / 2**20:.0f} MB"
 
 

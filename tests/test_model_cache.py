@@ -3,6 +3,7 @@
 Keras and the network are replaced by fakes: what is under test is which file is read or written, not the model.
 """
 import sys
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -30,7 +31,7 @@ def conversions(monkeypatch, tmp_path):
         return FakeModel(checkpoint.read_text())
 
     keras = ModuleType("keras")
-    keras.saving = SimpleNamespace(load_model=lambda path: FakeModel(open(path).read()))
+    keras.saving = SimpleNamespace(load_model=lambda path: FakeModel(Path(path).read_text()))
     network = ModuleType("efficientnet_lite")
     network.build, network.load_weights = lambda: None, load_weights
     monkeypatch.setitem(sys.modules, "keras", keras)
