@@ -17,12 +17,27 @@ class ImageError(ValueError):
         self.status = status
 
 
+# Rows are scaled a band of about this many pixels at a time: float64 for a whole 40-megapixel image took ~1 GB.
+_BAND_PIXELS = 1 << 20
+
+
+def _wide_to_gray(image):
+    """An 8-bit grey image from a 16-bit, 32-bit or float one, scaled to its range rather than clipped."""
+    array = np.asarray(image)  # its own dtype: 2 bytes a pixel for 16-bit, not float64's 8
+    top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+    gray = np.empty(array.shape, np.uint8)
+    rows = max(1, _BAND_PIXELS // max(1, array.shape[1]))
+    for start in range(0, array.shape[0], rows):
+        # The same float64 arithmetic as on the whole image, so the pixels are identical; only the peak is smaller.
+        band = array[start : start + rows].astype(np.float64)
+        gray[start : start + rows] = np.clip(band * (255.0 / top), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray)
+
+
 def _to_rgb(image):
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # Pillow clips wide integer modes to 255 when converting, which would turn a 16-bit photo white.
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        image = _wide_to_gray(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

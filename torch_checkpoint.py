@@ -3,15 +3,22 @@
 The legacy format is five pickles in a row (magic number, protocol version, system info, the object
 itself, the sorted storage keys) followed by the raw bytes of each storage. Tensors inside the object are
 references to those storages, so we unpickle with stand-ins for torch's classes and fill them in after.
+
+A checkpoint may come from anyone (MODEL_WEIGHTS), so nothing in it is trusted: every pickle goes through an
+unpickler that can build only what that pickle legitimately holds, and every count, offset, size and stride is
+checked against the bytes actually present before numpy is allowed to look at memory through it.
 """
 
 import collections
+import math
+import os
 import pickle
 import struct
 
 import numpy as np
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
@@ -26,18 +33,35 @@ _STORAGE_DTYPES = {
 }
 
 
-class _Storage:
-    def __init__(self, dtype):
-        self.dtype = dtype
+class _Frozen:
+    # The BUILD opcode would otherwise let a pickle rewrite our objects' attributes, even the shared ones below.
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"refusing to set state on a {type(self).__name__.lstrip('_')}")
+
+
+class _StorageType(_Frozen):
+    """What `torch.FloatStorage` and friends unpickle to: a dtype, and deliberately not callable."""
+
+    def __init__(self, name):
+        self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+
+
+_STORAGE_TYPES = {name: _StorageType(name) for name in _STORAGE_DTYPES}
+
+
+class _Storage(_Frozen):
+    def __init__(self, key, storage_type, numel):
+        self.key, self.type, self.numel = key, storage_type, numel
         self.array = None
 
 
-class _TensorRef:
+class _TensorRef(_Frozen):
     def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
-    def to_numpy(self):
+    def to_numpy(self, name):
         flat = self.storage.array
+        _check_extent(name, self.offset, self.size, self.stride, len(flat))
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :], shape=self.size, strides=[s * itemsize for s in self.stride]
@@ -45,45 +69,170 @@ class _TensorRef:
         return np.array(view)  # a copy: the checkpoint's buffer can then be freed
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_ignored):
-    return _TensorRef(storage, offset, size, stride)
+def _is_count(value):
+    return type(value) is int and value >= 0  # not bool, not float: torch writes plain ints
 
 
-class _Unpickler(pickle.Unpickler):
+def _check_extent(name, offset, size, stride, storage_numel):
+    """Refuse a tensor that would make as_strided read outside its storage, or blow a few bytes up into many."""
+    if not (
+        _is_count(offset)
+        and isinstance(size, tuple)
+        and isinstance(stride, tuple)
+        and len(size) == len(stride)
+        and all(map(_is_count, size))
+        and all(map(_is_count, stride))
+    ):
+        raise ValueError(f"tensor {name!r} has an invalid offset, size or stride: {offset!r}, {size!r}, {stride!r}")
+    numel = math.prod(size)
+    # The highest element as_strided will touch; an empty tensor touches none but must still start in range.
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1 if numel else offset
+    if end > storage_numel:
+        raise ValueError(
+            f"tensor {name!r} (offset {offset}, size {size}, stride {stride}) reaches element {end - 1} "
+            f"of a storage of {storage_numel}"
+        )
+    # A state dict holds weights, never broadcast views; one would copy out more elements than the file has.
+    if numel > storage_numel:
+        raise ValueError(f"tensor {name!r} has {numel} elements, more than its storage's {storage_numel}")
+
+
+class _RebuildTensor(_Frozen):
+    """What `torch._utils._rebuild_tensor_v2` unpickles to; an object rather than a function so BUILD can't touch it."""
+
+    def __call__(self, storage, offset, size, stride, *_ignored):
+        if not isinstance(storage, _Storage):
+            raise pickle.UnpicklingError(f"a tensor must be built on a storage, not on {type(storage).__name__}")
+        return _TensorRef(storage, offset, size, stride)
+
+
+_REBUILD_TENSOR = _RebuildTensor()
+
+
+class _NoClasses(pickle.Unpickler):
+    """For the header pickles and the key list: plain ints, strings, lists and dicts, nothing that can run."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError(f"refusing persistent id {pid!r} outside the state dict")
+
+
+class _StateDict(_NoClasses):
+    """For the object pickle: an OrderedDict of tensors that point into storages listed after it."""
+
     def __init__(self, file, storages):
         super().__init__(file)
         self._storages = storages
 
     def find_class(self, module, name):
         if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
+            return _REBUILD_TENSOR
+        if module == "torch" and name in _STORAGE_TYPES:
+            return _STORAGE_TYPES[name]
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint")
+        return super().find_class(module, name)
 
     def persistent_load(self, pid):
-        kind, dtype, key = pid[0], pid[1], pid[2]
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
-        return self._storages.setdefault(key, _Storage(dtype))
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        _, storage_type, key, location, numel, view = pid
+        if not (
+            isinstance(storage_type, _StorageType)
+            and isinstance(key, str)
+            and isinstance(location, str)
+            and _is_count(numel)
+        ):
+            raise pickle.UnpicklingError(f"malformed storage reference {pid!r}")
+        if view is not None:
+            raise pickle.UnpicklingError(f"storage {key!r} is a view into another storage, which is not supported")
+        storage = self._storages.setdefault(key, _Storage(key, storage_type, numel))
+        if (storage.type, storage.numel) != (storage_type, numel):
+            raise pickle.UnpicklingError(f"storage {key!r} is referenced with two different types or sizes")
+        return storage
+
+
+def _unpickle(unpickler, what):
+    try:
+        return unpickler.load()
+    except pickle.UnpicklingError as exc:
+        raise pickle.UnpicklingError(f"{what}: {exc}") from exc
+    except Exception as exc:
+        raise pickle.UnpicklingError(f"{what} is not a valid pickle: {exc!r}") from exc
+
+
+def _read_header(f, path):
+    magic = _unpickle(_NoClasses(f), "magic number")
+    if type(magic) is not int or magic != LEGACY_MAGIC:
+        raise ValueError(f"{path} is not a legacy PyTorch checkpoint")
+    version = _unpickle(_NoClasses(f), "protocol version")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ValueError(f"{path} has protocol version {version!r}, not {PROTOCOL_VERSION}")
+    sys_info = _unpickle(_NoClasses(f), "system info")
+    if not isinstance(sys_info, dict):
+        raise ValueError(f"{path}: the system info is a {type(sys_info).__name__}, not a dict")
+    if not sys_info.get("little_endian", True):
+        raise ValueError(f"{path} was written on a big-endian machine")
+
+
+def _read_keys(f):
+    keys = _unpickle(_NoClasses(f), "storage keys")
+    if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
+        raise ValueError(f"the storage keys are not a list of strings: {keys!r:.200}")
+    if len(set(keys)) != len(keys):
+        raise ValueError("a storage key is listed more than once")
+    return keys
+
+
+def _read_storage(f, storage, file_size):
+    """One storage's bytes: an 8-byte element count, then the elements; the count is checked before reading."""
+    header = f.read(8)
+    if len(header) != 8:
+        raise ValueError(f"the file ends before storage {storage.key!r}")
+    (count,) = struct.unpack("<q", header)
+    if count < 0:
+        raise ValueError(f"storage {storage.key!r} has a negative element count {count}")
+    nbytes = count * storage.type.dtype.itemsize
+    if nbytes > file_size - f.tell():
+        raise ValueError(
+            f"storage {storage.key!r} claims {nbytes} bytes, more than the {file_size - f.tell()} "
+            "bytes left in the file"
+        )
+    if count != storage.numel:
+        raise ValueError(f"storage {storage.key!r} has {count} elements but its reference declares {storage.numel}")
+    storage.array = np.frombuffer(f.read(nbytes), dtype=storage.type.dtype)
+
+
+def _read_storages(f, storages, file_size):
+    keys = _read_keys(f)
+    for key in keys:
+        if key not in storages:
+            raise ValueError(f"storage {key!r} is in the file but no tensor uses it")
+        _read_storage(f, storages[key], file_size)
+    missing = sorted(set(storages) - set(keys))
+    if missing:
+        raise ValueError(f"storage {missing[0]!r} is used by a tensor but not in the file")
+
+
+def _check_state(state, path):
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    for name, ref in state.items():
+        if not isinstance(name, str):
+            raise ValueError(f"the state dict has a {type(name).__name__} key {name!r}, not a string")
+        if not isinstance(ref, _TensorRef):
+            raise ValueError(f"the value of {name!r} is not a tensor but a {type(ref).__name__}")
 
 
 def load_state_dict(path):
     """Return {name: numpy array} for a legacy PyTorch state-dict file."""
     with open(path, "rb") as f:
-        if pickle.load(f) != LEGACY_MAGIC:
-            raise ValueError(f"{path} is not a legacy PyTorch checkpoint")
-        pickle.load(f)  # protocol version
-        sys_info = pickle.load(f)
-        if not sys_info.get("little_endian", True):
-            raise ValueError(f"{path} was written on a big-endian machine")
+        file_size = os.fstat(f.fileno()).st_size
+        _read_header(f, path)
         storages = {}
-        state = _Unpickler(f, storages).load()
-        for key in pickle.load(f):
-            storage = storages[key]
-            (count,) = struct.unpack("<q", f.read(8))
-            dtype = np.dtype(storage.dtype)
-            storage.array = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype)
-    return {name: ref.to_numpy() for name, ref in state.items() if isinstance(ref, _TensorRef)}
+        state = _unpickle(_StateDict(f, storages), "state dict")
+        _check_state(state, path)
+        _read_storages(f, storages, file_size)
+    return {name: ref.to_numpy(name) for name, ref in state.items()}
