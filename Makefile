@@ -15,7 +15,7 @@ run: $(VENV)/.installed
 	bash scripts/run.sh
 
 test: $(VENV)/.installed lint
-	bash scripts/install_system.sh redis-server chromium
+	bash scripts/install_system.sh redis-server chromium faketime
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The unit tests alone (fakeredis and a private redis-server, no model, no service processes): seconds.
@@ -28,7 +28,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 install-system:
-	bash scripts/install_system.sh redis-server chromium
+	bash scripts/install_system.sh redis-server chromium faketime
 
 clean:
 	rm -rf $(VENV) .redis .pytest_cache

@@ -1,11 +1,13 @@
 """The shapes that travel through Redis: a job (web -> worker) and a result (worker -> web), as JSON.
 
-Pixels travel as base64 of raw uint8 RGB (147 KiB per job, a quarter of the original float32 payload);
+Pixels travel as base64 of raw uint8 RGB (147 KiB of pixels, 196 KiB of base64 per job, a quarter of the
+original float32 payload);
 the model-specific normalisation happens on the worker.
 """
 
 import base64
 import json
+import math
 import re
 import time
 import uuid
@@ -16,7 +18,12 @@ import numpy as np
 
 IMAGE_SHAPE = (224, 224, 3)
 MAX_TOP_K = 20
+# Far above any MAX_ATTEMPTS; a larger count in a job is corruption, not history.
+MAX_ATTEMPTS_RECORDED = 1000
+_IMAGE_BYTES = math.prod(IMAGE_SHAPE)
+_IMAGE_B64_LENGTH = 4 * math.ceil(_IMAGE_BYTES / 3)
 _ID = re.compile(r"^[0-9a-f]{32}$")
+_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # request ids and reply channels: safe in logs and as keys
 
 
 class JobError(ValueError):
@@ -72,45 +79,69 @@ def encode_job(job: Job) -> str:
 
 
 def decode_job(raw: bytes | str) -> Job:
-    """Parse and validate a job from the queue; raises JobError saying what is wrong with it."""
+    """Parse and validate a job from the queue; raises JobError (and nothing else) saying what is wrong.
+
+    Anything may have been written into the queue, so every field is checked for type and range, and the
+    image's size before it is decoded.
+    """
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
         raise JobError(f"job is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise JobError("job is not a JSON object")
     job_id, reply_to = data.get("id"), data.get("reply_to")
     if not isinstance(job_id, str) or not _ID.match(job_id):
         raise JobError("job has no valid id")
-    if reply_to is not None and not isinstance(reply_to, str):
-        reply_to = None
+    if not isinstance(reply_to, str) or not _NAME.match(reply_to):
+        reply_to = None  # nowhere safe to announce it; the requester still finds the result by polling
 
     def fail(message):
         return JobError(message, job_id, reply_to)
 
-    if data.get("shape") != list(IMAGE_SHAPE) or data.get("dtype") != "uint8":
-        raise fail(f"job image must be uint8 of shape {list(IMAGE_SHAPE)}")
+    if data.get("shape") != list(IMAGE_SHAPE):
+        raise fail(f"job image shape must be {list(IMAGE_SHAPE)}")
+    if data.get("dtype") != "uint8":
+        raise fail("job image dtype must be uint8")
+    image = data.get("image")
+    if not isinstance(image, str) or len(image) != _IMAGE_B64_LENGTH:
+        raise fail(f"job image must be {_IMAGE_B64_LENGTH} characters of base64")
     try:
-        pixels = np.frombuffer(base64.b64decode(data.get("image", ""), validate=True), dtype=np.uint8)
-    except (ValueError, TypeError):
+        pixels = np.frombuffer(base64.b64decode(image, validate=True), dtype=np.uint8)
+    except ValueError:
         raise fail("job image is not valid base64") from None
-    if pixels.size != np.prod(IMAGE_SHAPE):
-        raise fail(f"job image has {pixels.size} bytes, expected {int(np.prod(IMAGE_SHAPE))}")
-    top_k, deadline = data.get("top_k"), data.get("deadline")
-    if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+    if pixels.size != _IMAGE_BYTES:
+        raise fail(f"job image has {pixels.size} bytes, expected {_IMAGE_BYTES}")
+    top_k, attempts = data.get("top_k"), data.get("attempts", 0)
+    if not _is_int(top_k) or not 1 <= top_k <= MAX_TOP_K:
         raise fail(f"job top_k must be an integer from 1 to {MAX_TOP_K}")
-    if not isinstance(deadline, (int, float)):
-        raise fail("job has no deadline")
+    if not _is_int(attempts) or not 0 <= attempts <= MAX_ATTEMPTS_RECORDED:
+        raise fail(f"job attempts must be an integer from 0 to {MAX_ATTEMPTS_RECORDED}")
+    for name in ("deadline", "enqueued_at"):
+        value = data.get(name)
+        if not _is_number(value):
+            raise fail(f"job {name} must be a finite number of seconds")
+    request_id = data.get("request_id", job_id)
+    if not isinstance(request_id, str) or not _NAME.match(request_id):
+        raise fail("job request_id must be 1-200 characters of A-Z a-z 0-9 . _ : -")
     return Job(
         pixels=pixels.reshape(IMAGE_SHAPE),
-        deadline=float(deadline),
+        deadline=float(data["deadline"]),
         top_k=top_k,
         reply_to=reply_to,
-        request_id=str(data.get("request_id") or job_id),
+        request_id=request_id,
         id=job_id,
-        enqueued_at=float(data.get("enqueued_at") or 0),
-        attempts=int(data.get("attempts") or 0),
+        enqueued_at=float(data["enqueued_at"]),
+        attempts=attempts,
     )
+
+
+def _is_int(value):
+    return type(value) is int  # not bool, not float
+
+
+def _is_number(value):
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def success_result(

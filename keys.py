@@ -22,6 +22,10 @@ class Keys:
         """LIST of the raw jobs a worker has claimed and not yet acknowledged."""
         return self.processing_prefix + worker
 
+    def finished(self, worker: str) -> str:
+        """STRING with the id of the worker's last finished batch (TTL RESULT_TTL), so a retried finish is a no-op."""
+        return f"{self.queue}:finished:{worker}"
+
     def heartbeat(self, worker: str) -> str:
         """HASH describing a live worker; it expires when the worker stops beating."""
         return self.heartbeat_prefix + worker

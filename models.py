@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+import runtimes
 from logger import log
 from settings import Settings
 
@@ -20,17 +21,27 @@ class ModelUnavailable(RuntimeError):
 
 
 class Classifier:
-    """A Keras model plus what it takes to feed it uint8 RGB batches and name its outputs."""
+    """A Keras model plus what it takes to feed it uint8 RGB batches, run it and name its outputs."""
 
     def __init__(self, name, model, preprocess, weights):
         self.name, self.model, self.weights = name, model, weights
         self._preprocess = preprocess
         self.labels = load_labels()
+        self.runtime, self.precision = "tensorflow", "f32"
+        self._run = runtimes.compile_model(model, "tensorflow")
 
     def predict(self, pixels):
         """Class probabilities for a uint8 batch of shape (n, 224, 224, 3)."""
-        # predict_on_batch, not predict(): Keras 3's predict() adds ~100 ms per call for its data pipeline.
-        return np.asarray(self.model.predict_on_batch(self._preprocess(pixels.astype(np.float32))))
+        return self._run(self._preprocess(pixels.astype(np.float32)))
+
+    def use_runtime(self, runtime, precision, cache_dir):
+        """Run on `runtime` at `precision` from now on, once its answers on a fixed input match Keras on
+        TensorFlow's within the precision's tolerance (RuntimeError otherwise). Returns the largest difference."""
+        candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir)
+        reference = runtimes.compile_model(self.model, "tensorflow")
+        difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
+        self._run, self.runtime, self.precision = candidate, runtime, precision
+        return difference
 
     def top_k(self, probabilities, k):
         best = np.argsort(probabilities)[::-1][:k]
@@ -112,12 +123,44 @@ def load(config: Settings) -> Classifier:
     if name not in NAMES:
         raise ModelUnavailable(f"unknown MODEL {name!r}; choose one of {', '.join(NAMES)}")
     _configure_tensorflow(config)
+    classifier = _build(name, weights, config.model_cache_dir)
+    _select_runtime(classifier, config)
+    return classifier
+
+
+def _build(name, weights, cache_dir):
     if name == "resnet50":
         return _resnet50(weights)
     if name == "efficientnet_lite0":
-        return _efficientnet_lite0(weights, config.model_cache_dir)
+        return _efficientnet_lite0(weights, cache_dir)
     try:
         return _resnet50(weights)
     except ModelUnavailable as exc:
         log("model_fallback", level="WARNING", wanted="resnet50", serving="efficientnet_lite0", reason=str(exc))
-        return _efficientnet_lite0("", config.model_cache_dir)
+        return _efficientnet_lite0("", cache_dir)
+
+
+def _select_runtime(classifier, config):
+    """RUNTIME=openvino serves on OpenVINO or refuses to start; auto takes OpenVINO when it is installed and
+    passes its self-check, and Keras on TensorFlow otherwise, saying why."""
+    if config.runtime == "tensorflow" or (config.runtime == "auto" and "openvino" not in runtimes.available()):
+        if config.precision != "f32":
+            raise ModelUnavailable(f"PRECISION={config.precision} needs RUNTIME=openvino; TensorFlow runs f32")
+        log("runtime_selected", runtime="tensorflow", precision="f32", asked=config.runtime)
+        return
+    try:
+        difference = classifier.use_runtime("openvino", config.precision, Path(config.model_cache_dir) / "openvino")
+    except Exception as exc:
+        if config.runtime == "openvino":
+            raise ModelUnavailable(f"RUNTIME=openvino cannot serve {classifier.name}: {exc}") from exc
+        if config.precision != "f32":
+            raise ModelUnavailable(f"PRECISION={config.precision} needs OpenVINO, which failed: {exc}") from exc
+        log("runtime_fallback", level="WARNING", wanted="openvino", serving="tensorflow", reason=str(exc))
+        return
+    log(
+        "runtime_selected",
+        runtime="openvino",
+        precision=config.precision,
+        asked=config.runtime,
+        self_check_difference=f"{difference:.2g}",
+    )

@@ -33,6 +33,9 @@ class ResultWaiter:
     def __init__(self, connection: redis.Redis, config: Settings):
         self.redis, self.keys, self.mode = connection, Keys(config.image_queue), config.wait_mode
         self._url = config.redis_url
+        self._ping_every = config.listener_ping_interval
+        # Long enough for redis-py's retry, which comes after a socket timeout at the latest.
+        self._keep_read_results_ms = int((config.redis_socket_timeout + 5) * 1000)
         if self.mode == "poll":
             self._first_wait, self._growth, self._longest_wait = config.poll_interval, 1.0, config.poll_interval
         else:
@@ -47,11 +50,12 @@ class ResultWaiter:
 
     # -- listener ----------------------------------------------------------------------------------------
     def start(self, timeout: float = 5.0) -> str | None:
-        """Subscribe (once per process: gunicorn forks after import) and wait until the subscription holds.
+        """Subscribe (once per process: gunicorn forks after import); returns the reply channel for new jobs,
+        or None in poll mode.
 
-        Returns the reply channel for new jobs, or None in poll mode. Raises redis.ConnectionError when the
-        subscription cannot be made, so that no job is pushed before its notification could arrive: at
-        once while an established listener is reconnecting, after `timeout` on the first subscription.
+        The first call waits up to `timeout` for the first subscription and raises redis.ConnectionError
+        when it cannot be made. Later calls never wait: a job pushed while the listener is reconnecting is
+        not lost, since every (re)subscribe wakes all waiting requests to look for their results.
         """
         if self.mode == "poll":
             return None
@@ -67,9 +71,13 @@ class ResultWaiter:
                     name="result-listener",
                     daemon=True,
                 ).start()
-        if not self._subscribed.wait(0 if self._established.is_set() else timeout):
+        if not self._established.is_set() and not self._subscribed.wait(timeout):
             raise redis.ConnectionError("the result notification channel is not subscribed")
         return self.channel
+
+    def listening(self) -> bool:
+        """Whether the notification subscription holds right now (always True in poll mode)."""
+        return self.mode == "poll" or (self._subscribed is not None and self._subscribed.is_set())
 
     def _listen(self, connection, subscribed, established):
         backoff = redis_client.Backoff()
@@ -80,16 +88,27 @@ class ResultWaiter:
                 # Wait for Redis to confirm, so that a job pushed after start() cannot miss its message.
                 while (pubsub.get_message(timeout=1.0) or {}).get("type") != "subscribe":
                     pass
+                self._wake_all()  # results published while we were away: re-check their keys
                 subscribed.set()
                 established.set()
                 log("listener_subscribed", channel=self.channel)
                 backoff.reset()
-                self._wake_all()  # results published while we were away: re-check their keys
+                # A connection dropped without a word (a dead peer, a NAT that forgot us) delivers nothing and
+                # raises nothing: after a quiet spell, PING; if even that goes unanswered, connect again.
+                heard = pinged = time.monotonic()
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message and message["type"] == "message":
-                        # A stray message from anyone with PUBLISH rights must not end the listener.
-                        self._wake(message["data"].decode(errors="replace"))
+                    now = time.monotonic()
+                    if message:
+                        heard = now
+                        if message["type"] == "message":
+                            # A stray message from anyone with PUBLISH rights must not end the listener.
+                            self._wake(message["data"].decode(errors="replace"))
+                    elif now - heard > 3 * self._ping_every:
+                        raise redis.ConnectionError(f"no answer on the notification connection for {now - heard:.0f} s")
+                    elif now - heard > self._ping_every and now - pinged > self._ping_every:
+                        pubsub.ping()
+                        pinged = now
             except Exception as exc:  # noqa: BLE001 - whatever it was, listen again rather than die quietly
                 subscribed.clear()
                 delay = backoff.next()
@@ -131,8 +150,9 @@ class ResultWaiter:
                 self._pending.pop(job_id, None)
 
     def fetch(self, job_id: str) -> dict | None:
-        """The job's result, read and deleted in one step, or None while there is none."""
-        raw = self.redis.getdel(self.keys.result(job_id))
+        """The job's result, or None while there is none. The key is left to expire shortly after, not
+        deleted: a read retried after its reply was lost must find the result again."""
+        raw = self.redis.getex(self.keys.result(job_id), px=self._keep_read_results_ms)
         return None if raw is None else jobs.decode_result(raw)
 
     def wait(self, pending: _Pending, deadline: float) -> dict | None:

@@ -22,10 +22,17 @@ def main():
     )
     classifier = models.load(config)
     # Warm up before taking jobs: TensorFlow traces the model once for batch 1 and once more for a general
-    # batch size; left to the first real batches, those traces cost a second or two each.
-    for size in (1, 2):
+    # batch size, and both runtimes pay extra on the first call of a batch shape; left to the first real
+    # batches, that costs a second or two each.
+    for size in sorted({1, 2, config.batch_size}):
         classifier.predict(np.zeros((size, *jobs.IMAGE_SHAPE), dtype=np.uint8))
-    log("model_loaded", model=classifier.name, weights=classifier.weights)
+    log(
+        "model_loaded",
+        model=classifier.name,
+        weights=classifier.weights,
+        runtime=classifier.runtime,
+        precision=classifier.precision,
+    )
     Worker(classifier, config).run()
 
 

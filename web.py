@@ -18,6 +18,7 @@ import helpers
 import jobs
 import metrics
 import redis_client
+from clock import RedisClock
 from job_queue import JobQueue, QueueFull
 from logger import bind, log
 from notifications import ResultWaiter
@@ -37,6 +38,7 @@ class _Service:
     queue: JobQueue
     registry: WorkerRegistry
     waiter: ResultWaiter
+    clock: RedisClock
 
 
 def create_app(config: Settings, connection: redis.Redis | None = None, waiter: ResultWaiter | None = None) -> Flask:
@@ -51,6 +53,7 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
         queue,
         WorkerRegistry(connection, queue, config.heartbeat_ttl),
         waiter or ResultWaiter(connection, config),
+        RedisClock(connection),
     )
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
@@ -97,21 +100,31 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
-    """Ready when Redis answers, our notification channel holds, and a warmed-up worker beats."""
+    """Ready when Redis answers, our notification channel holds, and a warmed-up worker beats.
+
+    Anyone may ask, so the answer says only whether, and why not in one line; details go to the log.
+    """
     service = _service()
     try:
         service.queue.redis.ping()
-        service.waiter.start(timeout=2.0)
         workers = service.registry.workers()
     except redis.RedisError as exc:
-        return jsonify({"status": "not ready", "reason": f"Redis: {exc}"}), 503
+        return _not_ready("Redis is unreachable", exc)
+    try:
+        service.waiter.start(timeout=2.0)
+    except redis.RedisError as exc:
+        return _not_ready("the result notification channel is not subscribed", exc)
+    if not service.waiter.listening():
+        return _not_ready("the result notification channel is reconnecting")
     # A heartbeat hash exists only while it is fresh: it expires HEARTBEAT_TTL after the last beat.
-    fresh = [w for w in workers if w.get("ready") == "1"]
-    if not fresh:
-        return jsonify(
-            {"status": "not ready", "reason": "no worker with a loaded model and a fresh heartbeat", "workers": workers}
-        ), 503
-    return jsonify({"status": "ready", "workers": fresh, "queue_depth": service.queue.length()})
+    if not any(w.get("ready") == "1" for w in workers):
+        return _not_ready("no worker with a loaded model and a fresh heartbeat")
+    return jsonify({"status": "ready"})
+
+
+def _not_ready(reason, exc=None):
+    log("not_ready", level="WARNING", reason=reason, error=str(exc) if exc else None)
+    return jsonify({"status": "not ready", "reason": reason}), 503
 
 
 @bp.get("/metrics")
@@ -131,7 +144,7 @@ def _parse_top_k(raw):
 @bp.post("/predict")
 def predict():
     config = _service().config
-    received, started = time.time(), time.monotonic()
+    started = time.monotonic()
     log("request_received", bytes=request.content_length, top_k=request.args.get("top_k"))
     try:
         top_k = _parse_top_k(request.args.get("top_k"))
@@ -146,7 +159,7 @@ def predict():
         log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
         return _error(str(exc), exc.status)
     try:
-        job, result = _queue_and_wait(pixels, top_k, received, started)
+        job, result = _queue_and_wait(pixels, top_k, started)
     except QueueFull as exc:
         log("queue_full", level="WARNING", error=str(exc))
         response = _error(f"the service is busy ({exc}); retry later", 503)
@@ -175,12 +188,15 @@ def predict():
     )
 
 
-def _queue_and_wait(pixels, top_k, received, started):
+def _queue_and_wait(pixels, top_k, started):
     """Push the job and wait for its result: (job, result), result None when the deadline passed."""
     service = _service()
     timeout = service.config.request_timeout
     reply_to = service.waiter.start()
-    job = jobs.Job(pixels, received + timeout, top_k, reply_to, g.request_id, g.job_id)
+    # The job's times are Redis's, which every worker reads too; this host's wall clock plays no part.
+    now = service.clock.now()
+    deadline = now + timeout - (time.monotonic() - started)
+    job = jobs.Job(pixels, deadline, top_k, reply_to, g.request_id, g.job_id, enqueued_at=now)
     with service.waiter.expect(job.id) as pending:
         service.queue.enqueue(jobs.encode_job(job))
         log("job_queued", id=job.id, top_k=top_k)

@@ -1,5 +1,7 @@
 """The model worker: claims batches of jobs from Redis, classifies them, stores and announces the results."""
 
+import dataclasses
+import itertools
 import os
 import signal
 import socket
@@ -12,6 +14,7 @@ import redis
 
 import jobs
 import redis_client
+from clock import RedisClock
 from job_queue import JobQueue
 from jobs import Reply
 from logger import bind, log
@@ -30,16 +33,20 @@ class Worker:
         self.batch_size = config.batch_size
         self.block_timeout = config.block_timeout
         self.heartbeat_interval = config.heartbeat_interval
+        self.heartbeat_ttl = config.heartbeat_ttl
+        self.max_attempts = config.max_attempts
         self.redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
         # BLMOVE blocks for BLOCK_TIMEOUT; its connection must wait longer than that before giving up.
         self.blocking_redis = redis_client.connect(config.redis_url, config.block_timeout + 5)
         self.queue = JobQueue(self.redis, config)
         self.registry = WorkerRegistry(self.redis, self.queue, config.heartbeat_ttl)
+        self.clock = RedisClock(self.redis)
         self.counts = {"batches": 0, "jobs": 0, "errors": 0, "expired": 0}
         self.stopping = threading.Event()  # asked to stop: take no new batch
         self.finished = threading.Event()  # the last batch is done: stop beating
         self.stop_signal = None
         self._idle = False
+        self._sweep_from = 0.0  # monotonic time from which this worker may sweep others
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def heartbeat_info(self):
@@ -50,7 +57,7 @@ class Worker:
             "ready": 1,
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "beat_at": round(time.time(), 3),
+            "beat_at": round(self.clock.now(), 3),
             **self.counts,
         }
 
@@ -59,9 +66,14 @@ class Worker:
         # silent would be swept, and its batch computed twice.
         while not self.finished.wait(self.heartbeat_interval):
             try:
+                self.clock.sync()
                 self.registry.beat(self.name, self.heartbeat_info())
-                self.registry.sweep()
+                if time.monotonic() >= self._sweep_from:
+                    self.registry.sweep()
             except redis.RedisError as exc:
+                # The other workers' heartbeats may lapse in the same outage: once Redis is back, give them a
+                # full HEARTBEAT_TTL to beat again before taking any of them for dead.
+                self._sweep_from = time.monotonic() + self.heartbeat_ttl
                 log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
 
     def _on_signal(self, signum, _frame):
@@ -73,8 +85,13 @@ class Worker:
             raise _Interrupted()
 
     def run(self):
+        """Serve until SIGTERM or SIGINT, which let the batch in hand finish first."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        self.serve()
+
+    def serve(self):
+        """Register, beat, and process batches until `stopping` is set; then hand back what is left."""
         self._connect_with_backoff(lambda: self.registry.beat(self.name, self.heartbeat_info()))
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         log(
@@ -113,11 +130,16 @@ class Worker:
     # -- work ------------------------------------------------------------------------------------------
     def run_once(self) -> int:
         """Wait for one batch and process it. Returns the number of jobs claimed."""
+        tries = itertools.count()
+
+        def claim():
+            # After a failed try, collect what we may already hold without waiting for more.
+            timeout = self.block_timeout if next(tries) == 0 else 0
+            return self.queue.claim(self.name, self.batch_size, timeout, self.blocking_redis)
+
         self._idle = True
         try:
-            raws = self._connect_with_backoff(
-                lambda: self.queue.claim(self.name, self.batch_size, self.block_timeout, self.blocking_redis)
-            )
+            raws = self._connect_with_backoff(claim)
         finally:
             self._idle = False
         if raws:
@@ -125,13 +147,51 @@ class Worker:
         return len(raws)
 
     def process(self, raws):
-        started = time.time()
-        valid, replies, dead = self._triage(raws, started)
-        bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
+        """Classify the claimed jobs and finish the batch; no job, however malformed, ends the worker."""
+        batch_id = uuid.uuid4().hex
         try:
-            self._run_batch(valid, replies, dead, started, len(raws))
+            replies, retry, dead, done = self._work(raws)
+        except Exception as exc:  # noqa: BLE001 - a fault of ours, not of one job: see below
+            # Hand the batch back with an attempt counted: if a job causes it, that job ends in the
+            # dead-letter list after MAX_ATTEMPTS instead of taking every worker down in turn.
+            self.counts["errors"] += len(raws)
+            log("batch_failed", level="ERROR", worker=self.name, claimed=len(raws), error=repr(exc))
+            self._connect_with_backoff(lambda: self.queue.fail(self.name))
+            return
         finally:
             bind()
+        outcome = self._connect_with_backoff(
+            lambda: self.queue.finish(self.name, batch_id, len(raws), replies, retry, dead)
+        )
+        if outcome == "swept":
+            log("batch_swept", level="WARNING", worker=self.name, claimed=len(raws))
+        self.counts["batches"] += 1
+        self.counts["jobs"] += len(done)
+        for job in done:
+            log("result_published", id=job.id, rid=job.request_id, worker=self.name)
+
+    def _work(self, raws):
+        """(replies, raw jobs to retry, raw jobs to dead-letter, jobs answered) for a claimed batch."""
+        started = self.clock.now()
+        valid, replies, dead = self._triage(raws, started)
+        bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
+        log("batch_claimed", worker=self.name, claimed=len(raws), batch_size=len(valid))
+        retry, done = [], []
+        if not valid:
+            return replies, retry, dead, done
+        outcomes = self._classify(valid)
+        inference_ms = (self.clock.now() - started) * 1000
+        log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)
+        for job, outcome in zip(valid, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._retry_or_give_up(job, outcome, replies, retry, dead)
+                continue
+            top = self.classifier.top_k(outcome, job.top_k)
+            queue_ms = (started - job.enqueued_at) * 1000
+            result = jobs.success_result(job, top, self.classifier.name, len(valid), inference_ms, queue_ms)
+            replies.append(Reply.of(job.id, job.reply_to, result))
+            done.append(job)
+        return replies, retry, dead, done
 
     def _triage(self, raws, now):
         """Split claimed jobs into those to run, replies for malformed ones, and raw jobs to dead-letter."""
@@ -162,32 +222,31 @@ class Worker:
             valid.append(job)
         return valid, replies, dead
 
-    def _run_batch(self, valid, replies, dead, started, claimed):
-        log("batch_claimed", worker=self.name, claimed=claimed, batch_size=len(valid))
-        if valid:
-            try:
-                probabilities = self.classifier.predict(np.stack([job.pixels for job in valid]))
-                if len(probabilities) != len(valid):
-                    raise ValueError(f"the model answered {len(probabilities)} rows for {len(valid)} images")
-            except Exception as exc:  # noqa: BLE001 - any model failure: retry the batch, then give up
-                self.counts["errors"] += len(valid)
-                log("inference_failed", level="ERROR", worker=self.name, batch_size=len(valid), error=repr(exc))
-                self.queue.fail(self.name)
-                return
-            inference_ms = (time.time() - started) * 1000
-            log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)
-            for job, probs in zip(valid, probabilities, strict=True):
-                result = jobs.success_result(
-                    job,
-                    self.classifier.top_k(probs, job.top_k),
-                    self.classifier.name,
-                    len(valid),
-                    inference_ms,
-                    (started - job.enqueued_at) * 1000,
-                )
-                replies.append(Reply.of(job.id, job.reply_to, result))
-        self._connect_with_backoff(lambda: self.queue.finish(self.name, replies, dead))
-        self.counts["batches"] += 1
-        self.counts["jobs"] += len(valid)
-        for job in valid:
-            log("result_published", id=job.id, rid=job.request_id, worker=self.name)
+    def _classify(self, batch):
+        """The model's probabilities for each job or, for a job the model fails on by itself, the exception.
+
+        A batch that fails is split in halves until the failure is pinned on the jobs that cause it, so
+        that their batch-mates are answered and only they use up attempts.
+        """
+        try:
+            probabilities = self.classifier.predict(np.stack([job.pixels for job in batch]))
+            if len(probabilities) != len(batch):
+                raise ValueError(f"the model answered {len(probabilities)} rows for {len(batch)} images")
+            return list(probabilities)
+        except Exception as exc:  # noqa: BLE001 - any model failure is pinned on its jobs, then retried
+            log("inference_failed", level="ERROR", worker=self.name, batch_size=len(batch), error=repr(exc))
+            if len(batch) == 1:
+                return [exc]
+            middle = len(batch) // 2
+            return self._classify(batch[:middle]) + self._classify(batch[middle:])
+
+    def _retry_or_give_up(self, job, error, replies, retry, dead):
+        self.counts["errors"] += 1
+        job = dataclasses.replace(job, attempts=job.attempts + 1)
+        if job.attempts < self.max_attempts:
+            retry.append(jobs.encode_job(job))
+            return
+        log("job_dead_lettered", level="ERROR", id=job.id, worker=self.name, attempts=job.attempts)
+        dead.append(jobs.encode_job(job))
+        message = f"job failed {job.attempts} times and was given up: the model raised {error!r}"
+        replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, message, 500)))

@@ -30,6 +30,7 @@ class JobQueue:
         self.keys = Keys(config.image_queue)
         self.max_length = config.max_queue_length
         self.max_attempts = config.max_attempts
+        self.dead_letter_max = config.dead_letter_max
         self.result_ttl = config.result_ttl
         self._scripts = {
             name: connection.register_script((_SCRIPTS / f"{name}.lua").read_text())
@@ -52,29 +53,43 @@ class JobQueue:
         return self.redis.llen(self.keys.queue)
 
     def claim(self, worker: str, max_jobs: int, timeout: float, blocking_redis: redis.Redis | None = None) -> list:
-        """Block up to `timeout` s for one job, then take up to `max_jobs`-1 more that are already waiting.
+        """Block up to `timeout` s for one job, then fill the batch up to `max_jobs`; returns every job the
+        worker holds, oldest first (an empty list when none came). `timeout` 0: do not block or wait.
 
         Every job taken is moved into the worker's processing list in the same step as it leaves the
-        queue. `blocking_redis` is a client whose socket timeout outlasts `timeout`.
+        queue. The answer is read back from that list, so a retried command whose first reply was lost
+        leaves no job unknown to its worker. `blocking_redis` is a client whose socket timeout outlasts
+        `timeout`.
         """
         processing = self.keys.processing(worker)
-        first = (blocking_redis or self.redis).blmove(self.keys.queue, processing, timeout, "LEFT", "RIGHT")
-        if first is None:
-            return []
-        if max_jobs <= 1:
-            return [first]
-        return [first, *self._scripts["claim"](keys=[self.keys.queue, processing], args=[max_jobs - 1])]
+        if timeout:
+            (blocking_redis or self.redis).blmove(self.keys.queue, processing, timeout, "LEFT", "RIGHT")
+        keys = [self.keys.queue, processing, self.keys.workers]
+        return self._scripts["claim"](keys=keys, args=[max_jobs, worker])
 
-    def finish(self, worker: str, replies: Sequence[Reply], dead_jobs: Iterable = ()) -> None:
-        """Store the batch's replies, dead-letter `dead_jobs` and acknowledge the worker's claim, in one step."""
-        self._store(worker, replies, dead_jobs, acknowledge=True)
+    def finish(
+        self,
+        worker: str,
+        batch_id: str,
+        claimed: int,
+        replies: Sequence[Reply],
+        retry: Iterable = (),
+        dead_jobs: Iterable = (),
+    ) -> str:
+        """Store the batch's replies, put `retry` jobs back at the head of the queue, dead-letter `dead_jobs`
+        and acknowledge the `claimed` jobs, in one step that is safe to repeat with the same `batch_id`.
+
+        Returns "done", "duplicate" (this batch was finished before) or "swept" (a sweep took the batch
+        back meanwhile: the replies were stored, nothing else changed).
+        """
+        return self._store(worker, replies, batch_id, claimed, list(retry), list(dead_jobs))
 
     def leave(self, worker: str) -> None:
         """A graceful exit: the worker's unfinished jobs go back to the queue without counting an attempt."""
         self._requeue(worker, "leave")
 
     def fail(self, worker: str) -> list:
-        """The model failed on the worker's batch: retry it with an attempt counted, or give up on the jobs
+        """The worker failed on its whole batch: retry it with an attempt counted, or give up on the jobs
         out of attempts and answer their requesters. Returns the jobs given up."""
         return self._requeue(worker, "fail")
 
@@ -90,7 +105,11 @@ class JobQueue:
             self.keys.heartbeat(worker),
             self.keys.workers,
         ]
-        given_up = self._scripts["requeue"](keys=keys, args=[mode, self.max_attempts, worker])
+        outcome = self._scripts["requeue"](keys=keys, args=[mode, self.max_attempts, worker, self.dead_letter_max])
+        if outcome is None:
+            return None
+        given_up, dropped = outcome
+        self._log_dropped(dropped)
         if given_up:
             self._answer_given_up(worker, given_up)
         return given_up
@@ -104,12 +123,24 @@ class JobQueue:
                 error = jobs.error_result(job_id, f"job failed {self.max_attempts} times and was given up", 500)
                 replies.append(Reply.of(job_id, reply_to, error))
         if replies:
-            # The jobs are already in the dead-letter list, and the processing list may be a new claim.
-            self._store(worker, replies, (), acknowledge=False)
+            # Replies only: the jobs are in the dead-letter list already, and the processing list is not ours.
+            self._store(worker, replies, "", 0, [], [])
 
-    def _store(self, worker, replies, dead_jobs, acknowledge):
-        keys = [self.keys.processing(worker), self.keys.dead, *(self.keys.result(r.job_id) for r in replies)]
-        args = [self.result_ttl, len(replies), "1" if acknowledge else "0"]
+    def _store(self, worker, replies, batch_id, claimed, retry, dead_jobs):
+        keys = [
+            self.keys.processing(worker),
+            self.keys.queue,
+            self.keys.dead,
+            self.keys.finished(worker),
+            *(self.keys.result(r.job_id) for r in replies),
+        ]
+        args = [self.result_ttl, batch_id, claimed, self.dead_letter_max, len(replies), len(retry)]
         for reply in replies:
             args += [reply.reply_to or "", reply.job_id, reply.payload]
-        self._scripts["finish"](keys=keys, args=[*args, *dead_jobs])
+        outcome, dropped = self._scripts["finish"](keys=keys, args=[*args, *retry, *dead_jobs])
+        self._log_dropped(dropped)
+        return outcome.decode() if isinstance(outcome, bytes) else outcome
+
+    def _log_dropped(self, dropped):
+        if dropped:
+            log("dead_letters_dropped", level="WARNING", dropped=dropped, kept=self.dead_letter_max)

@@ -1,31 +1,62 @@
--- Store replies with their TTL and notify each waiting web process, dead-letter jobs that can never
--- succeed and, for a finished batch, acknowledge the worker's claim. Atomic: a crash leaves all of it or none.
+-- Finish a batch in one atomic step: store each reply with its TTL and notify its web process, put jobs
+-- to retry back at the head of the queue, dead-letter jobs that can never succeed, and acknowledge the
+-- batch by removing exactly its jobs from the head of the worker's processing list. Safe to repeat: a call
+-- retried after its reply was lost finds its batch id already recorded and changes nothing.
 -- KEYS[1] processing       the worker's processing list
--- KEYS[2] dead             the dead-letter list
--- KEYS[3 .. n+2]           the result key of each reply, in the order of the replies
--- ARGV[1] ttl              seconds a result is kept
--- ARGV[2] n                number of replies
--- ARGV[3] acknowledge      '1': the batch is done, drop the processing list; '0': only store the replies
--- ARGV[4 .. 3n+3]          n replies, three values each: channel ('' for none), job id, result JSON
--- ARGV[3n+4 ..]            raw jobs to dead-letter
--- Returns n.
-local processing, dead = KEYS[1], KEYS[2]
-local ttl, n, acknowledge = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
-local first_dead = 3 * n + 4
+-- KEYS[2] queue            the waiting jobs
+-- KEYS[3] dead             the dead-letter list
+-- KEYS[4] finished         the id of the worker's last finished batch
+-- KEYS[5 .. n+4]           the result key of each reply, in the order of the replies
+-- ARGV[1] ttl              seconds a result (and the finished batch id) is kept
+-- ARGV[2] batch_id         unique per batch; '' when only storing replies
+-- ARGV[3] acknowledge      how many jobs the batch took from the head of the processing list (0: none)
+-- ARGV[4] dead_max         the dead-letter list keeps this many jobs, dropping the oldest
+-- ARGV[5] n                number of replies
+-- ARGV[6] n_retry          number of jobs to retry
+-- ARGV[7 .. 3n+6]          n replies, three values each: channel ('' for none), job id, result JSON
+-- then n_retry raw jobs to retry, then raw jobs to dead-letter.
+-- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
+-- finished) or 'swept' (the batch was swept back to the queue meanwhile: replies stored, nothing else).
+local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ttl, batch_id, acknowledge = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local dead_max, n, n_retry = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local first_retry = 3 * n + 7
+local first_dead = first_retry + n_retry
 
+if batch_id ~= '' and redis.call('GET', finished) == batch_id then
+  return {'duplicate', 0}
+end
+local outcome = 'done'
+if acknowledge > 0 then
+  if redis.call('LLEN', processing) < acknowledge then
+    outcome = 'swept'
+  else
+    redis.call('LTRIM', processing, acknowledge, -1)
+  end
+end
+if batch_id ~= '' then
+  redis.call('SET', finished, batch_id, 'EX', ttl)
+end
 for i = 1, n do
-  local at = 3 * i + 1
+  local at = 3 * i + 4
   local channel, job_id, result = ARGV[at], ARGV[at + 1], ARGV[at + 2]
-  local result_key = KEYS[i + 2]
-  redis.call('SET', result_key, result, 'EX', ttl)
+  redis.call('SET', KEYS[i + 4], result, 'EX', ttl)
   if channel ~= '' then
     redis.call('PUBLISH', channel, job_id)
   end
 end
-for i = first_dead, #ARGV do
-  redis.call('RPUSH', dead, ARGV[i])
+local dropped = 0
+if outcome == 'done' then
+  -- A swept batch is back in the queue already: its jobs must not be queued or dead-lettered twice.
+  for i = first_dead - 1, first_retry, -1 do
+    redis.call('LPUSH', queue, ARGV[i])
+  end
+  if first_dead <= #ARGV then
+    for i = first_dead, #ARGV do
+      redis.call('RPUSH', dead, ARGV[i])
+    end
+    dropped = math.max(0, redis.call('LLEN', dead) - dead_max)
+    redis.call('LTRIM', dead, -dead_max, -1)
+  end
 end
-if acknowledge then
-  redis.call('DEL', processing)
-end
-return n
+return {outcome, dropped}

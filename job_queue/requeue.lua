@@ -11,9 +11,11 @@
 --                       checked in the same step so that a worker that beats again is never swept
 -- ARGV[2] max_attempts  attempts after which a job is dead-lettered
 -- ARGV[3] worker        the worker's name in the workers set
--- Returns the dead-lettered jobs, or false when a worker to sweep turned out to be alive.
+-- ARGV[4] dead_max      the dead-letter list keeps this many jobs, dropping the oldest
+-- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
+-- out to be alive. Safe to repeat: a second call finds the processing list empty.
 local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local mode, max_attempts, worker = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local mode, max_attempts, worker, dead_max = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 
 if mode == 'sweep' then
   if redis.call('EXISTS', heartbeat) == 1 then
@@ -41,4 +43,9 @@ for i = #jobs, 1, -1 do
   end
 end
 redis.call('DEL', processing)
-return given_up
+local dropped = 0
+if #given_up > 0 then
+  dropped = math.max(0, redis.call('LLEN', dead) - dead_max)
+  redis.call('LTRIM', dead, -dead_max, -1)
+end
+return {given_up, dropped}

@@ -2,7 +2,7 @@
 # Make sure the Debian packages named as arguments (redis-server, chromium, ...) are installed: apt-get when
 # we are root, otherwise say exactly what to run.
 set -euo pipefail
-declare -A binary=([redis-server]=redis-server [chromium]=chromium)
+declare -A binary=([redis-server]=redis-server [chromium]=chromium [faketime]=faketime)
 missing=()
 for package in "$@"; do
   command -v "${binary[$package]:-$package}" >/dev/null 2>&1 || missing+=("$package")

@@ -38,11 +38,28 @@ def test_request_id_defaults_to_job_id():
     [
         (lambda d: d.update(shape=[10, 10, 3]), "shape"),
         (lambda d: d.update(dtype="float32"), "uint8"),
-        (lambda d: d.update(image="!!!notbase64"), "base64"),
-        (lambda d: d.update(image=base64.b64encode(b"abc").decode()), "bytes"),
+        (lambda d: d.update(image="!" * len(d["image"])), "not valid base64"),
+        (lambda d: d.update(image=base64.b64encode(b"abc").decode()), "characters of base64"),
+        (lambda d: d.update(image=d["image"] * 50), "characters of base64"),  # huge: refused before decoding
+        (lambda d: d.update(image=12345), "characters of base64"),
+        (lambda d: d.pop("image"), "characters of base64"),
         (lambda d: d.update(top_k=0), "top_k"),
         (lambda d: d.update(top_k=21), "top_k"),
+        (lambda d: d.update(top_k="5"), "top_k"),
+        (lambda d: d.update(top_k=True), "top_k"),
+        (lambda d: d.pop("top_k"), "top_k"),
+        (lambda d: d.update(attempts="2"), "attempts"),
+        (lambda d: d.update(attempts=-1), "attempts"),
+        (lambda d: d.update(attempts=10**12), "attempts"),
+        (lambda d: d.update(attempts=1.5), "attempts"),
         (lambda d: d.pop("deadline"), "deadline"),
+        (lambda d: d.update(deadline="soon"), "deadline"),
+        (lambda d: d.update(deadline=float("nan")), "deadline"),
+        (lambda d: d.update(enqueued_at="yesterday"), "enqueued_at"),
+        (lambda d: d.pop("enqueued_at"), "enqueued_at"),
+        (lambda d: d.update(request_id=5), "request_id"),
+        (lambda d: d.update(request_id="x" * 500), "request_id"),
+        (lambda d: d.update(request_id="line\nbreak"), "request_id"),
     ],
 )
 def test_malformed_job_names_the_problem_and_keeps_the_address(mutate, message):
@@ -55,9 +72,15 @@ def test_malformed_job_names_the_problem_and_keeps_the_address(mutate, message):
     assert jobs.address(json.dumps(data)) == (job.id, "chan")
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"id": "../etc"}', b"{}"])
+@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"id": "../etc"}', b"{}", b"\xff\xfe", b'"a string"'])
 def test_job_without_identity_is_refused_without_address(raw):
     with pytest.raises(jobs.JobError) as err:
         jobs.decode_job(raw)
     assert err.value.job_id is None
     assert jobs.address(raw) == (None, None)
+
+
+def test_an_unsafe_reply_channel_is_ignored_not_used():
+    data = json.loads(jobs.encode_job(make_job()))
+    data["reply_to"] = "chan\r\nPUBLISH other"
+    assert jobs.decode_job(json.dumps(data)).reply_to is None

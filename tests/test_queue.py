@@ -3,6 +3,7 @@
 Protocol tests run on fakeredis and on a real redis-server; the race between workers runs on the real one.
 """
 
+import dataclasses
 import threading
 import time
 
@@ -64,7 +65,7 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
     pubsub = r.pubsub()
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
-    q.finish("w1", [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=[b"garbage"])
+    assert q.finish("w1", "batch-1", 1, [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=[b"garbage"]) == "done"
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
     assert 0 < r.ttl(q.keys.result(job.id)) <= 60
     assert r.exists(q.keys.processing("w1")) == 0
@@ -156,3 +157,79 @@ def test_sweep_of_a_worker_that_beats_again_does_nothing(r):
     assert q.sweep("back") is None
     assert r.llen(q.keys.processing("back")) == 1 and q.length() == 0
     assert r.smembers(q.keys.workers) == {b"back"}
+
+
+def test_claim_returns_jobs_a_lost_reply_left_in_the_processing_list(r):
+    q = JobQueue(r, Settings())
+    lost, second = raw_job(), raw_job()
+    q.enqueue(lost)
+    q.enqueue(second)
+    # A BLMOVE ran but its reply never arrived: the job sits in the processing list unknown to the worker.
+    r.lmove(q.keys.queue, q.keys.processing("w1"), "LEFT", "RIGHT")
+    assert [c.decode() for c in q.claim("w1", max_jobs=1, timeout=1)] == [lost, second]
+
+
+def test_a_retried_finish_changes_nothing(r):
+    q = JobQueue(r, Settings())
+    q.enqueue(raw_job())
+    [raw] = q.claim("w1", 4, 1)
+    job = jobs.decode_job(raw)
+    reply = Reply(job.id, None, '{"ok": 1}')
+    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[b"garbage"]) == "done"
+    r.delete(q.keys.result(job.id))  # the web server has taken the result
+    q.enqueue(raw_job())
+    q.claim("w1", 4, 1)  # the next batch is already claimed when the retry arrives
+    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[b"garbage"]) == "duplicate"
+    assert not r.exists(q.keys.result(job.id)) and r.llen(q.keys.dead) == 1
+    assert r.llen(q.keys.processing("w1")) == 1  # the new claim is untouched
+
+
+def test_finish_of_a_swept_batch_stores_results_but_queues_nothing_twice(r):
+    q, registry = worker_holding_a_job(r, "slow")
+    [raw] = r.lrange(q.keys.processing("slow"), 0, -1)
+    job = jobs.decode_job(raw)
+    r.delete(q.keys.heartbeat("slow"))
+    assert registry.sweep() == ["slow"]  # the batch is back in the queue, with an attempt counted
+    retry = jobs.encode_job(dataclasses.replace(job, attempts=5))
+    outcome = q.finish("slow", "batch-1", 1, [Reply(job.id, None, '{"ok": 1}')], retry=[retry], dead_jobs=[raw])
+    assert outcome == "swept"
+    assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'  # the requester is answered all the same
+    assert q.length() == 1 and r.llen(q.keys.dead) == 0
+
+
+def test_finish_retries_only_the_jobs_it_is_given_and_acknowledges_exactly_its_batch(r):
+    q = JobQueue(r, Settings())
+    for _ in range(3):
+        q.enqueue(raw_job())
+    good, poison, other = q.claim("w1", 2, 1) + [None]
+    assert other is None and r.llen(q.keys.processing("w1")) == 2
+    retry = jobs.encode_job(dataclasses.replace(jobs.decode_job(poison), attempts=1))
+    assert q.finish("w1", "b", 2, [Reply(jobs.decode_job(good).id, None, "{}")], retry=[retry]) == "done"
+    assert r.llen(q.keys.processing("w1")) == 0
+    assert jobs.decode_job(r.lindex(q.keys.queue, 0)).attempts == 1 and q.length() == 2
+
+
+def test_the_dead_letter_list_keeps_the_newest(r):
+    q = JobQueue(r, Settings(dead_letter_max=2))
+    q.enqueue(raw_job())
+    q.claim("w1", 4, 1)
+    q.finish("w1", "b", 1, [], dead_jobs=[b"first", b"second", b"third"])
+    assert r.lrange(q.keys.dead, 0, -1) == [b"second", b"third"]
+
+
+def test_a_swept_worker_that_claims_again_is_registered_again_so_a_later_sweep_finds_it(r):
+    q, registry = worker_holding_a_job(r, "stalled")
+    r.delete(q.keys.heartbeat("stalled"))
+    assert registry.sweep() == ["stalled"]  # it stalled past its TTL
+    assert q.claim("stalled", 4, 1)  # it wakes up and claims the requeued job, then dies before it beats
+    assert registry.sweep() == ["stalled"]  # its new claim is not orphaned
+    assert q.length() == 1 and r.llen(q.keys.processing("stalled")) == 0
+
+
+def test_a_claim_retried_again_and_again_never_holds_more_than_a_batch(r):
+    q = JobQueue(r, Settings())
+    for _ in range(10):
+        q.enqueue(raw_job())
+    for _ in range(5):  # each try's reply lost: the worker tries again, without blocking
+        held = q.claim("w1", max_jobs=3, timeout=0)
+    assert len(held) == 3 and q.length() == 7

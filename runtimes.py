@@ -1,0 +1,166 @@
+"""Inference runtimes for the worker's Keras models: TensorFlow as is, or the same model converted to OpenVINO.
+
+Every predict callable takes a preprocessed float32 NHWC batch and returns float32 probabilities of shape (n, classes).
+"""
+
+import functools
+import hashlib
+import importlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+RUNTIMES = ("openvino", "tensorflow")
+PRECISIONS = ("f32", "bf16")
+# f32 differs from TensorFlow by ~1e-6 (summation order only). bf16 keeps 8 bits of mantissa: it moved probabilities
+# by 0.018 on the fixed input and by up to 0.027 on 20 photos; 0.05 still refuses a 5% error in one layer's weights
+# (0.07) or scrambled classes (0.16), though not a 1% error (0.015), which is as big as bf16's own rounding.
+TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
+# One synchronous request per batch: LATENCY gives it one stream with both cores. THROUGHPUT's two streams get a
+# core each, so a single request ran at half speed, and splitting batches across requests gained nothing measurable.
+OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+_SELF_CHECK_SEED = 20240607
+
+
+class UnsupportedPrecision(RuntimeError):
+    pass
+
+
+def available():
+    """The runtimes whose packages import here."""
+    found = []
+    for name in RUNTIMES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+@functools.cache
+def _core():
+    import openvino
+
+    return openvino.Core()
+
+
+def bf16_supported():
+    """Whether OpenVINO's CPU plugin can run bf16 here (AVX512-BF16 or AMX); False without openvino."""
+    try:
+        return "BF16" in _core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except ImportError:
+        return False
+
+
+def compile_model(keras_model, runtime, precision="f32", cache_dir=None, config=None):
+    """A predict callable for `keras_model` on `runtime` ("openvino" or "tensorflow") at `precision`.
+
+    With `cache_dir`, the OpenVINO IR is kept there as <model>-<key>.xml/.bin, the key hashing the architecture,
+    the weights and the library versions, so a restart skips the conversion. `config` adds OpenVINO CPU properties
+    (INFERENCE_NUM_THREADS, say) to OPENVINO_CONFIG.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if runtime == "tensorflow":
+        if precision != "f32":
+            raise UnsupportedPrecision(f"the tensorflow runtime runs f32 only, not {precision}")
+        return lambda batch: np.asarray(keras_model.predict_on_batch(batch), dtype=np.float32)
+    if runtime != "openvino":
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if precision == "bf16" and not bf16_supported():
+        raise UnsupportedPrecision(
+            "bf16 was asked for but OpenVINO's CPU plugin does not list BF16 among its OPTIMIZATION_CAPABILITIES "
+            "on this processor (it needs AVX512-BF16 or AMX); use precision f32"
+        )
+    # Always set the precision: OpenVINO's own default is bf16 wherever the CPU has it, f32 elsewhere.
+    config = {**OPENVINO_CONFIG, **(config or {}), "INFERENCE_PRECISION_HINT": precision}
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix="openvino-ir-") as scratch:
+            compiled = _core().compile_model(_core().read_model(convert(keras_model, scratch)), "CPU", config)
+    else:
+        compiled = _core().compile_model(_core().read_model(convert(keras_model, cache_dir)), "CPU", config)
+    request = compiled.create_infer_request()
+
+    def predict(batch):
+        request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
+        # The output tensor's memory is reused by the next call.
+        return request.get_output_tensor(0).data.copy()
+
+    predict.compiled_model = compiled
+    return predict
+
+
+def cache_key(keras_model):
+    """Changes whenever the architecture, the weights or a library that shapes the IR does."""
+    digest = hashlib.sha256(keras_model.to_json().encode())
+    for package in ("keras", "tensorflow", "openvino"):
+        digest.update(f"{package}={importlib.import_module(package).__version__}".encode())
+    for weight in keras_model.get_weights():
+        digest.update(str(weight.shape).encode() + str(weight.dtype).encode())
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return f"{keras_model.name}-{digest.hexdigest()[:16]}"
+
+
+def convert(keras_model, cache_dir):
+    """Path of the model's OpenVINO IR (.xml beside its .bin) in `cache_dir`, converted from its TensorFlow graph
+    unless already there.
+
+    Keras's OpenVINO exporter is used with the TensorFlow backend: it hands a traced tf.function to OpenVINO's
+    TensorFlow frontend, which folds batch normalisation into the convolutions. (Building the IR with the Keras
+    OpenVINO backend instead gave a graph 1.6-2.6x slower, with a transpose around every convolution: REPORT.md.)
+    The exporter writes the weights as they are; ov.save_model would halve them to fp16 by default.
+    """
+    cache_dir = Path(cache_dir)
+    xml = cache_dir / f"{cache_key(keras_model)}.xml"
+    if xml.is_file():
+        return xml
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Several workers may start at once: write aside, then rename the .bin before the .xml that names it.
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".converting-"))
+    try:
+        keras_model.export(str(tmp / "model.xml"), format="openvino", verbose=False)
+        os.replace(tmp / "model.bin", xml.with_suffix(".bin"))
+        os.replace(tmp / "model.xml", xml)
+    finally:
+        for leftover in tmp.iterdir():
+            leftover.unlink()
+        tmp.rmdir()
+    return xml
+
+
+def self_check_input(preprocess=None, batch=2, size=224):
+    """A fixed, seeded batch of uint8 noise images, preprocessed for the model."""
+    pixels = np.random.default_rng(_SELF_CHECK_SEED).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    pixels = pixels.astype(np.float32)
+    return preprocess(pixels) if preprocess else pixels
+
+
+def self_check(reference_predict, candidate_predict, atol, preprocess=None):
+    """Max abs difference of the two runtimes' probabilities on the fixed input; RuntimeError when above `atol`.
+
+    (Within `atol` everywhere, the top-1 class can only change where the reference's two best are within 2*atol:
+    the probability bound is the whole check.)
+    """
+    batch = self_check_input(preprocess)
+    reference = np.asarray(reference_predict(batch), dtype=np.float64)
+    candidate = np.asarray(candidate_predict(batch), dtype=np.float64)
+    if candidate.shape != reference.shape:
+        raise RuntimeError(f"runtime self-check failed: output shape {candidate.shape}, expected {reference.shape}")
+    if not np.all(np.isfinite(candidate)):
+        raise RuntimeError("runtime self-check failed: the candidate runtime returned NaN or infinite probabilities")
+    difference = float(np.max(np.abs(candidate - reference)))
+    if not difference <= atol:
+        raise RuntimeError(
+            f"runtime self-check failed: probabilities differ from the reference by up to {difference:.3g} "
+            f"(tolerance {atol:g}) on the fixed input; do not serve with this runtime"
+        )
+    return difference
+
+
+def warm_up(predict, batch_sizes, shape=(224, 224, 3)):
+    """Run every batch size once, so the first real batch of each size does not pay the shape's first-call cost."""
+    for n in batch_sizes:
+        predict(np.zeros((n, *shape), dtype=np.float32))

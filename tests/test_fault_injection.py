@@ -1,0 +1,208 @@
+"""Exactly one answer per request under faults: lost Redis replies, malformed jobs, poison images, slow
+batches during a stop, and clocks that disagree. Real redis-server throughout; real processes where a
+fault needs them."""
+
+import base64
+import concurrent.futures
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from faulty_proxy import FaultyProxy
+from prometheus_client import REGISTRY
+
+import jobs
+from job_queue import JobQueue
+from keys import Keys
+from launcher import Processes
+from notifications import ResultWaiter
+from support import CASTLE, JEMMA, CountingClassifier, post, wait_for
+from worker import Worker
+from worker_registration import WorkerRegistry
+
+KEYS = Keys("image_queue")
+
+
+def leftovers(redis):
+    """What a finished run must not leave behind: queued, claimed or dead-lettered jobs."""
+    processing = sum(redis.llen(key) for key in redis.scan_iter(KEYS.processing_prefix + "*"))
+    return {"queued": redis.llen(KEYS.queue), "claimed": processing, "dead": redis.llen(KEYS.dead)}
+
+
+def load(url, total, concurrency):
+    images = [CASTLE, JEMMA]
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda i: post(url, images[i % 2], timeout=90), range(total)))
+
+
+@pytest.mark.slow
+def test_lost_replies_and_cut_connections_under_load_lose_no_request(redis_server, real_redis, model_cache, tmp_path):
+    proxy = FaultyProxy(redis_server.port, min_replies=6, max_replies=60, seed=7)
+    # Every process reaches Redis only through the proxy; fast heartbeats so that sweeps run too.
+    service = Processes(
+        proxy.url,
+        tmp_path,
+        MODEL="efficientnet_lite0",
+        MODEL_CACHE_DIR=model_cache,
+        HEARTBEAT_INTERVAL="0.5",
+        HEARTBEAT_TTL="3",
+        BATCH_SIZE="4",
+        FALLBACK_POLL_AFTER="1",
+    )
+    try:
+        proxy.faults = False  # start up cleanly, then lose replies from the first request on
+        workers = [service.start_worker(), service.start_worker()]
+        service.start_web()
+        proxy.faults = True
+        responses = load(service.url, 300, 24)
+        statuses = [r.status_code for r in responses]
+        assert statuses == [200] * 300, {s: statuses.count(s) for s in set(statuses)}
+        labels = [r.json()["predictions"][0]["label"] for r in responses]
+        assert labels == ["castle", "beagle"] * 150
+        assert proxy.cuts > 20, proxy.cuts  # the faults really happened
+        wait_for(lambda: leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 0}, 30, "no job left behind")
+        assert all(w.poll() is None for w in workers)
+    finally:
+        service.stop_all()
+        proxy.close()
+
+
+def malformed_jobs():
+    """One job for each way a field can be wrong, each with a valid id so that its requester can be told."""
+    template = json.loads(jobs.encode_job(jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60)))
+    wrong = {
+        "attempts": "2",
+        "enqueued_at": "yesterday",
+        "deadline": None,
+        "top_k": 10**9,
+        "shape": [1, 2],
+        "image": base64.b64encode(b"x" * 10).decode(),
+        "request_id": ["a"],
+        "dtype": "float64",
+    }
+    made = []
+    for field, value in wrong.items():
+        job = dict(template, id=jobs.Job(None, 0).id, **{field: value})
+        made.append((field, job["id"], json.dumps(job)))
+    return made
+
+
+@pytest.mark.slow
+def test_malformed_jobs_beside_real_traffic_are_dead_lettered_and_answered(service, real_redis):
+    workers = [service.start_worker(BATCH_SIZE="4"), service.start_worker(BATCH_SIZE="4")]
+    service.start_web()
+    bad = malformed_jobs()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        traffic = pool.submit(load, service.url, 40, 8)
+        for _, _, raw in bad:
+            real_redis.rpush(KEYS.queue, raw)
+        real_redis.rpush(KEYS.queue, b"\xff not json at all", b"[1, 2, 3]")
+        responses = traffic.result()
+    assert [r.status_code for r in responses] == [200] * 40
+    assert all(w.poll() is None for w in workers)  # no job killed a worker
+    wait_for(lambda: real_redis.llen(KEYS.dead) == len(bad) + 2, 30, "every bad job dead-lettered")
+    for field, job_id, _ in bad:
+        result = jobs.decode_result(real_redis.get(KEYS.result(job_id)))
+        assert result["status"] == 422 and field in result["error"], (field, result)
+
+
+class PoisonClassifier(CountingClassifier):
+    """Fails on any batch holding an image whose first pixel is 255, as a model can fail on one input."""
+
+    def predict(self, pixels):
+        if any(p[0, 0, 0] == 255 for p in pixels):
+            raise RuntimeError("this image breaks the model")
+        return super().predict(pixels)
+
+
+def make_job(marker):
+    pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
+    pixels[0, 0, 0] = marker
+    return jobs.Job(pixels, time.time() + 60)
+
+
+def test_a_poison_image_is_dead_lettered_alone_and_its_batch_mates_answered(real_redis, config):
+    config = config.replace(block_timeout=0.2, max_attempts=2, batch_size=8)
+    queue = JobQueue(real_redis, config)
+    good = [make_job(n) for n in (1, 2, 3)]
+    poison = make_job(255)
+    for job in (good[0], poison, *good[1:]):
+        queue.enqueue(jobs.encode_job(job))
+    classifier = PoisonClassifier()
+    worker = Worker(classifier, config, name="w")
+    while worker.run_once():
+        pass
+    assert sorted(classifier.seen) == [1, 2, 3]  # each good image classified once, on the first batch
+    for job in good:
+        assert jobs.decode_result(real_redis.get(KEYS.result(job.id)))["success"] is True
+    failed = jobs.decode_result(real_redis.get(KEYS.result(poison.id)))
+    assert failed["status"] == 500 and "failed 2 times" in failed["error"] and "breaks the model" in failed["error"]
+    [dead] = real_redis.lrange(KEYS.dead, 0, -1)
+    assert jobs.decode_job(dead).id == poison.id and jobs.decode_job(dead).attempts == 2
+    assert leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 1}
+
+
+class SlowClassifier(CountingClassifier):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.started = seconds, threading.Event()
+
+    def predict(self, pixels):
+        self.started.set()
+        time.sleep(self.seconds)
+        return super().predict(pixels)
+
+
+def test_a_stopping_worker_keeps_beating_until_its_long_batch_is_done(real_redis, config):
+    config = config.replace(block_timeout=0.2, heartbeat_interval=0.2, heartbeat_ttl=1)
+    queue = JobQueue(real_redis, config)
+    job = make_job(7)
+    queue.enqueue(jobs.encode_job(job))
+    classifier = SlowClassifier(seconds=3)  # three heartbeat TTLs
+    worker = Worker(classifier, config, name="leaving")
+    thread = threading.Thread(target=worker.serve)
+    thread.start()
+    assert classifier.started.wait(10)
+    worker.stopping.set()  # what SIGTERM's handler does
+    sweeper = WorkerRegistry(real_redis, queue, heartbeat_ttl=1)
+    swept = []
+    while thread.is_alive():
+        swept += sweeper.sweep()
+        time.sleep(0.1)
+    assert swept == []  # never taken for dead
+    result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
+    assert result["success"] is True and classifier.seen == [7]
+    assert leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 0}
+
+
+@pytest.mark.slow
+def test_a_worker_whose_clock_runs_a_minute_ahead_answers_every_request(service, real_redis):
+    worker = service.start_worker(prefix=["faketime", "-f", "+60s"])
+    assert "faketime" not in service.log_text(worker)  # it started under the fake clock, without complaint
+    service.start_web(REQUEST_TIMEOUT="20")
+    responses = load(service.url, 12, 4)
+    assert [r.status_code for r in responses] == [200] * 12
+    assert "job_expired" not in service.log_text(worker)
+
+
+def test_a_listener_whose_connection_silently_dies_connects_again(redis_server, real_redis, config):
+    proxy = FaultyProxy(redis_server.port)
+    proxy.faults = False
+    settings = config.replace(redis_url=proxy.url, listener_ping_interval=0.3, fallback_poll_after=60)
+    waiter = ResultWaiter(real_redis, settings)  # results are read directly; only the listener uses the proxy
+    try:
+        channel = waiter.start()
+        proxy.freeze()  # the connection stays open and carries nothing: no error, no message
+        job_id = "a" * 32
+        with waiter.expect(job_id) as pending:
+            real_redis.set(KEYS.result(job_id), jobs.encode_result({"id": job_id}), ex=60)
+            real_redis.publish(channel, job_id)  # lost in the frozen connection
+            woken = REGISTRY.get_sample_value("imgclf_result_wakeups_total", {"via": "notification"}) or 0
+            assert waiter.wait(pending, time.monotonic() + 15) == {"id": job_id}
+            # Woken by the resubscribe (which wakes every waiting request), not found by the final look at 15 s.
+            assert REGISTRY.get_sample_value("imgclf_result_wakeups_total", {"via": "notification"}) == woken + 1
+    finally:
+        waiter.close()
+        proxy.close()

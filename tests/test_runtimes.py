@@ -1,0 +1,144 @@
+"""The runtimes: OpenVINO gives Keras-on-TensorFlow's answers, the self-check and the precision guard refuse,
+and MODEL/RUNTIME/PRECISION pick what the worker serves."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import helpers
+import models
+import runtimes
+from settings import Settings
+from support import CASTLE, JEMMA
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def efficientnet(model_cache):
+    """EfficientNet-Lite0 with its real weights, on Keras-on-TensorFlow."""
+    return models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, runtime="tensorflow"))
+
+
+@pytest.fixture(scope="module")
+def ir_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino-ir")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return np.stack([helpers.prepare_image(path.read_bytes(), 40_000_000) for path in (CASTLE, JEMMA)])
+
+
+def reference(classifier):
+    return runtimes.compile_model(classifier.model, "tensorflow", "f32")
+
+
+def test_openvino_f32_gives_tensorflows_top5_and_probabilities(efficientnet, ir_cache, photos):
+    openvino = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=ir_cache)
+    assert hasattr(openvino, "compiled_model")  # really OpenVINO, not a fall-back to Keras
+    batch = efficientnet._preprocess(photos.astype(np.float32))
+    expected, got = reference(efficientnet)(batch), openvino(batch)
+    assert got.dtype == np.float32 and got.shape == (2, 1000)
+    assert [efficientnet.labels[i] for i in np.argmax(got, axis=1)] == ["castle", "beagle"]
+    for row in range(2):
+        assert list(np.argsort(got[row])[::-1][:5]) == list(np.argsort(expected[row])[::-1][:5])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    # One image at a time (a batch size this compiled model has not seen) gives the same answer.
+    np.testing.assert_allclose(openvino(batch[1:]), expected[1:], rtol=0, atol=1e-4)
+
+
+def test_self_check_passes_openvino_at_the_default_tolerances(efficientnet, ir_cache):
+    precisions = ["f32", "bf16"] if runtimes.bf16_supported() else ["f32"]
+    for precision in precisions:
+        openvino = runtimes.compile_model(efficientnet.model, "openvino", precision, cache_dir=ir_cache)
+        difference = runtimes.self_check(
+            reference(efficientnet), openvino, runtimes.TOLERANCES[precision], efficientnet._preprocess
+        )
+        assert 0 <= difference <= runtimes.TOLERANCES[precision]
+
+
+def test_self_check_refuses_a_runtime_whose_probabilities_moved(efficientnet):
+    expected = reference(efficientnet)
+
+    def nudged(batch):
+        probabilities = expected(batch).copy()
+        probabilities[:, 0] += 2e-4  # just over the f32 tolerance, on one class only
+        return probabilities
+
+    with pytest.raises(RuntimeError, match="self-check failed.*differ"):
+        runtimes.self_check(expected, nudged, runtimes.TOLERANCES["f32"], efficientnet._preprocess)
+    with pytest.raises(RuntimeError, match="self-check failed.*NaN"):
+        runtimes.self_check(expected, lambda batch: expected(batch) * np.nan, 1.0, efficientnet._preprocess)
+
+
+def test_self_check_refuses_an_openvino_model_with_altered_weights(efficientnet, ir_cache):
+    import keras
+
+    altered = keras.models.clone_model(efficientnet.model)
+    altered.set_weights(efficientnet.model.get_weights())
+    stem = altered.get_layer("stem_conv")
+    stem.set_weights([stem.get_weights()[0] * 1.01])  # a 1% error in one layer
+    candidate = runtimes.compile_model(altered, "openvino", "f32", cache_dir=ir_cache)
+    assert len(list(Path(ir_cache).glob("*.xml"))) == 2  # its own cache entry, not the unaltered model's IR
+    with pytest.raises(RuntimeError, match="self-check failed"):
+        runtimes.self_check(reference(efficientnet), candidate, runtimes.TOLERANCES["f32"], efficientnet._preprocess)
+
+
+def test_bf16_is_refused_where_the_cpu_lacks_it(efficientnet, monkeypatch, tmp_path):
+    monkeypatch.setattr(runtimes, "bf16_supported", lambda: False)
+    with pytest.raises(runtimes.UnsupportedPrecision, match="bf16.*BF16.*use precision f32"):
+        runtimes.compile_model(efficientnet.model, "openvino", "bf16", cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before any conversion work
+
+
+def test_without_openvino_only_tensorflow_is_available(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` raise ImportError
+    runtimes._core.cache_clear()
+    try:
+        assert runtimes.available() == ["tensorflow"]
+        assert runtimes.bf16_supported() is False
+    finally:
+        runtimes._core.cache_clear()
+
+
+def test_unknown_runtime_and_precision_are_refused(efficientnet):
+    with pytest.raises(ValueError, match="unknown runtime"):
+        runtimes.compile_model(efficientnet.model, "onnxruntime", "f32")
+    with pytest.raises(ValueError, match="unknown precision"):
+        runtimes.compile_model(efficientnet.model, "openvino", "fp16")
+    with pytest.raises(runtimes.UnsupportedPrecision, match="tensorflow runtime runs f32 only"):
+        runtimes.compile_model(efficientnet.model, "tensorflow", "bf16")
+
+
+def test_warm_up_runs_each_batch_size_once():
+    seen = []
+    runtimes.warm_up(lambda batch: seen.append(batch.shape), (1, 8, 32))
+    assert seen == [(1, 224, 224, 3), (8, 224, 224, 3), (32, 224, 224, 3)]
+
+
+def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache, photos):
+    served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache))
+    keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, runtime="tensorflow"))
+    assert (served.runtime, served.precision) == ("openvino", "f32") and keras.runtime == "tensorflow"
+    for got, expected in zip(served.predict(photos), keras.predict(photos), strict=True):
+        assert [p["label"] for p in served.top_k(got, 5)] == [p["label"] for p in keras.top_k(expected, 5)]
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache, monkeypatch):
+    def broken(batch):
+        return np.full((len(batch), 1000), 1e-3, dtype=np.float32)
+
+    real_compile = runtimes.compile_model
+    monkeypatch.setattr(
+        runtimes,
+        "compile_model",
+        lambda model, runtime, *a, **k: broken if runtime == "openvino" else real_compile(model, runtime),
+    )
+    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache)
+    with pytest.raises(models.ModelUnavailable, match="RUNTIME=openvino cannot serve.*self-check failed"):
+        models.load(lite0.replace(runtime="openvino"))
+    assert models.load(lite0).runtime == "tensorflow"  # auto falls back, and says so in the log
