@@ -1,14 +1,19 @@
 """Benchmark: the bare model beside the whole service, in one run, on this machine.
 
-`make bench` (or `python bench.py`) measures in-process predict_on_batch at batch 1, 8 and 32; then the
-service end to end over HTTP at concurrency 1, 8 and 32, with pub/sub notifications and with plain polling
-(WAIT_MODE=poll); Redis commands per request and per idle second from INFO commandstats. The model is
-ResNet50 with random weights (same compute as ImageNet's, and it runs offline). Ratios are what matter on
-a shared machine; the JSON goes to bench-results/.
+`make bench` (or `python bench.py`) measures, for each model (ResNet50 with random weights: the same compute
+as ImageNet's, offline; and EfficientNet-Lite0, the default) and each runtime (Keras on TensorFlow, OpenVINO
+f32 and bf16):
+- the bare runtime on ready float32 input at batch 1 and 32, in this process (TensorFlow's
+  `predict_on_batch` is the reference every ratio is taken against);
+- the service end to end over HTTP at concurrency 1 and 32, with the CPU time each process (web, worker,
+  Redis) spent per request at 32, and Redis commands per request (INFO commandstats);
+then plain polling (WAIT_MODE=poll) on TensorFlow for comparison, and Redis commands per idle second.
+The castle image is sent. Ratios are what matter on a shared machine; the JSON goes to bench-results/.
 """
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,159 +21,192 @@ from pathlib import Path
 import numpy as np
 
 import launcher
+import models
 import stress_test
 from jobs import IMAGE_SHAPE
+from settings import Settings
 
 ROOT = Path(__file__).resolve().parent
 BENCH_ONLY = {"info", "config|resetstat", "flushall", "ping"}
-CONCURRENCIES = (1, 8, 32)
+RUNTIMES = {
+    "tensorflow": {"RUNTIME": "tensorflow"},
+    "openvino f32": {"RUNTIME": "openvino", "PRECISION": "f32"},
+    "openvino bf16": {"RUNTIME": "openvino", "PRECISION": "bf16"},
+}
+BATCHES = (1, 32)
+CONCURRENCIES = (1, 32)
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def bare_model(classifier, seconds, label):
+def bare(classifier, seconds):
+    """{batch: {images_per_s, ms_per_batch}} of the runtime alone on preprocessed float32 input."""
     results = {}
-    for batch in (1, 8, 32):
-        x = np.random.default_rng(0).integers(0, 256, (batch, *IMAGE_SHAPE), dtype=np.uint8)
+    for batch in BATCHES:
+        x = classifier.preprocess(np.random.default_rng(0).integers(0, 256, (batch, *IMAGE_SHAPE), dtype=np.uint8))
         for _ in range(2):
-            classifier.predict(x)
+            classifier.infer(x)
         runs, started = 0, time.perf_counter()
         while runs < 3 or time.perf_counter() - started < seconds:
-            classifier.predict(x)
+            classifier.infer(x)
             runs += 1
         elapsed = time.perf_counter() - started
-        results[batch] = {
-            "images_per_s": round(batch * runs / elapsed, 2),
-            "ms_per_batch": round(elapsed / runs * 1000, 1),
-        }
-        print(
-            f"bare model ({label}) batch {batch:>2}: {results[batch]['images_per_s']:6.2f} images/s, "
-            f"{results[batch]['ms_per_batch']:7.1f} ms per batch",
-            flush=True,
-        )
+        results[batch] = {"images_per_s": batch * runs / elapsed, "ms_per_batch": elapsed / runs * 1000}
     return results
 
 
+def bare_runtimes(model, cache_dir, seconds):
+    classifier = models.load(
+        Settings(model=model, model_weights=_weights(model), model_cache_dir=cache_dir, runtime="tensorflow")
+    )
+    report = {"tensorflow": bare(classifier, seconds)}
+    for name, env in list(RUNTIMES.items())[1:]:
+        classifier.use_runtime("openvino", env["PRECISION"], Path(cache_dir) / "openvino")
+        report[name] = bare(classifier, seconds)
+    return report
+
+
+def _weights(model):
+    return "none" if model == "resnet50" else ""
+
+
 def count_commands(client):
-    """Total and per-command calls since the last CONFIG RESETSTAT, the benchmark's own left out.
-
-    INFO commandstats counts every command, those our Lua scripts run included.
-    """
+    """Total calls since the last CONFIG RESETSTAT, the benchmark's own left out (commands run by our Lua
+    scripts included: INFO commandstats counts them)."""
     stats = client.info("commandstats")
-    calls = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
-    relevant = {name: n for name, n in calls.items() if name not in BENCH_ONLY}
-    return sum(relevant.values()), relevant
+    return sum(v["calls"] for name, v in stats.items() if name.removeprefix("cmdstat_") not in BENCH_ONLY)
 
 
-def service_run(url, redis, image, concurrency, requests_total):
+def cpu_seconds(pid):
+    """User + system CPU of a process and of its live children (gunicorn's workers), from /proc."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += cpu_seconds(int(child))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return total + (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def service_run(url, redis, image, concurrency, total, pids):
     stress_test.run(url, image, min(concurrency * 2, 16), concurrency=concurrency)  # warm connections
     redis.config_resetstat()
-    summary = stress_test.summarize(stress_test.run(url, image, requests_total, concurrency=concurrency))
-    total, by_command = count_commands(redis)
-    summary["redis_commands_per_request"] = round(total / requests_total, 2)
-    summary["redis_commands"] = by_command
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    summary = stress_test.summarize(stress_test.run(url, image, total, concurrency=concurrency))
+    summary["cpu_ms_per_request"] = {
+        name: (cpu_seconds(pid) - before[name]) * 1000 / total for name, pid in pids.items()
+    }
+    summary["redis_commands_per_request"] = count_commands(redis) / total
     return summary
 
 
-def idle_rate(redis, seconds):
-    redis.config_resetstat()
-    time.sleep(seconds)
-    total, by_command = count_commands(redis)
-    return {"commands_per_s": round(total / seconds, 2), "by_command": by_command}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=4, help="time per bare-model measurement")
-    parser.add_argument("--requests", type=int, default=8, help="requests per unit of concurrency (min 48)")
-    parser.add_argument("--idle", type=float, default=10, help="seconds to count idle Redis commands")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
-    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE")
-    args = parser.parse_args(argv)
-
-    import models
-    from settings import Settings
-
-    classifier = models.load(Settings(model="resnet50", model_weights="none"))
-    report = {"bare_before": bare_model(classifier, args.seconds, "before"), "service": {}}
-    image = (ROOT / "castle_image.jpg").read_bytes()
-    worker_env = dict(item.split("=", 1) for item in args.worker_env)
+def service_runtimes(model, cache_dir, image, requests, idle_seconds):
+    report = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = launcher.RedisServer(tmp)
         server.start()
         redis = server.client()
-        service = launcher.Processes(server.url, tmp, MODEL="resnet50", MODEL_WEIGHTS="none")
+        common = {"MODEL": model, "MODEL_WEIGHTS": _weights(model), "MODEL_CACHE_DIR": cache_dir}
         try:
-            service.start_worker(**worker_env)
-            # TensorFlow (oneDNN) prepares kernels for each new batch size on first use, 15-30 % slower; a
-            # long-running worker has seen them all. Warm them up so that neither mode pays for it.
-            warm = launcher.Processes(server.url, tmp)
-            warm.start_web()
-            for concurrency in (32, 16, 8, 4):
-                stress_test.run(f"{warm.url}/predict", image, 4 * concurrency, concurrency=concurrency)
-            warm.stop_all()
-            for mode in ("notify", "poll"):
-                web = service.start_web(WAIT_MODE=mode)
-                url = f"{service.url}/predict"
-                report["service"][mode] = {}
-                for concurrency in CONCURRENCIES:
-                    summary = service_run(url, redis, image, concurrency, max(48, concurrency * args.requests))
-                    report["service"][mode][concurrency] = summary
-                    print(
-                        f"{mode:<6} concurrency {concurrency:>2}: {summary['throughput_rps']:6.2f} requests/s, "
-                        f"p50 {summary['latency_ms']['p50']:7.1f} ms, p99 {summary['latency_ms']['p99']:7.1f} ms, "
-                        f"{summary['redis_commands_per_request']:.2f} Redis commands/request, "
-                        f"{summary['failed']} failed",
-                        flush=True,
-                    )
-                if mode == "notify":
-                    report["idle"] = idle_rate(redis, args.idle)
-                    print(f"idle: {report['idle']['commands_per_s']} Redis commands/s", flush=True)
-                service.stop(web)
+            for name, env in RUNTIMES.items():
+                service = launcher.Processes(server.url, tmp, **common, **env)
+                try:
+                    worker = service.start_worker()
+                    web = service.start_web()
+                    url = f"{service.url}/predict"
+                    pids = {"web": web.pid, "worker": worker.pid, "redis": server.process.pid}
+                    # Both runtimes prepare kernels per batch size on first use: warm the sizes a run will see.
+                    for concurrency in (32, 16, 8, 4):
+                        stress_test.run(url, image, 4 * concurrency, concurrency=concurrency)
+                    report[name] = {
+                        c: service_run(url, redis, image, c, max(48, c * requests), pids) for c in CONCURRENCIES
+                    }
+                    _print_service(model, name, report[name])
+                    if name == "tensorflow":
+                        service.stop(web)
+                        service.start_web(WAIT_MODE="poll")
+                        report["tensorflow, polling"] = {
+                            c: service_run(f"{service.url}/predict", redis, image, c, max(48, c * requests), pids)
+                            for c in CONCURRENCIES
+                        }
+                        _print_service(model, "tensorflow, polling", report["tensorflow, polling"])
+                        redis.config_resetstat()
+                        time.sleep(idle_seconds)
+                        report["idle_commands_per_s"] = count_commands(redis) / idle_seconds
+                finally:
+                    service.stop_all()
         finally:
-            service.stop_all()
             server.stop()
+    return report
 
-    # The machine is shared: measuring the bare model before and after the service and averaging keeps a
-    # drift in the machine's speed from favouring either side.
-    report["bare_after"] = bare_model(classifier, args.seconds, "after")
-    report["bare"] = {
-        batch: {
-            key: round((report["bare_before"][batch][key] + report["bare_after"][batch][key]) / 2, 2)
-            for key in ("images_per_s", "ms_per_batch")
-        }
-        for batch in report["bare_before"]
+
+def _print_service(model, name, runs):
+    for concurrency, s in runs.items():
+        cpu = ", ".join(f"{k} {v:.1f}" for k, v in s["cpu_ms_per_request"].items())
+        print(
+            f"{model} service {name} c={concurrency}: {s['throughput_rps']:.2f} req/s, p50 {s['latency_ms']['p50']}"
+            f" ms, {s['redis_commands_per_request']:.2f} Redis commands/req, CPU ms/req: {cpu}, "
+            f"{s['failed']} failed",
+            flush=True,
+        )
+
+
+def print_tables(model, bare_before, bare_after, service):
+    reference = {
+        b: (bare_before["tensorflow"][b]["images_per_s"] + bare_after["tensorflow"][b]["images_per_s"]) / 2
+        for b in BATCHES
     }
-    print_table(report)
+    print(f"\n### {model}\n")
+    print("| measurement | images/s | ms (bare: per batch; service: p50) | x bare TF predict_on_batch |")
+    print("|---|---|---|---|")
+    for name in RUNTIMES:
+        for b in BATCHES:
+            ips = (bare_before[name][b]["images_per_s"] + bare_after[name][b]["images_per_s"]) / 2
+            ms = (bare_before[name][b]["ms_per_batch"] + bare_after[name][b]["ms_per_batch"]) / 2
+            print(f"| bare {name}, batch {b} | {ips:.1f} | {ms:.1f} | {ips / reference[b]:.2f}x |")
+    for name, runs in service.items():
+        if not isinstance(runs, dict):
+            continue
+        for c, s in runs.items():
+            ratio = s["throughput_rps"] / reference[32 if c > 1 else 1]
+            print(
+                f"| service {name}, concurrency {c} | {s['throughput_rps']:.1f} | {s['latency_ms']['p50']:.1f} "
+                f"| {ratio:.2f}x |"
+            )
+    print(
+        "\n| service at concurrency 32 | web CPU ms/req | worker CPU ms/req | Redis CPU ms/req | Redis commands/req |"
+    )
+    print("|---|---|---|---|---|")
+    for name, runs in service.items():
+        if isinstance(runs, dict):
+            cpu, s = runs[32]["cpu_ms_per_request"], runs[32]
+            print(
+                f"| {name} | {cpu['web']:.2f} | {cpu['worker']:.2f} | {cpu['redis']:.2f} | "
+                f"{s['redis_commands_per_request']:.2f} |"
+            )
+    print(f"\nidle: {service['idle_commands_per_s']:.2f} Redis commands/s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "efficientnet_lite0"])
+    parser.add_argument("--seconds", type=float, default=4, help="time per bare measurement")
+    parser.add_argument("--requests", type=int, default=8, help="requests per unit of concurrency (min 48)")
+    parser.add_argument("--idle", type=float, default=10, help="seconds to count idle Redis commands")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
+    args = parser.parse_args(argv)
+    image = (ROOT / "castle_image.jpg").read_bytes()
+    report = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for model in args.models:
+            # The machine is shared: measuring the bare runtimes before and after the service and averaging
+            # keeps a drift in the machine's speed from favouring either side.
+            before = bare_runtimes(model, cache_dir, args.seconds)
+            service = service_runtimes(model, cache_dir, image, args.requests, args.idle)
+            after = bare_runtimes(model, cache_dir, args.seconds)
+            report[model] = {"bare_before": before, "bare_after": after, "service": service}
+            print_tables(model, before, after, service)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}")
-
-
-def print_table(report):
-    bare, notify, poll = report["bare"], report["service"]["notify"], report["service"]["poll"]
-    print("\n| measurement | throughput (images/s) | p50 latency (ms) | p99 latency (ms) | Redis commands/request |")
-    print("|---|---|---|---|---|")
-    for batch, row in bare.items():
-        name = f"bare predict_on_batch, batch {batch} (mean of before and after)"
-        print(f"| {name} | {row['images_per_s']:.2f} | {row['ms_per_batch']:.1f} | | |")
-    for name, runs in (("notifications", notify), ("polling", poll)):
-        for concurrency, s in runs.items():
-            lat = s["latency_ms"]
-            print(
-                f"| service, {name}, concurrency {concurrency} | {s['throughput_rps']:.2f} | {lat['p50']:.1f} | "
-                f"{lat['p99']:.1f} | {s['redis_commands_per_request']:.2f} |"
-            )
-    print(f"| idle | | | | {report['idle']['commands_per_s']} commands/s |")
-    top = max(CONCURRENCIES)
-    print(
-        f"\nthroughput at concurrency {top} / bare batch {top}: notifications "
-        f"{notify[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x, polling "
-        f"{poll[top]['throughput_rps'] / bare[top]['images_per_s']:.2f}x"
-    )
-    print(
-        f"p50 at concurrency 1 minus bare batch-1 latency: notifications "
-        f"{notify[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms, polling "
-        f"{poll[1]['latency_ms']['p50'] - bare[1]['ms_per_batch']:+.1f} ms"
-    )
 
 
 if __name__ == "__main__":

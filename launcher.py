@@ -93,11 +93,11 @@ class Processes:
         self.processes = []
         self.port = None
 
-    def _spawn(self, script, name, env, prefix=()):
+    def _spawn(self, script, name, env):
         path = self.logdir / f"{name}.log"
         with open(path, "w") as log:
             process = subprocess.Popen(
-                [*prefix, sys.executable, str(ROOT / script)],
+                [sys.executable, str(ROOT / script)],
                 cwd=ROOT,
                 env={**self.env, **env},
                 stdout=log,
@@ -111,9 +111,8 @@ class Processes:
     def log_text(process):
         return process.log_path.read_text()
 
-    def start_worker(self, prefix=(), **env):
-        """A worker; `prefix` goes before its command line (e.g. faketime, to give it a clock of its own)."""
-        process = self._spawn("run_model_server.py", f"worker{len(self.processes)}", env, prefix)
+    def start_worker(self, **env):
+        process = self._spawn("run_model_server.py", f"worker{len(self.processes)}", env)
         wait_for(lambda: "worker_ready" in self.log_text(process) or process.poll() is not None, 180, "a worker")
         if process.poll() is not None:
             raise RuntimeError(f"the worker exited:\n{self.log_text(process)}")
