@@ -134,7 +134,7 @@ class Worker:
             bind()
 
     def _triage(self, raws, now):
-        """Split claimed jobs into those to run, replies for malformed ones, and raw jobs to dead-letter."""
+        """Split claimed jobs into those to run, replies for malformed ones, and (raw job, reason) to dead-letter."""
         valid, replies, dead = [], [], []
         for raw in raws:
             try:
@@ -142,7 +142,7 @@ class Worker:
             except jobs.JobError as exc:
                 self.counts["errors"] += 1
                 log("job_rejected", level="ERROR", id=exc.job_id, worker=self.name, error=str(exc))
-                dead.append(raw)
+                dead.append((raw, f"invalid job: {exc}"))
                 if exc.job_id:
                     error = jobs.error_result(exc.job_id, f"invalid job: {exc}", 422)
                     replies.append(Reply.of(exc.job_id, exc.reply_to, error))
@@ -172,7 +172,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - any model failure: retry the batch, then give up
                 self.counts["errors"] += len(valid)
                 log("inference_failed", level="ERROR", worker=self.name, batch_size=len(valid), error=repr(exc))
-                self.queue.fail(self.name)
+                self.queue.fail(self.name, repr(exc))
                 return
             inference_ms = (time.time() - started) * 1000
             log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)

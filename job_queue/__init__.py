@@ -65,24 +65,27 @@ class JobQueue:
             return [first]
         return [first, *self._scripts["claim"](keys=[self.keys.queue, processing], args=[max_jobs - 1])]
 
-    def finish(self, worker: str, replies: Sequence[Reply], dead_jobs: Iterable = ()) -> None:
-        """Store the batch's replies, dead-letter `dead_jobs` and acknowledge the worker's claim, in one step."""
+    def finish(self, worker: str, replies: Sequence[Reply], dead_jobs: Iterable[tuple] = ()) -> None:
+        """Store the batch's replies, dead-letter `dead_jobs` ((raw job, reason) pairs) and acknowledge the
+        worker's claim, in one step."""
         self._store(worker, replies, dead_jobs, acknowledge=True)
 
     def leave(self, worker: str) -> None:
         """A graceful exit: the worker's unfinished jobs go back to the queue without counting an attempt."""
-        self._requeue(worker, "leave")
+        self._requeue(worker, "leave", f"out of attempts ({self.max_attempts})")
 
-    def fail(self, worker: str) -> list:
+    def fail(self, worker: str, error: str = "") -> list:
         """The model failed on the worker's batch: retry it with an attempt counted, or give up on the jobs
         out of attempts and answer their requesters. Returns the jobs given up."""
-        return self._requeue(worker, "fail")
+        cause = f"the model failed on its batch on worker {worker}" + (f": {error}" if error else "")
+        return self._requeue(worker, "fail", f"out of attempts ({self.max_attempts}); the last: {cause}")
 
     def sweep(self, worker: str) -> list | None:
         """Like `fail`, for a worker whose heartbeat expired; None (and nothing done) if it beats again."""
-        return self._requeue(worker, "sweep")
+        cause = f"worker {worker} stopped beating while holding it"
+        return self._requeue(worker, "sweep", f"out of attempts ({self.max_attempts}); the last: {cause}")
 
-    def _requeue(self, worker, mode):
+    def _requeue(self, worker, mode, reason):
         keys = [
             self.keys.processing(worker),
             self.keys.queue,
@@ -90,7 +93,7 @@ class JobQueue:
             self.keys.heartbeat(worker),
             self.keys.workers,
         ]
-        given_up = self._scripts["requeue"](keys=keys, args=[mode, self.max_attempts, worker])
+        given_up = self._scripts["requeue"](keys=keys, args=[mode, self.max_attempts, worker, reason])
         if given_up:
             self._answer_given_up(worker, given_up)
         return given_up
@@ -112,4 +115,6 @@ class JobQueue:
         args = [self.result_ttl, len(replies), "1" if acknowledge else "0"]
         for reply in replies:
             args += [reply.reply_to or "", reply.job_id, reply.payload]
-        self._scripts["finish"](keys=keys, args=[*args, *dead_jobs])
+        for raw, reason in dead_jobs:
+            args += [raw, reason]
+        self._scripts["finish"](keys=keys, args=args)

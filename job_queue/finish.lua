@@ -7,7 +7,8 @@
 -- ARGV[2] n                number of replies
 -- ARGV[3] acknowledge      '1': the batch is done, drop the processing list; '0': only store the replies
 -- ARGV[4 .. 3n+3]          n replies, three values each: channel ('' for none), job id, result JSON
--- ARGV[3n+4 ..]            raw jobs to dead-letter
+-- ARGV[3n+4 ..]            jobs to dead-letter, two values each: raw job, reason
+--                          (each is pushed as jobs.DeadLetter's envelope {"reason", "dead_at", "job": raw job})
 -- Returns n.
 local processing, dead = KEYS[1], KEYS[2]
 local ttl, n, acknowledge = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
@@ -22,8 +23,12 @@ for i = 1, n do
     redis.call('PUBLISH', channel, job_id)
   end
 end
-for i = first_dead, #ARGV do
-  redis.call('RPUSH', dead, ARGV[i])
+if #ARGV >= first_dead then
+  local time = redis.call('TIME')
+  local dead_at = tonumber(time[1]) + tonumber(time[2]) / 1000000
+  for i = first_dead, #ARGV, 2 do
+    redis.call('RPUSH', dead, cjson.encode({reason = ARGV[i + 1], dead_at = dead_at, job = ARGV[i]}))
+  end
 end
 if acknowledge then
   redis.call('DEL', processing)

@@ -64,11 +64,12 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
     pubsub = r.pubsub()
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
-    q.finish("w1", [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=[b"garbage"])
+    q.finish("w1", [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=[(b"garbage", "invalid job: job is not JSON")])
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
     assert 0 < r.ttl(q.keys.result(job.id)) <= 60
     assert r.exists(q.keys.processing("w1")) == 0
-    assert r.lrange(q.keys.dead, 0, -1) == [b"garbage"]
+    [dead] = [jobs.decode_dead_letter(entry) for entry in r.lrange(q.keys.dead, 0, -1)]
+    assert (dead.raw, dead.reason) == ("garbage", "invalid job: job is not JSON")
     message = pubsub.get_message(timeout=1)
     assert message["type"] == "message" and message["data"] == job.id.encode()
 
