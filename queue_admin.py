@@ -146,7 +146,8 @@ def requeue(dead: DeadLetters, ids: list[str] | None, force: bool) -> list[str]:
             f" --force requeues them with a new deadline of {dead.request_timeout:g} s"
         )
     if outcome.no_job:
-        print(f"left {outcome.no_job} entr{'y' if outcome.no_job == 1 else 'ies'} that hold no job with an id")
+        entries = "entry that holds" if outcome.no_job == 1 else "entries that hold"
+        print(f"left {outcome.no_job} {entries} no job with an id")
     return problems
 
 

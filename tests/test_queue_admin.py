@@ -168,10 +168,11 @@ def test_dead_list_shows_every_writers_reason_and_lists_garbage_raw(real_redis, 
 
 @pytest.fixture
 def three_dead(real_redis, admin_config):
-    """Jobs A and B dead with their deadline ahead, C dead with its deadline passed; and one garbage entry."""
-    fresh_a, fresh_b, late = make_job(), make_job(), make_job(deadline_in=-60)
+    """Jobs A and B dead with their deadline ahead, C dead with its deadline passed; two entries with no job id."""
+    fresh_a, fresh_b = make_job(reply_to="image_queue:notify:gone"), make_job(reply_to="image_queue:notify:gone")
+    late = make_job(deadline_in=-60, reply_to="image_queue:notify:gone")
     dead_letter_by_sweep(real_redis, admin_config, fresh_a, fresh_b, late)
-    real_redis.rpush(KEYS.dead, b"\x00 garbage")
+    real_redis.rpush(KEYS.dead, b"\x00 garbage", json.dumps({"no": "id"}))
     real_redis.rpush(KEYS.queue, "waiting")
     return fresh_a, fresh_b, late
 
@@ -196,7 +197,7 @@ def test_requeue_one_puts_it_at_the_tail_with_attempts_0_and_nobody_waiting(
     [job] = queued_after_the_waiting_one(real_redis)
     assert (job.id, job.attempts, job.reply_to) == (fresh_a.id, 0, None)
     assert job.deadline == pytest.approx(fresh_a.deadline, abs=0.001)  # kept (Lua's cjson: 14 digits)
-    assert dead_ids(real_redis) == [late.id, fresh_b.id, None]
+    assert dead_ids(real_redis) == [late.id, fresh_b.id, None, None]
     # Requeued to be re-run: a worker computes it and stores its result.
     real_redis.lpop(KEYS.queue)
     assert Worker(CountingClassifier(), admin_config, name="rerun").run_once() == 1
@@ -223,17 +224,17 @@ def test_requeue_all_moves_every_job_and_reports_what_it_left(real_redis, redis_
     fresh_a, fresh_b, late = three_dead
     result = admin(redis_server.url, "dead", "requeue", "--all")
     assert result.returncode == 1  # C was left dead
-    assert "requeued 2 job(s)" in result.stdout and "left 1 entry that hold no job with an id" in result.stdout
+    assert "requeued 2 job(s)" in result.stdout and "left 2 entries that hold no job with an id" in result.stdout
     assert late.id in result.stderr
     requeued = queued_after_the_waiting_one(real_redis)
     assert sorted(j.id for j in requeued) == sorted([fresh_a.id, fresh_b.id])
     assert all(j.attempts == 0 and j.reply_to is None for j in requeued)
-    assert dead_ids(real_redis) == [late.id, None]
+    assert dead_ids(real_redis) == [late.id, None, None]
 
     result = admin(redis_server.url, "dead", "requeue", "--all", "--force")
     assert result.returncode == 0, result.stderr
     assert [j.id for j in queued_after_the_waiting_one(real_redis)][2:] == [late.id]
-    assert dead_ids(real_redis) == [None]  # garbage is never requeued
+    assert dead_ids(real_redis) == [None, None]  # an entry without a job id is never requeued
 
 
 def test_requeue_and_purge_of_an_unknown_id_fail_clearly(real_redis, redis_server, three_dead):
@@ -249,10 +250,10 @@ def test_purge_one_then_all(real_redis, redis_server, three_dead):
     fresh_a, fresh_b, late = three_dead
     result = admin(redis_server.url, "dead", "purge", fresh_b.id)
     assert result.returncode == 0, result.stderr
-    assert dead_ids(real_redis) == [late.id, fresh_a.id, None]  # the sweep dead-lettered them last first
+    assert dead_ids(real_redis) == [late.id, fresh_a.id, None, None]  # the sweep dead-lettered them last first
     result = admin(redis_server.url, "dead", "purge", "--all")
     assert result.returncode == 0, result.stderr
-    assert "purged 3 dead letter(s)" in result.stdout
+    assert "purged 4 dead letter(s)" in result.stdout
     assert real_redis.llen(KEYS.dead) == 0 and queued_after_the_waiting_one(real_redis) == []
 
 
