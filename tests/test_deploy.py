@@ -223,8 +223,8 @@ def test_dockerfile_installs_like_make_run_as_a_non_root_user_and_serves_the_web
     }
     assert scripts == {"run_web_server.py", "run_model_server.py"} and all((ROOT / s).is_file() for s in scripts)
     assert f"-t {IMAGE}" in (DEPLOY / "Dockerfile").read_text()  # the build line names the image we deploy
-    environment = dict(
-        pair.split("=", 1) for instruction, argument in instructions if instruction == "ENV" for pair in argument.split()
-    )
-    assert set(environment) <= SETTINGS_VARIABLES | OTHER_VARIABLES | {"PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+    env_lines = [argument for instruction, argument in instructions if instruction == "ENV"]
+    environment = dict(pair.split("=", 1) for line in env_lines for pair in line.split())
+    pip_variables = {"PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK"}
+    assert set(environment) <= SETTINGS_VARIABLES | OTHER_VARIABLES | pip_variables
     assert Settings.from_env(environment).host == "0.0.0.0"
