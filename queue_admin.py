@@ -12,6 +12,7 @@ It works against whatever REDIS_URL and IMAGE_QUEUE say (read once, with Setting
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 
@@ -94,8 +95,10 @@ def print_info(info: dict, redis_url: str) -> None:
             rows.append([w["name"], w["model"], w["batch_size"], heartbeat, *(w[c] for c in COUNTS), w["in_flight"]])
         _table(["NAME", "MODEL", "BATCH", "HEARTBEAT", "BATCHES", "JOBS", "ERRORS", "EXPIRED", "IN FLIGHT"], rows)
     if info["orphans"]:
-        print(f"\norphaned processing lists: {len(info['orphans'])} (claimed jobs of no registered worker: no sweep")
-        print("requeues them; `SADD <queue>:workers <worker>` lets the next sweep requeue them, attempt counted)")
+        print(f"\norphaned processing lists: {len(info['orphans'])}")
+        print("  jobs claimed under a worker name that is not registered: no sweep returns them to the queue.")
+        workers_key = Keys(info["queue"]).workers
+        print(f"  `redis-cli SADD {workers_key} WORKER` has the next sweep requeue them (attempt counted).")
         _table(["KEY", "JOBS"], [[o["key"], o["jobs"]] for o in info["orphans"]])
     else:
         print("\norphaned processing lists: none")
@@ -276,4 +279,8 @@ def _fail(message):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `queue_admin.py info | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
