@@ -178,3 +178,50 @@ def address(raw: bytes | str) -> tuple[str | None, str | None]:
     except JobError as exc:
         return exc.job_id, exc.reply_to
     return job.id, job.reply_to
+
+
+class DeadLetter(NamedTuple):
+    """One entry of the dead-letter list (`Keys.dead`), read back.
+
+    The writers, job_queue's finish.lua (jobs the worker found malformed) and requeue.lua (jobs out of
+    attempts), RPUSH the JSON envelope {"reason": why it was given up, "dead_at": Redis's clock, unix seconds,
+    "job": the raw job string exactly as it was claimed}. Entries written before the envelope existed (the bare
+    raw job) and garbage still read back, with `reason` None.
+    """
+
+    raw: str  # the raw job (the whole entry when it is not an envelope), undecodable bytes kept as surrogates
+    reason: str | None
+    dead_at: float | None
+    job: dict | None  # the raw job parsed, None when it is not a JSON object
+
+    @property
+    def id(self) -> str | None:
+        job_id = (self.job or {}).get("id")
+        return job_id if isinstance(job_id, str) and _ID.match(job_id) else None
+
+    def raw_bytes(self) -> bytes:
+        return self.raw.encode("utf-8", "surrogateescape")
+
+
+def decode_dead_letter(entry: bytes | str) -> DeadLetter:
+    """Never raises: whatever the dead-letter list holds is listed."""
+    text = entry.decode("utf-8", "surrogateescape") if isinstance(entry, bytes) else entry
+    envelope = _json_object(text)
+    if envelope is not None and isinstance(envelope.get("job"), str):
+        reason, dead_at = envelope.get("reason"), envelope.get("dead_at")
+        raw = envelope["job"]
+        return DeadLetter(
+            raw,
+            reason if isinstance(reason, str) else None,
+            float(dead_at) if isinstance(dead_at, (int, float)) else None,
+            _json_object(raw),
+        )
+    return DeadLetter(text, None, None, envelope)
+
+
+def _json_object(text):
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -6,7 +6,8 @@ class Keys:
 
     def __init__(self, queue: str):
         self.queue = queue  # LIST of job JSON, RPUSH by web, popped from the left
-        self.dead = f"{self.queue}:dead"  # LIST of jobs that failed MAX_ATTEMPTS times or were malformed
+        # LIST of jobs that failed MAX_ATTEMPTS times or were malformed, each in jobs.DeadLetter's envelope
+        self.dead = f"{self.queue}:dead"
         self.workers = f"{self.queue}:workers"  # SET of registered worker names
         self.log_stream = f"{self.queue}:log"  # STREAM of log lines from every process (opt-in)
         self.result_prefix = f"{self.queue}:result:"

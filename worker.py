@@ -155,8 +155,9 @@ class Worker:
             # Hand the batch back with an attempt counted: if a job causes it, that job ends in the
             # dead-letter list after MAX_ATTEMPTS instead of taking every worker down in turn.
             self.counts["errors"] += len(raws)
-            log("batch_failed", level="ERROR", worker=self.name, claimed=len(raws), error=repr(exc))
-            self._connect_with_backoff(lambda: self.queue.fail(self.name))
+            error = repr(exc)
+            log("batch_failed", level="ERROR", worker=self.name, claimed=len(raws), error=error)
+            self._connect_with_backoff(lambda: self.queue.fail(self.name, error))
             return
         finally:
             bind()
@@ -202,7 +203,7 @@ class Worker:
             except jobs.JobError as exc:
                 self.counts["errors"] += 1
                 log("job_rejected", level="ERROR", id=exc.job_id, worker=self.name, error=str(exc))
-                dead.append(raw)
+                dead.append((raw, f"invalid job: {exc}"))
                 if exc.job_id:
                     error = jobs.error_result(exc.job_id, f"invalid job: {exc}", 422)
                     replies.append(Reply.of(exc.job_id, exc.reply_to, error))
@@ -247,6 +248,7 @@ class Worker:
             retry.append(jobs.encode_job(job))
             return
         log("job_dead_lettered", level="ERROR", id=job.id, worker=self.name, attempts=job.attempts)
-        dead.append(jobs.encode_job(job))
         message = f"job failed {job.attempts} times and was given up: the model raised {error!r}"
+        reason = f"out of attempts ({job.attempts}); the last: the model raised {error!r} on worker {self.name}"
+        dead.append((jobs.encode_job(job), reason))
         replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, message, 500)))

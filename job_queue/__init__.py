@@ -77,7 +77,8 @@ class JobQueue:
         dead_jobs: Iterable = (),
     ) -> str:
         """Store the batch's replies, put `retry` jobs back at the head of the queue, dead-letter `dead_jobs`
-        and acknowledge the `claimed` jobs, in one step that is safe to repeat with the same `batch_id`.
+        ((raw job, reason) pairs) and acknowledge the `claimed` jobs, in one step that is safe to repeat with
+        the same `batch_id`.
 
         Returns "done", "duplicate" (this batch was finished before) or "swept" (a sweep took the batch
         back meanwhile: the replies were stored, nothing else changed).
@@ -86,18 +87,20 @@ class JobQueue:
 
     def leave(self, worker: str) -> None:
         """A graceful exit: the worker's unfinished jobs go back to the queue without counting an attempt."""
-        self._requeue(worker, "leave")
+        self._requeue(worker, "leave", "")
 
-    def fail(self, worker: str) -> list:
+    def fail(self, worker: str, error: str = "") -> list:
         """The worker failed on its whole batch: retry it with an attempt counted, or give up on the jobs
         out of attempts and answer their requesters. Returns the jobs given up."""
-        return self._requeue(worker, "fail")
+        cause = f"worker {worker} failed on its batch" + (f": {error}" if error else "")
+        return self._requeue(worker, "fail", f"out of attempts ({self.max_attempts}); the last: {cause}")
 
     def sweep(self, worker: str) -> list | None:
         """Like `fail`, for a worker whose heartbeat expired; None (and nothing done) if it beats again."""
-        return self._requeue(worker, "sweep")
+        cause = f"worker {worker} stopped beating while holding it"
+        return self._requeue(worker, "sweep", f"out of attempts ({self.max_attempts}); the last: {cause}")
 
-    def _requeue(self, worker, mode):
+    def _requeue(self, worker, mode, reason):
         keys = [
             self.keys.processing(worker),
             self.keys.queue,
@@ -105,7 +108,9 @@ class JobQueue:
             self.keys.heartbeat(worker),
             self.keys.workers,
         ]
-        outcome = self._scripts["requeue"](keys=keys, args=[mode, self.max_attempts, worker, self.dead_letter_max])
+        outcome = self._scripts["requeue"](
+            keys=keys, args=[mode, self.max_attempts, worker, self.dead_letter_max, reason]
+        )
         if outcome is None:
             return None
         given_up, dropped = outcome
@@ -137,7 +142,10 @@ class JobQueue:
         args = [self.result_ttl, batch_id, claimed, self.dead_letter_max, len(replies), len(retry)]
         for reply in replies:
             args += [reply.reply_to or "", reply.job_id, reply.payload]
-        outcome, dropped = self._scripts["finish"](keys=keys, args=[*args, *retry, *dead_jobs])
+        args += retry
+        for raw, reason in dead_jobs:
+            args += [raw, reason]
+        outcome, dropped = self._scripts["finish"](keys=keys, args=args)
         self._log_dropped(dropped)
         return outcome.decode() if isinstance(outcome, bytes) else outcome
 

@@ -14,7 +14,8 @@
 -- ARGV[5] n                number of replies
 -- ARGV[6] n_retry          number of jobs to retry
 -- ARGV[7 .. 3n+6]          n replies, three values each: channel ('' for none), job id, result JSON
--- then n_retry raw jobs to retry, then raw jobs to dead-letter.
+-- then n_retry raw jobs to retry, then the jobs to dead-letter, two values each: raw job, reason (each
+-- pushed as jobs.DeadLetter's envelope {"reason", "dead_at", "job": raw job}).
 -- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
 -- finished) or 'swept' (the batch was swept back to the queue meanwhile: replies stored, nothing else).
 local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -52,8 +53,10 @@ if outcome == 'done' then
     redis.call('LPUSH', queue, ARGV[i])
   end
   if first_dead <= #ARGV then
-    for i = first_dead, #ARGV do
-      redis.call('RPUSH', dead, ARGV[i])
+    local time = redis.call('TIME')
+    local dead_at = tonumber(time[1]) + tonumber(time[2]) / 1000000
+    for i = first_dead, #ARGV, 2 do
+      redis.call('RPUSH', dead, cjson.encode({reason = ARGV[i + 1], dead_at = dead_at, job = ARGV[i]}))
     end
     dropped = math.max(0, redis.call('LLEN', dead) - dead_max)
     redis.call('LTRIM', dead, -dead_max, -1)

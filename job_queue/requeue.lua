@@ -12,10 +12,11 @@
 -- ARGV[2] max_attempts  attempts after which a job is dead-lettered
 -- ARGV[3] worker        the worker's name in the workers set
 -- ARGV[4] dead_max      the dead-letter list keeps this many jobs, dropping the oldest
+-- ARGV[5] reason        why a job out of attempts was given up (jobs.DeadLetter's envelope carries it)
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
 -- out to be alive. Safe to repeat: a second call finds the processing list empty.
 local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local mode, max_attempts, worker, dead_max = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
 if mode == 'sweep' then
   if redis.call('EXISTS', heartbeat) == 1 then
@@ -26,6 +27,7 @@ end
 local count_attempt = mode ~= 'leave'
 local jobs = redis.call('LRANGE', processing, 0, -1)
 local given_up = {}
+local dead_at
 for i = #jobs, 1, -1 do
   local raw = jobs[i]
   local ok, job = pcall(cjson.decode, raw)
@@ -35,7 +37,11 @@ for i = #jobs, 1, -1 do
     raw = cjson.encode(job)
   end
   if parsed and (tonumber(job.attempts) or 0) >= max_attempts then
-    redis.call('RPUSH', dead, raw)
+    if not dead_at then
+      local time = redis.call('TIME')
+      dead_at = tonumber(time[1]) + tonumber(time[2]) / 1000000
+    end
+    redis.call('RPUSH', dead, cjson.encode({reason = reason, dead_at = dead_at, job = raw}))
     table.insert(given_up, raw)
   else
     -- A job we cannot even parse goes back too: the worker that takes it dead-letters it with a reason.

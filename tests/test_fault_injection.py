@@ -105,9 +105,11 @@ def test_malformed_jobs_beside_real_traffic_are_dead_lettered_and_answered(servi
     assert [r.status_code for r in responses] == [200] * 40
     assert all(w.poll() is None for w in workers)  # no job killed a worker
     wait_for(lambda: real_redis.llen(KEYS.dead) == len(bad) + 2, 30, "every bad job dead-lettered")
+    reasons = {letter.id: letter.reason for letter in map(jobs.decode_dead_letter, real_redis.lrange(KEYS.dead, 0, -1))}
     for field, job_id, _ in bad:
         result = jobs.decode_result(real_redis.get(KEYS.result(job_id)))
         assert result["status"] == 422 and field in result["error"], (field, result)
+        assert field in reasons[job_id]
 
 
 class PoisonClassifier(CountingClassifier):
@@ -141,8 +143,8 @@ def test_a_poison_image_is_dead_lettered_alone_and_its_batch_mates_answered(real
         assert jobs.decode_result(real_redis.get(KEYS.result(job.id)))["success"] is True
     failed = jobs.decode_result(real_redis.get(KEYS.result(poison.id)))
     assert failed["status"] == 500 and "failed 2 times" in failed["error"] and "breaks the model" in failed["error"]
-    [dead] = real_redis.lrange(KEYS.dead, 0, -1)
-    assert jobs.decode_job(dead).id == poison.id and jobs.decode_job(dead).attempts == 2
+    [dead] = [jobs.decode_dead_letter(entry) for entry in real_redis.lrange(KEYS.dead, 0, -1)]
+    assert dead.id == poison.id and dead.job["attempts"] == 2 and "breaks the model" in dead.reason
     assert leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 1}
 
 

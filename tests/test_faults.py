@@ -76,8 +76,8 @@ def test_poison_job_is_dead_lettered_and_its_requester_told(service, real_redis,
     assert response.status_code == 500
     body = response.json()
     assert body["success"] is False and "failed 2 times" in body["error"] and body["id"] == jobs.decode_job(raw).id
-    [dead] = real_redis.lrange(KEYS.dead, 0, -1)
-    assert json.loads(dead)["id"] == body["id"] and json.loads(dead)["attempts"] == 2
+    [dead] = [jobs.decode_dead_letter(entry) for entry in real_redis.lrange(KEYS.dead, 0, -1)]
+    assert dead.id == body["id"] and dead.job["attempts"] == 2 and "stopped beating" in dead.reason
     assert queue.length() == 0
 
 

@@ -65,11 +65,13 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
     pubsub = r.pubsub()
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
-    assert q.finish("w1", "batch-1", 1, [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=[b"garbage"]) == "done"
+    dead_jobs = [(b"garbage", "invalid job: job is not JSON")]
+    assert q.finish("w1", "batch-1", 1, [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=dead_jobs) == "done"
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
     assert 0 < r.ttl(q.keys.result(job.id)) <= 60
     assert r.exists(q.keys.processing("w1")) == 0
-    assert r.lrange(q.keys.dead, 0, -1) == [b"garbage"]
+    [dead] = [jobs.decode_dead_letter(entry) for entry in r.lrange(q.keys.dead, 0, -1)]
+    assert (dead.raw, dead.reason) == ("garbage", "invalid job: job is not JSON")
     message = pubsub.get_message(timeout=1)
     assert message["type"] == "message" and message["data"] == job.id.encode()
 
@@ -175,11 +177,11 @@ def test_a_retried_finish_changes_nothing(r):
     [raw] = q.claim("w1", 4, 1)
     job = jobs.decode_job(raw)
     reply = Reply(job.id, None, '{"ok": 1}')
-    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[b"garbage"]) == "done"
+    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[(b"garbage", "not JSON")]) == "done"
     r.delete(q.keys.result(job.id))  # the web server has taken the result
     q.enqueue(raw_job())
     q.claim("w1", 4, 1)  # the next batch is already claimed when the retry arrives
-    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[b"garbage"]) == "duplicate"
+    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[(b"garbage", "not JSON")]) == "duplicate"
     assert not r.exists(q.keys.result(job.id)) and r.llen(q.keys.dead) == 1
     assert r.llen(q.keys.processing("w1")) == 1  # the new claim is untouched
 
@@ -191,7 +193,8 @@ def test_finish_of_a_swept_batch_stores_results_but_queues_nothing_twice(r):
     r.delete(q.keys.heartbeat("slow"))
     assert registry.sweep() == ["slow"]  # the batch is back in the queue, with an attempt counted
     retry = jobs.encode_job(dataclasses.replace(job, attempts=5))
-    outcome = q.finish("slow", "batch-1", 1, [Reply(job.id, None, '{"ok": 1}')], retry=[retry], dead_jobs=[raw])
+    replies, dead_jobs = [Reply(job.id, None, '{"ok": 1}')], [(raw, "a reason")]
+    outcome = q.finish("slow", "batch-1", 1, replies, retry=[retry], dead_jobs=dead_jobs)
     assert outcome == "swept"
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'  # the requester is answered all the same
     assert q.length() == 1 and r.llen(q.keys.dead) == 0
@@ -213,8 +216,8 @@ def test_the_dead_letter_list_keeps_the_newest(r):
     q = JobQueue(r, Settings(dead_letter_max=2))
     q.enqueue(raw_job())
     q.claim("w1", 4, 1)
-    q.finish("w1", "b", 1, [], dead_jobs=[b"first", b"second", b"third"])
-    assert r.lrange(q.keys.dead, 0, -1) == [b"second", b"third"]
+    q.finish("w1", "b", 1, [], dead_jobs=[(b"first", "1"), (b"second", "2"), (b"third", "3")])
+    assert [jobs.decode_dead_letter(entry).raw for entry in r.lrange(q.keys.dead, 0, -1)] == ["second", "third"]
 
 
 def test_a_swept_worker_that_claims_again_is_registered_again_so_a_later_sweep_finds_it(r):

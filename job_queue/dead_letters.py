@@ -1,0 +1,60 @@
+"""The dead-letter list, administered: list, requeue, purge (`queue_admin.py dead ...`), like RQ's failed-job
+registry. The entries are jobs.DeadLetter envelopes, written by finish.lua and requeue.lua; requeue and purge
+are one atomic script, dead_letters.lua, beside this file.
+
+A requeued job goes to the tail of the queue with attempts 0 and no reply channel: its requester was answered
+(500 or 422) when it died, so nobody waits for it. It is re-run for the operator, whose outcome is in the
+worker's log and, for RESULT_TTL seconds, in its result key. A job whose deadline has passed would be dropped
+unprocessed by the worker, so it stays dead unless `force`, which gives it a new deadline of REQUEST_TIMEOUT.
+"""
+
+from pathlib import Path
+from typing import NamedTuple
+
+import redis
+
+import jobs
+from keys import Keys
+from settings import Settings
+
+_SCRIPT = Path(__file__).resolve().parent / "dead_letters.lua"
+
+
+class Outcome(NamedTuple):
+    done: list[str]  # ids requeued or purged ('' for a purged entry that held no job id)
+    expired: list[str]  # ids left dead because their deadline passed (requeue without force)
+    no_job: int  # entries left dead because they hold no job with an id (requeue of every entry)
+
+
+class DeadLetters:
+    def __init__(self, connection: redis.Redis, config: Settings):
+        self.redis = connection
+        self.keys = Keys(config.image_queue)
+        self.request_timeout = config.request_timeout
+        self._script = connection.register_script(_SCRIPT.read_text())
+
+    def count(self) -> int:
+        return self.redis.llen(self.keys.dead)
+
+    def newest(self, limit: int) -> list[jobs.DeadLetter]:
+        """The last `limit` entries, oldest first."""
+        return [jobs.decode_dead_letter(entry) for entry in self.redis.lrange(self.keys.dead, -limit, -1)]
+
+    def requeue(self, ids: list[str] | None, force: bool = False) -> Outcome:
+        """Requeue the dead jobs with these ids, or every one when `ids` is None."""
+        return self._run("requeue", ids, force)
+
+    def purge(self, ids: list[str] | None) -> Outcome:
+        """Delete the entries of these job ids, or every entry when `ids` is None."""
+        return self._run("purge", ids, False)
+
+    def _run(self, mode, ids, force):
+        if ids is not None and not ids:
+            return Outcome([], [], 0)
+        args = [mode, "1" if force else "0", self.request_timeout, *(ids or [])]
+        done, expired, no_job = self._script(keys=[self.keys.dead, self.keys.queue], args=args)
+        return Outcome([_text(i) for i in done], [_text(i) for i in expired], int(no_job))
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
