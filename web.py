@@ -157,19 +157,18 @@ def predict():
         top_k = _parse_top_k(request.args.get("top_k"))
     except ValueError as exc:
         return _error(str(exc), 400)
-    upload = request.files.get("image")
-    if upload is None:
-        return _error("send the image as a multipart/form-data file field named 'image'", 400)
-    upload = upload.read()
-    try:  # before the image is decoded: refusing must cost next to nothing
+    try:  # before the form is parsed and the image decoded: refusing must cost next to nothing
         service.admission.check(started + config.request_timeout - time.monotonic())
     except Refusal as refusal:
         return _busy(refusal.reason, str(refusal), refusal.retry_after)
     except redis.RedisError as exc:
         log("redis_unavailable", level="ERROR", error=str(exc))
         return _busy("redis_unavailable", "the job queue is unavailable", 1)
+    upload = request.files.get("image")
+    if upload is None:
+        return _error("send the image as a multipart/form-data file field named 'image'", 400)
     try:
-        pixels = helpers.prepare_image(upload, config.max_image_pixels)
+        pixels = helpers.prepare_image(upload.read(), config.max_image_pixels)
     except helpers.ImageError as exc:
         log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
         return _error(str(exc), exc.status)
