@@ -198,6 +198,7 @@ def _serve(environ, start_response):
         with gevent.Timeout(max(0.001, answer_by - time.monotonic())):
             return app(environ, start_response)
     except gevent.Timeout:
+        connection.close_after_response = True  # the app was cut off mid-way: start afresh on a new connection
         log("request_deadline_safety_net", level="ERROR", path=environ.get("PATH_INFO"))
         status, headers, body = _json_response("504 Gateway Timeout", "no answer within the request's deadline")
         start_response(status, headers, sys.exc_info())

@@ -164,14 +164,15 @@ def predict():
     except redis.RedisError as exc:
         log("redis_unavailable", level="ERROR", error=str(exc))
         return _busy("redis_unavailable", "the job queue is unavailable", 1)
-    upload = request.files.get("image")
-    if upload is None:
-        return _error("send the image as a multipart/form-data file field named 'image'", 400)
-    try:
-        pixels = helpers.prepare_image(upload.read(), config.max_image_pixels)
-    except helpers.ImageError as exc:
-        log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
-        return _error(str(exc), exc.status)
+    with service.admission.preparation():
+        upload = request.files.get("image")
+        if upload is None:
+            return _error("send the image as a multipart/form-data file field named 'image'", 400)
+        try:
+            pixels = helpers.prepare_image(upload.read(), config.max_image_pixels)
+        except helpers.ImageError as exc:
+            log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
+            return _error(str(exc), exc.status)
     try:
         job, result = _queue_and_wait(pixels, top_k, received, started)
     except QueueFull as exc:
