@@ -68,6 +68,18 @@ def service_run(url, redis, image, concurrency, requests_total):
     return summary
 
 
+def overload_run(service, image, capacity, seconds, deadline):
+    """Open loop at twice the measured capacity against a web server with a short deadline."""
+    web = service.start_web(REQUEST_TIMEOUT=str(deadline))
+    url = f"{service.url}/predict"
+    rate = 2 * capacity
+    outcomes = stress_test.run(url, image, max(1, round(rate * seconds)), interval=1 / rate, timeout=deadline + 10)
+    summary = stress_test.summarize(outcomes)
+    summary["overload"] = stress_test.summarize_overload(outcomes, rate, seconds, deadline)
+    service.stop(web)
+    return summary
+
+
 def idle_rate(redis, seconds):
     redis.config_resetstat()
     time.sleep(seconds)
@@ -82,6 +94,7 @@ def main(argv=None):
     parser.add_argument("--idle", type=float, default=10, help="seconds to count idle Redis commands")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--overload", type=float, default=10, help="seconds of the overload row (0: none)")
     args = parser.parse_args(argv)
 
     import models
@@ -123,6 +136,16 @@ def main(argv=None):
                     report["idle"] = idle_rate(redis, args.idle)
                     print(f"idle: {report['idle']['commands_per_s']} Redis commands/s", flush=True)
                 service.stop(web)
+                if mode == "notify" and args.overload:
+                    capacity = report["service"]["notify"][max(CONCURRENCIES)]["throughput_rps"]
+                    report["overload"] = overload_run(service, image, capacity, args.overload, deadline=5.0)
+                    o = report["overload"]["overload"]
+                    print(
+                        f"overload at {o['offered_rps']:.2f} requests/s (2x capacity): goodput {o['goodput_rps']:.2f} "
+                        f"requests/s, {o['rejected_503']} refused (p99 {o['rejected_latency_ms']['p99']} ms), "
+                        f"{o['late']} late, {o['client_timeouts']} client timeouts",
+                        flush=True,
+                    )
         finally:
             service.stop_all()
             server.stop()
@@ -158,6 +181,13 @@ def print_table(report):
                 f"{lat['p99']:.1f} | {s['redis_commands_per_request']:.2f} |"
             )
     print(f"| idle | | | | {report['idle']['commands_per_s']} commands/s |")
+    if "overload" in report:
+        o = report["overload"]["overload"]
+        print(
+            f"| overload, open loop at 2x capacity ({o['offered_rps']:.2f} requests/s, deadline {o['deadline_s']:g} s) "
+            f"| goodput {o['goodput_rps']:.2f} | {o['on_time_200']} on time, {o['rejected_503']} refused 503, "
+            f"{o['late']} late | 503 p99 {o['rejected_latency_ms']['p99']} ms | |"
+        )
     top = max(CONCURRENCIES)
     print(
         f"\nthroughput at concurrency {top} / bare batch {top}: notifications "
