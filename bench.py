@@ -7,7 +7,8 @@ f32 and bf16):
   `predict_on_batch` is the reference every ratio is taken against);
 - the service end to end over HTTP at concurrency 1 and 32, with the CPU time each process (web, worker,
   Redis) spent per request at 32, and Redis commands per request (INFO commandstats);
-then plain polling (WAIT_MODE=poll) on TensorFlow for comparison, and Redis commands per idle second.
+then plain polling (WAIT_MODE=poll) on TensorFlow for comparison, Redis commands per idle second, and, on
+the default runtime, an open-loop overload row at twice the capacity just measured (5 s deadline).
 The castle image is sent. Ratios are what matter on a shared machine; the JSON goes to bench-results/.
 """
 
@@ -98,7 +99,18 @@ def service_run(url, redis, image, concurrency, total, pids):
     return summary
 
 
-def service_runtimes(model, cache_dir, image, requests, idle_seconds):
+def overload_run(service, image, capacity, seconds, deadline):
+    """Open loop at twice the measured capacity against a web server with a short deadline."""
+    web = service.start_web(REQUEST_TIMEOUT=str(deadline))
+    rate = 2 * capacity
+    outcomes = stress_test.run(
+        f"{service.url}/predict", image, max(1, round(rate * seconds)), interval=1 / rate, timeout=deadline + 10
+    )
+    service.stop(web)
+    return stress_test.summarize_overload(outcomes, rate, seconds, deadline)
+
+
+def service_runtimes(model, cache_dir, image, requests, idle_seconds, overload_seconds):
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = launcher.RedisServer(tmp)
@@ -120,9 +132,21 @@ def service_runtimes(model, cache_dir, image, requests, idle_seconds):
                         c: service_run(url, redis, image, c, max(48, c * requests), pids) for c in CONCURRENCIES
                     }
                     _print_service(model, name, report[name])
+                    if name == "openvino f32" and overload_seconds:
+                        service.stop(web)
+                        capacity = report[name][32]["throughput_rps"]
+                        report["overload"] = overload_run(service, image, capacity, overload_seconds, deadline=5.0)
+                        o = report["overload"]
+                        print(
+                            f"{model} overload at {o['offered_rps']:.2f} req/s (2x capacity): goodput "
+                            f"{o['goodput_rps']:.2f} req/s, {o['on_time_200']} on time, {o['rejected_503']} "
+                            f"refused (p99 {o['rejected_latency_ms']['p99']} ms), {o['late']} late, "
+                            f"{o['client_timeouts']} client timeouts",
+                            flush=True,
+                        )
                     if name == "tensorflow":
                         service.stop(web)
-                        service.start_web(WAIT_MODE="poll")
+                        pids["web"] = service.start_web(WAIT_MODE="poll").pid
                         report["tensorflow, polling"] = {
                             c: service_run(f"{service.url}/predict", redis, image, c, max(48, c * requests), pids)
                             for c in CONCURRENCIES
@@ -162,9 +186,8 @@ def print_tables(model, bare_before, bare_after, service):
             ips = (bare_before[name][b]["images_per_s"] + bare_after[name][b]["images_per_s"]) / 2
             ms = (bare_before[name][b]["ms_per_batch"] + bare_after[name][b]["ms_per_batch"]) / 2
             print(f"| bare {name}, batch {b} | {ips:.1f} | {ms:.1f} | {ips / reference[b]:.2f}x |")
-    for name, runs in service.items():
-        if not isinstance(runs, dict):
-            continue
+    rows = [(name, service[name]) for name in (*RUNTIMES, "tensorflow, polling") if name in service]
+    for name, runs in rows:
         for c, s in runs.items():
             ratio = s["throughput_rps"] / reference[32 if c > 1 else 1]
             print(
@@ -175,14 +198,21 @@ def print_tables(model, bare_before, bare_after, service):
         "\n| service at concurrency 32 | web CPU ms/req | worker CPU ms/req | Redis CPU ms/req | Redis commands/req |"
     )
     print("|---|---|---|---|---|")
-    for name, runs in service.items():
-        if isinstance(runs, dict):
-            cpu, s = runs[32]["cpu_ms_per_request"], runs[32]
-            print(
-                f"| {name} | {cpu['web']:.2f} | {cpu['worker']:.2f} | {cpu['redis']:.2f} | "
-                f"{s['redis_commands_per_request']:.2f} |"
-            )
+    for name, runs in rows:
+        cpu, s = runs[32]["cpu_ms_per_request"], runs[32]
+        print(
+            f"| {name} | {cpu['web']:.2f} | {cpu['worker']:.2f} | {cpu['redis']:.2f} | "
+            f"{s['redis_commands_per_request']:.2f} |"
+        )
     print(f"\nidle: {service['idle_commands_per_s']:.2f} Redis commands/s")
+    if "overload" in service:
+        o = service["overload"]
+        print(
+            f"overload, open loop at 2x capacity ({o['offered_rps']:.2f} requests/s, deadline {o['deadline_s']:g} s): "
+            f"goodput {o['goodput_rps']:.2f} requests/s = {o['goodput_rps'] / (o['offered_rps'] / 2):.2f}x capacity; "
+            f"{o['on_time_200']} on time, {o['rejected_503']} refused (p99 {o['rejected_latency_ms']['p99']} ms), "
+            f"{o['late']} late, {o['client_timeouts']} client timeouts"
+        )
 
 
 def main(argv=None):
@@ -191,6 +221,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=4, help="time per bare measurement")
     parser.add_argument("--requests", type=int, default=8, help="requests per unit of concurrency (min 48)")
     parser.add_argument("--idle", type=float, default=10, help="seconds to count idle Redis commands")
+    parser.add_argument("--overload", type=float, default=10, help="seconds of the overload row (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     args = parser.parse_args(argv)
     image = (ROOT / "castle_image.jpg").read_bytes()
@@ -200,7 +231,7 @@ def main(argv=None):
             # The machine is shared: measuring the bare runtimes before and after the service and averaging
             # keeps a drift in the machine's speed from favouring either side.
             before = bare_runtimes(model, cache_dir, args.seconds)
-            service = service_runtimes(model, cache_dir, image, args.requests, args.idle)
+            service = service_runtimes(model, cache_dir, image, args.requests, args.idle, args.overload)
             after = bare_runtimes(model, cache_dir, args.seconds)
             report[model] = {"bare_before": before, "bare_after": after, "service": service}
             print_tables(model, before, after, service)

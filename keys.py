@@ -14,6 +14,7 @@ class Keys:
         self.processing_prefix = f"{self.queue}:processing:"
         self.heartbeat_prefix = f"{self.queue}:worker:"
         self.channel_prefix = f"{self.queue}:notify:"
+        self.cancelled_prefix = f"{self.queue}:cancelled:"
 
     def result(self, job_id: str) -> str:
         """STRING with the result JSON, written with a TTL by the worker, GETDEL by the web server."""
@@ -34,3 +35,8 @@ class Keys:
     def channel(self, listener: str) -> str:
         """Pub/sub channel of one web process: the worker PUBLISHes finished job ids there."""
         return self.channel_prefix + listener
+
+    def cancelled(self, job_id: str) -> str:
+        """STRING with a TTL, set by the web server when nobody waits for the job any more (client gone,
+        deadline passed); a worker that claims the job skips it."""
+        return self.cancelled_prefix + job_id

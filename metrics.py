@@ -34,6 +34,15 @@ WAKEUPS = Counter(
     "imgclf_result_wakeups_total", "How waiting requests learnt of their result", ["via"]
 )  # notification | fallback_poll | poll
 TIMEOUTS = Counter("imgclf_timeouts_total", "Requests answered 504 after REQUEST_TIMEOUT")
+ADMITTED = Counter("imgclf_admitted_total", "Requests whose job was put on the queue")
+REJECTED = Counter(
+    "imgclf_rejected_total", "Requests refused with 503 before queueing, by reason", ["reason"]
+)  # queue_full | expected_wait | redis_unavailable
+CANCELLED = Counter("imgclf_cancelled_total", "Queued jobs marked cancelled because their client went away")
+EXPIRED = Counter("imgclf_expired_total", "Queued jobs marked cancelled because their request's deadline passed")
+READ_TIMEOUTS = Counter(
+    "imgclf_read_timeouts_total", "Connections cut off because the request did not arrive in time", ["answer"]
+)  # 408 | closed
 
 
 def observe_result(result, seconds):
@@ -52,13 +61,31 @@ class _QueueCollector:
     def collect(self):
         depth = GaugeMetricFamily("imgclf_queue_depth", "Jobs waiting in the Redis queue")
         workers = GaugeMetricFamily("imgclf_workers_alive", "Workers with a fresh heartbeat")
+        throughput = GaugeMetricFamily(
+            "imgclf_workers_throughput_images_per_second", "Sum of the live workers' moving-average throughput"
+        )
+        skipped = GaugeMetricFamily(
+            "imgclf_workers_skipped_jobs",
+            "Jobs the live workers skipped without computing them, since they started",
+            labels=["reason"],
+        )
         try:
             depth.add_metric([], self.job_queue.length())
-            workers.add_metric([], len(self.registry.workers()))
+            alive = self.registry.workers()
         except Exception:  # noqa: BLE001 - a scrape during a Redis outage still reports the rest
             return
-        yield depth
-        yield workers
+        workers.add_metric([], len(alive))
+        throughput.add_metric([], sum(_number(w.get("images_per_s")) for w in alive))
+        for reason in ("cancelled", "expired"):
+            skipped.add_metric([reason], sum(_number(w.get(reason)) for w in alive))
+        yield from (depth, workers, throughput, skipped)
+
+
+def _number(value):
+    try:
+        return float(value or 0)
+    except ValueError:
+        return 0.0
 
 
 def exposition(job_queue, registry):

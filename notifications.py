@@ -27,6 +27,12 @@ class _Pending:
     def __init__(self, job_id):
         self.job_id = job_id
         self.event = threading.Event()
+        self.abandoned = False
+
+    def abandon(self):
+        """Nobody waits for this result any more (the client went away): wake the request, which gives up."""
+        self.abandoned = True
+        self.event.set()
 
 
 class ResultWaiter:
@@ -178,6 +184,8 @@ class ResultWaiter:
                 if via == "fallback_poll":
                     log("fallback_poll_hit", level="WARNING", id=pending.job_id)
                 return result
+            if pending.abandoned:
+                return None
             if not notified:
                 interval = min(interval * self._growth, self._longest_wait)
                 if self.mode == "notify":

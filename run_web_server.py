@@ -1,19 +1,46 @@
-"""Start the web server: `python run_web_server.py` serves the app with gunicorn (threads) on HOST:PORT.
+"""Start the web server: `python run_web_server.py` serves the app with gunicorn's gevent worker on HOST:PORT.
 
-`run_web_server:app` is the same WSGI app for any other host. Configuration comes from the environment
-(see settings.py), read once here.
+Why gevent: a request waiting for its result holds a greenlet (a few KiB), not an OS thread, so thousands can
+wait in one process, and a new connection is accepted, and its clock started, at once instead of sitting in
+a backlog until one of a fixed number of threads comes free. The patching below comes before anything
+imports socket, threading or redis, so that the Redis client, the notification listener (a "thread" that
+becomes a greenlet) and its threading.Event all wait cooperatively.
+
+What the server adds around the app (`_GeventWorker`, `_serve`):
+- each request's clock starts when its connection is accepted (or, on a kept-alive connection, when its
+  first byte arrives): web.py counts REQUEST_TIMEOUT from there, and a safety net answers 504 half a second
+  after it in any case;
+- the request line and headers must arrive within CLIENT_READ_TIMEOUT: else the connection is closed,
+  after a 408 if part of a request had come (nothing is sent to a connection that never said anything);
+- the body must arrive within CLIENT_READ_TIMEOUT of the request's start (and before its deadline): else 408;
+- the app can watch for the client hanging up while its request waits (web.WATCH_DISCONNECT).
+
+`run_web_server:app` is the bare app for any other WSGI host (without these guarantees). Configuration comes
+from the environment (see settings.py), read once here.
 """
 
-import os
-import tempfile
+from gevent import monkey
 
-from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
+monkey.patch_all()
 
-import logger
-import redis_client
-from logger import log
-from settings import Settings
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.local  # noqa: E402
+from gunicorn.app.base import BaseApplication  # noqa: E402
+from gunicorn.workers.ggevent import GeventWorker  # noqa: E402
+
+import logger  # noqa: E402
+import redis_client  # noqa: E402
+from logger import log  # noqa: E402
+from settings import Settings  # noqa: E402
 
 config = Settings.from_env()
 logger.configure(config)
@@ -21,23 +48,161 @@ logger.configure(config)
 if config.web_processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-classifier-metrics-")
 
+import metrics  # noqa: E402
 import web  # noqa: E402
 
 app = web.create_app(config)
 
+# Past its deadline a request is answered by this at the latest, whatever the app is doing.
+SAFETY_MARGIN = 0.5
 
-class _GracefulThreadWorker(ThreadWorker):
-    """gunicorn's threaded worker, but once it is stopping, new connections are refused at once.
 
-    The stock worker only stops accepting: its copy of the listening socket stays open until the last
-    waiting request is answered, so a new client would hang in the backlog instead of going elsewhere.
+def _json_response(status, message):
+    body = json.dumps({"success": False, "error": message}).encode()
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+    return status, headers, body
+
+
+_408 = _json_response("408 Request Timeout", f"the request did not arrive within {config.client_read_timeout:g} s")
+
+
+class _Connection:
+    """An accepted client socket that notes when the current request on it began and how much of it came."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.began = time.monotonic()  # accepted: the first request's clock starts now
+        self.received = 0  # bytes of the current request read so far
+        self.served = 0  # requests answered on this connection
+        self.close_after_response = False
+        self._between_requests = False
+
+    def recv(self, size, *flags):
+        data = self._sock.recv(size, *flags)
+        if data and not flags:
+            if self._between_requests:  # a kept-alive connection: the next request starts with its first byte
+                self.began, self._between_requests = time.monotonic(), False
+            self.received += len(data)
+        return data
+
+    def next_request(self):
+        self.received, self._between_requests = 0, True
+        self.served += 1
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _GeventWorker(GeventWorker):
+    """gunicorn's gevent worker, with the request clock, read deadlines and hang-up detection described above.
+
+    Stopping, the stock worker closes its listening sockets at once and lets the waiting requests finish
+    (within graceful_timeout), which is the behaviour we want.
     """
 
-    def set_accept_enabled(self, enabled):
-        super().set_accept_enabled(enabled)
-        if not enabled and not self.alive:
-            for listener in self.sockets:
-                listener.close()
+    def init_process(self):
+        self._current = gevent.local.local()
+        super().init_process()
+
+    def handle(self, listener, client, addr):
+        self._current.connection = _Connection(client)
+        super().handle(listener, self._current.connection, addr)
+
+    def timeout_ctx(self):
+        # Wraps the reading of every request line and headers on the connection (gunicorn's keep-alive loop).
+        return _read_deadline(self._current.connection, config.client_read_timeout)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        super().handle_request(listener_name, req, sock, addr)
+        if sock.close_after_response:
+            raise StopIteration()  # gunicorn closes the connection: the rest of the body never came
+        sock.next_request()
+
+
+@contextmanager
+def _read_deadline(connection, seconds):
+    timeout = gevent.Timeout(seconds)
+    timeout.start()
+    try:
+        yield
+    except gevent.Timeout as exc:
+        if exc is not timeout:
+            raise
+        # Swallowed: gunicorn sees no request and closes the connection.
+        if connection.received:
+            metrics.READ_TIMEOUTS.labels("408").inc()
+            status, headers, body = _408
+            head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "Connection: close\r\n"
+            try:
+                connection.sendall(head.encode() + b"\r\n" + body)
+            except OSError:
+                pass
+        elif not connection.served:  # (an idle kept-alive connection closing is no news)
+            metrics.READ_TIMEOUTS.labels("closed").inc()
+    finally:
+        timeout.close()
+
+
+def _buffer_body(environ, deadline):
+    """Read the whole body before the app runs, within the deadline (raises gevent.Timeout)."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not chunked and (not length.isdigit() or int(length) == 0 or int(length) > config.max_upload_bytes):
+        return  # nothing to read, or too big: the app answers 413 without reading it
+    stream, limit, parts, size = environ["wsgi.input"], config.max_upload_bytes + 1, [], 0
+    with gevent.Timeout(max(0.001, deadline - time.monotonic())):
+        while size < limit:
+            chunk = stream.read(min(1 << 16, limit - size))
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+    environ["wsgi.input"] = io.BytesIO(b"".join(parts))
+    environ["CONTENT_LENGTH"] = str(size)
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+
+
+def _watch_disconnect(connection, callback):
+    """Call `callback` once the client hangs up (its socket reads end-of-file); returns a function to stop."""
+
+    def watch():
+        try:
+            data = connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if not data:
+            callback()
+
+    watcher = gevent.spawn(watch)
+    return lambda: watcher.kill(block=True)
+
+
+def _serve(environ, start_response):
+    connection = environ.get("gunicorn.socket")
+    if not isinstance(connection, _Connection):
+        return app(environ, start_response)
+    began = connection.began
+    environ[web.ARRIVED] = began
+    environ[web.WATCH_DISCONNECT] = lambda callback: _watch_disconnect(connection, callback)
+    try:
+        _buffer_body(environ, began + min(config.client_read_timeout, config.request_timeout))
+    except gevent.Timeout:
+        connection.close_after_response = True
+        metrics.READ_TIMEOUTS.labels("408").inc()
+        log("request_read_timeout", level="WARNING", path=environ.get("PATH_INFO"))
+        status, headers, body = _408
+        start_response(status, headers)
+        return [body]
+    answer_by = began + config.request_timeout + SAFETY_MARGIN
+    try:
+        with gevent.Timeout(max(0.001, answer_by - time.monotonic())):
+            return app(environ, start_response)
+    except gevent.Timeout:
+        connection.close_after_response = True  # the app was cut off mid-way: start afresh on a new connection
+        log("request_deadline_safety_net", level="ERROR", path=environ.get("PATH_INFO"))
+        status, headers, body = _json_response("504 Gateway Timeout", "no answer within the request's deadline")
+        start_response(status, headers, sys.exc_info())
+        return [body]
 
 
 class _Server(BaseApplication):
@@ -45,8 +210,8 @@ class _Server(BaseApplication):
         for key, value in {
             "bind": f"{config.host}:{config.port}",
             "workers": config.web_processes,
-            "worker_class": _GracefulThreadWorker,
-            "threads": config.web_threads,
+            "worker_class": _GeventWorker,
+            "worker_connections": config.web_connections,
             # A stopping worker lets its waiting requests finish: they end by REQUEST_TIMEOUT at the latest.
             "graceful_timeout": int(config.request_timeout) + 5,
             "timeout": max(60, int(config.request_timeout) * 2),
@@ -55,7 +220,7 @@ class _Server(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self):
-        return app
+        return _serve
 
 
 def main():
@@ -65,7 +230,7 @@ def main():
         "web_starting",
         bind=f"{config.host}:{config.port}",
         processes=config.web_processes,
-        threads=config.web_threads,
+        connections=config.web_connections,
         wait_mode=config.wait_mode,
         nice=config.web_nice,
         redis=redis_client.describe(config.redis_url),

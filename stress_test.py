@@ -3,6 +3,11 @@
 The defaults reproduce the original test (500 requests, one every 0.05 s, jemma.png) but, unlike the
 original, every request thread is joined, so the run ends when the last answer arrives, not after a fixed
 sleep, and the summary counts what really happened.
+
+Overload: `--rate R --duration S` sends R requests/s for S s, open loop (each request on its own thread,
+started on schedule whatever the others are doing), and reports against `--deadline` (REQUEST_TIMEOUT by
+default): answers 200 within the deadline and the goodput they make, 503s and how fast they came, answers
+later than the deadline + 1 s, and client timeouts.
 """
 
 import argparse
@@ -21,21 +26,26 @@ from settings import Settings
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "jemma.png"  # the beagle the original test sent
 
 
-class _Outcome:
-    __slots__ = ("started", "seconds", "status")
+# Past the deadline, the service promises an answer within this much more.
+LATE_AFTER = 1.0
 
-    def __init__(self, started, seconds, status):
-        self.started, self.seconds, self.status = started, seconds, status
+
+class _Outcome:
+    __slots__ = ("started", "seconds", "status", "retry_after")
+
+    def __init__(self, started, seconds, status, retry_after=None):
+        self.started, self.seconds, self.status, self.retry_after = started, seconds, status, retry_after
 
 
 def _send(session, url, image, timeout):
-    started = time.perf_counter()
+    started, retry_after = time.perf_counter(), None
     try:
         response = session.post(url, files={"image": ("image", image)}, timeout=timeout)
         status = response.status_code if response.status_code != 200 or response.json().get("success") else "bad-body"
+        retry_after = response.headers.get("Retry-After")
     except requests.RequestException as exc:
         status = type(exc).__name__
-    return started, time.perf_counter() - started, status
+    return started, time.perf_counter() - started, status, retry_after
 
 
 def run(url, image, requests_total, concurrency=None, interval=None, timeout=60, progress=None):
@@ -48,9 +58,9 @@ def run(url, image, requests_total, concurrency=None, interval=None, timeout=60,
     def one():
         if not hasattr(local, "session"):
             local.session = requests.Session()
-        started, seconds, status = _send(local.session, url, image, timeout)
+        outcome = _Outcome(*_send(local.session, url, image, timeout))
         with lock:
-            outcomes.append(_Outcome(started, seconds, status))
+            outcomes.append(outcome)
         if progress:
             progress.update(1)
 
@@ -104,6 +114,56 @@ def summarize(outcomes):
     }
 
 
+def summarize_overload(outcomes, rate, duration, deadline):
+    """What an overload run did, against the deadline: the lines the service promises to keep."""
+    statuses = collections.Counter(o.status for o in outcomes)
+    on_time = [o for o in outcomes if o.status == 200 and o.seconds <= deadline]
+    refused = sorted(o.seconds * 1000 for o in outcomes if o.status == 503)
+    span = (max(o.started + o.seconds for o in outcomes) - outcomes[0].started) if outcomes else 0
+    timeouts = sum(n for status, n in statuses.items() if isinstance(status, str) and "Timeout" in status)
+    return {
+        "offered_rps": rate,
+        "offered_s": duration,
+        "deadline_s": deadline,
+        "on_time_200": len(on_time),
+        "goodput_rps": round(len(on_time) / span, 2) if span else 0.0,
+        "rejected_503": len(refused),
+        "rejected_with_retry_after": sum(1 for o in outcomes if o.status == 503 and o.retry_after),
+        "rejected_latency_ms": {
+            name: (round(percentile(refused, q), 1) if refused else None)
+            for name, q in (("p50", 50), ("p99", 99), ("max", 100))
+        },
+        "late": sum(1 for o in outcomes if isinstance(o.status, int) and o.seconds > deadline + LATE_AFTER),
+        "client_timeouts": timeouts,
+        "client_errors": sum(n for status, n in statuses.items() if not isinstance(status, int)) - timeouts,
+        "max_answer_s": round(max((o.seconds for o in outcomes if isinstance(o.status, int)), default=0), 3),
+    }
+
+
+def overload_ok(overload, summary):
+    """Every request answered, none late, and only with 200, 503 (refused) or 504 (deadline passed)."""
+    answered_ok = set(summary["by_status"]) <= {"200", "503", "504"}
+    return answered_ok and overload["late"] == 0 and overload["client_timeouts"] == 0
+
+
+def print_overload(o, out=sys.stdout):
+    lat = o["rejected_latency_ms"]
+    out.write(
+        f"offered    {o['offered_rps']:.2f} requests/s for {o['offered_s']:g} s, deadline {o['deadline_s']:g} s\n"
+    )
+    out.write(
+        f"on time    {o['on_time_200']} answered 200 within the deadline, goodput {o['goodput_rps']:.2f} requests/s\n"
+    )
+    out.write(f"refused    {o['rejected_503']} answered 503 ({o['rejected_with_retry_after']} with Retry-After)")
+    if lat["p50"] is not None:
+        out.write(", latency ms " + "  ".join(f"{k} {v:.1f}" for k, v in lat.items()))
+    out.write("\n")
+    out.write(
+        f"late       {o['late']} answered after the deadline + {LATE_AFTER:g} s, {o['client_timeouts']} client "
+        f"timeouts, {o['client_errors']} other client errors; slowest answer {o['max_answer_s']:.2f} s\n"
+    )
+
+
 def print_summary(summary, out=sys.stdout):
     lat = summary["latency_ms"]
     out.write(f"requests   {summary['requests']}: {summary['succeeded']} succeeded, {summary['failed']} failed\n")
@@ -147,7 +207,12 @@ def build_parser():
     mode.add_argument(
         "--interval", type=float, default=0.05, help="open loop: start one request every S seconds (default 0.05)"
     )
-    parser.add_argument("--timeout", type=float, default=config.request_timeout + 10)
+    mode.add_argument("--rate", type=float, help="overload: open loop at R requests/s for --duration seconds")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of --rate (default 10)")
+    parser.add_argument(
+        "--deadline", type=float, default=config.request_timeout, help="the service's REQUEST_TIMEOUT (default: ours)"
+    )
+    parser.add_argument("--timeout", type=float, help="client timeout in seconds (default: the deadline + 10)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--plot", type=Path, help="write latency-over-time and histogram to this PNG")
     parser.add_argument("--no-progress", action="store_true")
@@ -159,23 +224,34 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.requests < 1 or (args.concurrency is not None and args.concurrency < 1):
         parser.error("--requests and --concurrency must be at least 1")
+    if args.rate is not None and (args.rate <= 0 or args.duration <= 0):
+        parser.error("--rate and --duration must be positive")
+    timeout = args.timeout if args.timeout is not None else args.deadline + 10
     interval = None if args.concurrency else args.interval
+    if args.rate:
+        interval, args.requests = 1 / args.rate, max(1, round(args.rate * args.duration))
     image = args.image.read_bytes()
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
 
         progress = tqdm(total=args.requests, unit="req", file=sys.stderr)
-    outcomes = run(args.url, image, args.requests, args.concurrency, interval, args.timeout, progress)
+    outcomes = run(args.url, image, args.requests, args.concurrency, interval, timeout, progress)
     if progress:
         progress.close()
     summary = summarize(outcomes)
+    if args.rate:
+        summary["overload"] = summarize_overload(outcomes, args.rate, args.duration, args.deadline)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_summary(summary)
+        if args.rate:
+            print_overload(summary["overload"])
     if args.plot:
         plot(outcomes, args.plot)
+    if args.rate:  # refusals are the point of an overload run; lateness and silence are the failures
+        return 0 if overload_ok(summary["overload"], summary) else 1
     return 0 if summary["failed"] == 0 else 1
 
 

@@ -5,6 +5,7 @@ other routes are the upload page, the probes and /metrics. `create_app(config)` 
 tutorial does; run_web_server.py serves it with gunicorn.
 """
 
+import math
 import re
 import time
 import uuid
@@ -18,6 +19,7 @@ import helpers
 import jobs
 import metrics
 import redis_client
+from admission import Admission, Refusal
 from clock import RedisClock
 from job_queue import JobQueue, QueueFull
 from logger import bind, log
@@ -26,6 +28,10 @@ from settings import Settings
 from worker_registration import WorkerRegistry
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# Set by the server (run_web_server.py) in the WSGI environ; absent under other hosts and Flask's test client.
+ARRIVED = "imgclf.arrived"  # time.monotonic() when the request's connection was accepted or its first byte came
+WATCH_DISCONNECT = "imgclf.watch_disconnect"  # watch(callback) -> stop(): callback() once the client hangs up
 
 bp = Blueprint("classifier", __name__)
 
@@ -39,6 +45,7 @@ class _Service:
     registry: WorkerRegistry
     waiter: ResultWaiter
     clock: RedisClock
+    admission: Admission
 
 
 def create_app(config: Settings, connection: redis.Redis | None = None, waiter: ResultWaiter | None = None) -> Flask:
@@ -48,12 +55,14 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
         config.redis_url, config.redis_socket_timeout, max_connections=config.web_redis_connections
     )
     queue = JobQueue(connection, config)
+    registry = WorkerRegistry(connection, queue, config.heartbeat_ttl)
     app.extensions["image_classifier"] = _Service(
         config,
         queue,
-        WorkerRegistry(connection, queue, config.heartbeat_ttl),
+        registry,
         waiter or ResultWaiter(connection, config),
         RedisClock(connection),
+        Admission(queue, registry, config.admission_wait_fraction),
     )
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)
@@ -141,34 +150,52 @@ def _parse_top_k(raw):
     return int(raw)
 
 
+def _busy(reason, message, retry_after):
+    metrics.REJECTED.labels(reason).inc()
+    log("request_refused", level="WARNING", reason=reason, error=message, retry_after=retry_after)
+    response = _error(f"the service is busy ({message}); retry later", 503, reason=reason)
+    response[0].headers["Retry-After"] = str(retry_after)
+    return response
+
+
 @bp.post("/predict")
 def predict():
-    config = _service().config
-    started = time.monotonic()
+    service = _service()
+    config = service.config
+    # The request's clock starts when the server first saw it (its connection accepted), not when we got to it.
+    started = request.environ.get(ARRIVED) or time.monotonic()
     log("request_received", bytes=request.content_length, top_k=request.args.get("top_k"))
     try:
         top_k = _parse_top_k(request.args.get("top_k"))
     except ValueError as exc:
         return _error(str(exc), 400)
-    upload = request.files.get("image")
-    if upload is None:
-        return _error("send the image as a multipart/form-data file field named 'image'", 400)
-    try:
-        pixels = helpers.prepare_image(upload.read(), config.max_image_pixels)
-    except helpers.ImageError as exc:
-        log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
-        return _error(str(exc), exc.status)
+    try:  # before the form is parsed and the image decoded: refusing must cost next to nothing
+        service.admission.check(started + config.request_timeout - time.monotonic())
+    except Refusal as refusal:
+        return _busy(refusal.reason, str(refusal), refusal.retry_after)
+    except redis.RedisError as exc:
+        log("redis_unavailable", level="ERROR", error=str(exc))
+        return _busy("redis_unavailable", "the job queue is unavailable", 1)
+    with service.admission.preparation():
+        upload = request.files.get("image")
+        if upload is None:
+            return _error("send the image as a multipart/form-data file field named 'image'", 400)
+        try:
+            pixels = helpers.prepare_image(upload.read(), config.max_image_pixels)
+        except helpers.ImageError as exc:
+            log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
+            return _error(str(exc), exc.status)
     try:
         job, result = _queue_and_wait(pixels, top_k, started)
     except QueueFull as exc:
-        log("queue_full", level="WARNING", error=str(exc))
-        response = _error(f"the service is busy ({exc}); retry later", 503)
-        response[0].headers["Retry-After"] = "1"
-        return response
+        return _busy("queue_full", str(exc), 1)
     except redis.RedisError as exc:
         log("redis_unavailable", level="ERROR", error=str(exc))
-        return _error("the job queue is unavailable; retry later", 503)
+        return _busy("redis_unavailable", "the job queue is unavailable", 1)
     elapsed_ms = (time.monotonic() - started) * 1000
+    if result is _GONE:
+        log("client_gone", level="WARNING", id=job.id, ms=elapsed_ms)
+        return _error("the client went away", 499, id=job.id)  # nginx's code; nobody reads it
     if result is None:
         log("request_timeout", level="WARNING", id=job.id, ms=elapsed_ms)
         return _error(f"no result within {config.request_timeout:g} s", 504, id=job.id)
@@ -188,8 +215,12 @@ def predict():
     )
 
 
+_GONE = object()
+
+
 def _queue_and_wait(pixels, top_k, started):
-    """Push the job and wait for its result: (job, result), result None when the deadline passed."""
+    """Push the job and wait for its result: (job, result); result None when the deadline passed, _GONE when
+    the client hung up. Either way the job is marked cancelled, so that no worker computes it for nobody."""
     service = _service()
     timeout = service.config.request_timeout
     reply_to = service.waiter.start()
@@ -199,8 +230,29 @@ def _queue_and_wait(pixels, top_k, started):
     job = jobs.Job(pixels, deadline, top_k, reply_to, g.request_id, g.job_id, enqueued_at=now)
     with service.waiter.expect(job.id) as pending:
         service.queue.enqueue(jobs.encode_job(job))
+        metrics.ADMITTED.inc()
         log("job_queued", id=job.id, top_k=top_k)
-        return job, service.waiter.wait(pending, started + timeout)
+        watch = request.environ.get(WATCH_DISCONNECT)
+        stop_watching = watch(pending.abandon) if watch else None
+        try:
+            result = service.waiter.wait(pending, started + timeout)
+        finally:
+            if stop_watching:
+                stop_watching()
+        if result is None:
+            (metrics.CANCELLED if pending.abandoned else metrics.EXPIRED).inc()
+            _cancel(service, job.id)
+        return job, (_GONE if result is None and pending.abandoned else result)
+
+
+def _cancel(service, job_id):
+    """Mark the job so that a worker claiming it skips it; the mark outlives any deadline the job could have."""
+    try:
+        service.queue.redis.set(
+            service.queue.keys.cancelled(job_id), "1", ex=math.ceil(service.config.request_timeout) + 60
+        )
+    except redis.RedisError as exc:  # the worker's own deadline check still drops it once it is late
+        log("cancel_failed", level="WARNING", id=job_id, error=str(exc))
 
 
 def _http_error(exc):

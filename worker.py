@@ -26,6 +26,26 @@ class _Interrupted(Exception):
     """Raised by the signal handler to leave a blocking wait for work; never while a batch is running."""
 
 
+class Throughput:
+    """Images per second of busy time (claim to acknowledgement), as an exponential moving average."""
+
+    WEIGHT = 0.2  # of the newest batch
+
+    def __init__(self):
+        self.images = self.seconds = 0.0
+
+    def add(self, images: int, seconds: float) -> None:
+        if not self.seconds:
+            self.images, self.seconds = float(images), seconds
+        else:
+            self.images += self.WEIGHT * (images - self.images)
+            self.seconds += self.WEIGHT * (seconds - self.seconds)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
 class Worker:
     def __init__(self, classifier, config: Settings, name: str | None = None):
         self.classifier = classifier
@@ -41,7 +61,8 @@ class Worker:
         self.queue = JobQueue(self.redis, config)
         self.registry = WorkerRegistry(self.redis, self.queue, config.heartbeat_ttl)
         self.clock = RedisClock(self.redis)
-        self.counts = {"batches": 0, "jobs": 0, "errors": 0, "expired": 0}
+        self.counts = {"batches": 0, "jobs": 0, "errors": 0, "expired": 0, "cancelled": 0}
+        self.throughput = Throughput()  # images/s while busy, published in the heartbeat for admission
         self.stopping = threading.Event()  # asked to stop: take no new batch
         self.finished = threading.Event()  # the last batch is done: stop beating
         self.stop_signal = None
@@ -58,6 +79,7 @@ class Worker:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "beat_at": round(self.clock.now(), 3),
+            "images_per_s": round(self.throughput.rate, 3),
             **self.counts,
         }
 
@@ -173,14 +195,16 @@ class Worker:
 
     def _work(self, raws):
         """(replies, raw jobs to retry, raw jobs to dead-letter, jobs answered) for a claimed batch."""
-        started = self.clock.now()
+        started, busy_since = self.clock.now(), time.monotonic()
         valid, replies, dead = self._triage(raws, started)
+        valid = self._skip_cancelled(valid)
         bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
         log("batch_claimed", worker=self.name, claimed=len(raws), batch_size=len(valid))
         retry, done = [], []
         if not valid:
             return replies, retry, dead, done
         outcomes = self._classify(valid)
+        self.throughput.add(len(valid), time.monotonic() - busy_since)
         inference_ms = (self.clock.now() - started) * 1000
         log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)
         for job, outcome in zip(valid, outcomes, strict=True):
@@ -193,6 +217,21 @@ class Worker:
             replies.append(Reply.of(job.id, job.reply_to, result))
             done.append(job)
         return replies, retry, dead, done
+
+    def _skip_cancelled(self, valid):
+        """Drop the jobs the web server marked as cancelled (nobody waits for them): one round trip."""
+        if not valid:
+            return valid
+        try:
+            marks = self.redis.mget([self.queue.keys.cancelled(job.id) for job in valid])
+        except redis.RedisError as exc:  # only an optimisation: run them
+            log("cancel_check_failed", level="WARNING", worker=self.name, error=str(exc))
+            return valid
+        for job, mark in zip(valid, marks, strict=True):
+            if mark is not None:
+                self.counts["cancelled"] += 1
+                log("job_cancelled", id=job.id, rid=job.request_id, worker=self.name)
+        return [job for job, mark in zip(valid, marks, strict=True) if mark is None]
 
     def _triage(self, raws, now):
         """Split claimed jobs into those to run, replies for malformed ones, and raw jobs to dead-letter."""

@@ -1,0 +1,108 @@
+"""Admission by expected wait: refuse a request at once (503 + Retry-After) when its job could not be served
+within the time it has left, instead of queueing it to time out later.
+
+expected wait = local wait + (jobs queued + 1) / throughput
+
+- throughput: the sum of the live workers' moving average of images per second of busy time (each worker
+  publishes it in its heartbeat hash);
+- local wait: the web process's own backlog, the requests it has admitted and not yet prepared (form parse,
+  decode, resize: CPU work that one process does one at a time) times the moving average of one preparation.
+  On a busy machine the web tier, not the model, can be what falls behind.
+
+A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time (and
+refused outright when none is left). MAX_QUEUE_LENGTH stays a hard cap (job_queue.JobQueue.enqueue enforces
+it atomically too). With no throughput measured yet (no worker has finished a batch), the queue's part
+counts as nothing: the rule admits, up to the cap.
+"""
+
+import math
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from job_queue import JobQueue
+from worker_registration import WorkerRegistry
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    reason: str  # queue_full | expected_wait
+    retry_after: int  # seconds
+    message: str
+
+    def __str__(self):
+        return self.message
+
+
+class Admission:
+    # The throughput changes at most once per heartbeat; reading every worker's hash per request would not pay.
+    THROUGHPUT_MAX_AGE = 1.0
+
+    def __init__(
+        self, job_queue: JobQueue, registry: WorkerRegistry, wait_fraction: float, clock=time.monotonic
+    ) -> None:
+        self.queue, self.registry, self.wait_fraction, self.clock = job_queue, registry, wait_fraction, clock
+        self._throughput, self._read_at = 0.0, -math.inf
+        self._lock = threading.Lock()
+        self.preparing = 0  # requests admitted and not yet prepared, in this process
+        self.preparation_seconds = 0.0  # moving average of one preparation
+
+    @contextmanager
+    def preparation(self):
+        """Wrap the CPU work of a request `check` admitted: it leaves the local backlog when this ends.
+
+        An admitted request is counted from the admission on, not from here: under gevent it waits for its
+        turn on the CPU after the admission's Redis round trip, and that wait is the backlog."""
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.preparing -= 1
+            seconds = self.clock() - began
+            average = self.preparation_seconds
+            self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
+
+    def throughput(self) -> float:
+        """Images/s of all live workers together (0.0 when none has measured any), cached for a second."""
+        now = self.clock()
+        if now - self._read_at >= self.THROUGHPUT_MAX_AGE:
+            total = 0.0
+            for worker in self.registry.workers():
+                try:
+                    total += max(0.0, float(worker.get("images_per_s") or 0))
+                except ValueError:
+                    pass
+            with self._lock:
+                self._throughput, self._read_at = total, now
+        return self._throughput
+
+    def check(self, remaining: float) -> tuple[int, float]:
+        """Raise Refusal when a job with `remaining` seconds to live should not be queued.
+
+        Returns (jobs queued, throughput) as seen. Raises redis.RedisError when Redis cannot be asked. An
+        admitted request counts in the local backlog until its `preparation()` ends: use both, one after the other.
+        """
+        if remaining <= 0:
+            raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
+        queued = self.queue.length()
+        throughput = self.throughput()
+        drain = (queued + 1) / throughput if throughput > 0 else 0.0
+        if queued >= self.queue.max_length:
+            raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
+        local = self.preparing * self.preparation_seconds
+        expected = local + drain
+        if expected > remaining * self.wait_fraction:
+            # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
+            raise Refusal(
+                "expected_wait",
+                _seconds(expected - remaining * self.wait_fraction),
+                f"about {expected:.1f} s of work ahead ({queued} jobs queued at {throughput:.1f} images/s, "
+                f"{self.preparing} being prepared here), more than this request's {remaining:.1f} s allow",
+            )
+        self.preparing += 1
+        return queued, throughput
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value))
