@@ -70,7 +70,9 @@ class ResultWaiter:
                 self._pid = os.getpid()
                 self._subscribed, self._established = threading.Event(), threading.Event()
                 self.channel = self.keys.channel(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
-                connection = redis_client.connect(self._url, socket_timeout=None)
+                # A read may wait this long (connecting, subscribing, a PING's answer) before the connection is
+                # given up; between messages the listener waits in get_message, which this does not bound.
+                connection = redis_client.connect(self._url, socket_timeout=3 * self._ping_every)
                 threading.Thread(
                     target=self._listen,
                     args=(connection, self._subscribed, self._established),
@@ -92,8 +94,10 @@ class ResultWaiter:
             try:
                 pubsub.subscribe(self.channel)
                 # Wait for Redis to confirm, so that a job pushed after start() cannot miss its message.
+                confirm_by = time.monotonic() + 3 * self._ping_every
                 while (pubsub.get_message(timeout=1.0) or {}).get("type") != "subscribe":
-                    pass
+                    if time.monotonic() > confirm_by:
+                        raise redis.ConnectionError("Redis did not confirm the subscription")
                 self._wake_all()  # results published while we were away: re-check their keys
                 subscribed.set()
                 established.set()

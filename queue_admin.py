@@ -171,10 +171,15 @@ def _ids(ids):
 
 # -- plumbing --------------------------------------------------------------------------------------------
 def _table(header, rows):
-    cells = [header, *[["-" if c is None else str(c) for c in row] for row in rows]]
+    cells = [header, *[["-" if c is None else _printable(str(c)) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header) - 1)]
     for row in cells:
         print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]))
+
+
+def _printable(text):
+    """Dead letters hold whatever was pushed: no escape sequence of theirs may reach the operator's terminal."""
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def _iso(timestamp):

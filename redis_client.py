@@ -19,11 +19,13 @@ def connect(
 
     One quick retry covers a connection that went stale while Redis restarted; anything longer is the
     caller's to handle, so that a request fails fast with 503 instead of hanging while Redis is down.
-    `socket_timeout` None waits forever (a pub/sub listener may rightly hear nothing for a long time).
+    `socket_timeout` None waits forever (`logger.py tail` may rightly hear nothing for a long time). TCP
+    keepalive lets the kernel notice a peer that vanished without a word.
     """
     kwargs = dict(
         socket_timeout=socket_timeout,
         socket_connect_timeout=2,
+        socket_keepalive=True,
         retry=Retry(NoBackoff(), 1),
         decode_responses=decode,
     )

@@ -86,6 +86,15 @@ class Settings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name.upper()} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in (int, float) and not (value >= 0 and value != float("inf")):
+                raise ValueError(f"{field.name.upper()} must be a finite number, at least 0, not {value!r}")
+        for name in ("batch_size", "max_queue_length", "dead_letter_max", "max_attempts", "web_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.upper()} must be at least 1, not {getattr(self, name)!r}")
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ValueError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL, or live workers get swept")
 
     @classmethod
     def from_env(cls, environ=None) -> "Settings":

@@ -6,13 +6,16 @@ tutorial does; run_web_server.py serves it with gunicorn.
 """
 
 import math
+import os
 import re
 import time
 import uuid
 from dataclasses import dataclass
 
+import gevent
 import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request
+from gevent import monkey
 from werkzeug.exceptions import HTTPException
 
 import helpers
@@ -181,7 +184,7 @@ def predict():
         if upload is None:
             return _error("send the image as a multipart/form-data file field named 'image'", 400)
         try:
-            pixels = helpers.prepare_image(upload.read(), config.max_image_pixels)
+            pixels = _prepare(upload.read(), config.max_image_pixels)
         except helpers.ImageError as exc:
             log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
             return _error(str(exc), exc.status)
@@ -216,6 +219,21 @@ def predict():
 
 
 _GONE = object()
+
+
+# Decoding threads per web process: as many as the machine has cores, so that they never outnumber them.
+_DECODING_THREADS = os.cpu_count() or 1
+
+
+def _prepare(data, max_pixels):
+    """Decode and resize the upload. Under gevent this runs in the hub's thread pool: Pillow lets go of the
+    GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a CPU second) cannot stall
+    every other request of the process, and their deadlines, while it is decoded."""
+    if not monkey.is_module_patched("threading"):
+        return helpers.prepare_image(data, max_pixels)
+    pool = gevent.get_hub().threadpool
+    pool.maxsize = _DECODING_THREADS
+    return pool.apply(helpers.prepare_image, (data, max_pixels))
 
 
 def _queue_and_wait(pixels, top_k, started):

@@ -125,7 +125,13 @@ class Worker:
         )
         try:
             while not self.stopping.is_set():
-                self.run_once()
+                try:
+                    self.run_once()
+                except redis.RedisError as exc:
+                    # Redis refused a command (not a lost connection: those are retried where they happen).
+                    # The batch stays claimed and comes back with the next claim; the worker lives on.
+                    log("batch_not_finished", level="ERROR", worker=self.name, error=str(exc))
+                    self.stopping.wait(1.0)
         except _Interrupted:
             pass
         finally:
@@ -143,7 +149,7 @@ class Worker:
         while True:
             try:
                 return action()
-            except redis.RedisError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 delay = backoff.next()
                 log("redis_unavailable", level="ERROR", worker=self.name, error=str(exc), retry_in_s=delay)
                 if self.stopping.wait(delay):

@@ -57,9 +57,14 @@ for index, entry in ipairs(entries) do
         end
         job.attempts = 0
         job.reply_to = cjson.null
-        redis.call('RPUSH', queue, cjson.encode(job))
-        redis.call('LSET', dead, index - 1, removed)
-        table.insert(done, id)
+        local encoded, requeued = pcall(cjson.encode, job)  -- 1e999 reads as inf and cannot be written
+        if encoded then
+          redis.call('RPUSH', queue, requeued)
+          redis.call('LSET', dead, index - 1, removed)
+          table.insert(done, id)
+        else
+          no_job = no_job + 1
+        end
       else
         table.insert(expired, id)
       end

@@ -18,11 +18,8 @@
 local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 
-if mode == 'sweep' then
-  if redis.call('EXISTS', heartbeat) == 1 then
-    return false
-  end
-  redis.call('SREM', workers, worker)
+if mode == 'sweep' and redis.call('EXISTS', heartbeat) == 1 then
+  return false
 end
 local count_attempt = mode ~= 'leave'
 local jobs = redis.call('LRANGE', processing, 0, -1)
@@ -34,7 +31,13 @@ for i = #jobs, 1, -1 do
   local parsed = ok and type(job) == 'table'
   if parsed and count_attempt then
     job.attempts = (tonumber(job.attempts) or 0) + 1
-    raw = cjson.encode(job)
+    -- A job cjson reads but cannot write back (a number like 1e999 becomes inf) must not fail the script
+    -- halfway: it goes back as it was, and the worker that takes it dead-letters it with its reason.
+    local encoded, again = pcall(cjson.encode, job)
+    parsed = encoded
+    if encoded then
+      raw = again
+    end
   end
   if parsed and (tonumber(job.attempts) or 0) >= max_attempts then
     if not dead_at then
@@ -49,6 +52,9 @@ for i = #jobs, 1, -1 do
   end
 end
 redis.call('DEL', processing)
+if mode == 'sweep' then
+  redis.call('SREM', workers, worker)
+end
 local dropped = 0
 if #given_up > 0 then
   dropped = math.max(0, redis.call('LLEN', dead) - dead_max)

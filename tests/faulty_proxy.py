@@ -4,7 +4,8 @@ Every connection through it is cut after a random number of reply packets (from 
 moment the next one arrives from Redis: the command has run, its client never hears so. A new connection
 spends two replies on redis-py's handshake (CLIENT SETINFO), so `min_replies` above 3 lets the command that
 a client retries on it through. `freeze()` makes the
-open connections go silent without closing them, like a peer that vanished.
+open connections go silent without closing them, like a peer that vanished; `black_hole` does the same to
+every new connection.
 """
 
 import random
@@ -20,6 +21,7 @@ class FaultyProxy:
         self._links = []
         self._lock = threading.Lock()
         self.faults = True
+        self.black_hole = False  # new connections are accepted and then carry nothing
         self.cuts = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -40,6 +42,7 @@ class FaultyProxy:
             with self._lock:
                 budget = self._random.randint(*self._budget) if self.faults else None
                 link = _Link(client, server, budget, self)
+                link.frozen = self.black_hole
                 self._links.append(link)
             link.start()
 

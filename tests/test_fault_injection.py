@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 from faulty_proxy import FaultyProxy
 from prometheus_client import REGISTRY
 
@@ -210,6 +211,20 @@ def test_a_listener_whose_connection_silently_dies_connects_again(redis_server, 
             assert waiter.wait(pending, time.monotonic() + 15) == {"id": job_id}
             # Woken by the resubscribe (which wakes every waiting request), not found by the final look at 15 s.
             assert REGISTRY.get_sample_value("imgclf_result_wakeups_total", {"via": "notification"}) == woken + 1
+    finally:
+        waiter.close()
+        proxy.close()
+
+
+def test_a_listener_whose_connection_is_never_answered_connects_again(redis_server, real_redis, config):
+    proxy = FaultyProxy(redis_server.port)
+    proxy.faults, proxy.black_hole = False, True  # accepted, then silent: even the handshake goes unanswered
+    waiter = ResultWaiter(real_redis, config.replace(redis_url=proxy.url, listener_ping_interval=0.3))
+    try:
+        with pytest.raises(redis.ConnectionError):
+            waiter.start(timeout=0.5)
+        proxy.black_hole = False
+        wait_for(waiter.listening, 15, "the listener to give up on the silent connection and subscribe")
     finally:
         waiter.close()
         proxy.close()

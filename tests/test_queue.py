@@ -4,6 +4,7 @@ Protocol tests run on fakeredis and on a real redis-server; the race between wor
 """
 
 import dataclasses
+import json
 import threading
 import time
 
@@ -236,3 +237,14 @@ def test_a_claim_retried_again_and_again_never_holds_more_than_a_batch(r):
     for _ in range(5):  # each try's reply lost: the worker tries again, without blocking
         held = q.claim("w1", max_jobs=3, timeout=0)
     assert len(held) == 3 and q.length() == 7
+
+
+def test_a_job_redis_cannot_write_back_does_not_break_the_sweep(real_redis):
+    q, registry = worker_holding_a_job(real_redis, "doomed")
+    poison = json.loads(raw_job())
+    poison["deadline"] = 1e999  # cjson reads inf, and cannot encode it again
+    real_redis.rpush(q.keys.processing("doomed"), json.dumps(poison).replace("Infinity", "1e999"))
+    real_redis.delete(q.keys.heartbeat("doomed"))
+    assert registry.sweep() == ["doomed"]
+    assert q.length() == 2 and not real_redis.exists(q.keys.processing("doomed"))
+    assert real_redis.smembers(q.keys.workers) == set()

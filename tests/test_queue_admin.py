@@ -269,3 +269,12 @@ def test_a_malformed_setting_exits_1_naming_it(redis_server):
     result = admin(redis_server.url, "info", REDIS_SOCKET_TIMEOUT="soon")
     assert result.returncode == 1
     assert result.stderr == "queue_admin: REDIS_SOCKET_TIMEOUT must be a number, not 'soon'\n"
+
+
+def test_dead_list_escapes_control_characters(real_redis, redis_server):
+    hostile = json.loads(jobs.encode_job(make_job()))
+    hostile["request_id"] = "\x1b]0;owned\x07\x1b[2J"
+    real_redis.rpush(KEYS.dead, json.dumps({"reason": "bad\x1b[31m", "dead_at": 1.0, "job": json.dumps(hostile)}))
+    result = admin(redis_server.url, "dead", "list")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\\x1b" in result.stdout
