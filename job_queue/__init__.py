@@ -34,19 +34,12 @@ class JobQueue:
         self.result_ttl = config.result_ttl
         self._scripts = {
             name: connection.register_script((_SCRIPTS / f"{name}.lua").read_text())
-            for name in ("claim", "finish", "requeue")
+            for name in ("enqueue", "claim", "finish", "requeue")
         }
 
     def enqueue(self, raw_job: str) -> None:
-        """RPUSH the job unless the queue already held `max_queue_length` jobs (then raise QueueFull).
-
-        Push first and take the job back out when the queue turns out to be full: one command on the happy
-        path instead of a script's three. If a worker claimed the job in between, LREM finds nothing and
-        the job is simply served.
-        """
-        if self.redis.rpush(self.keys.queue, raw_job) > self.max_length and self.redis.lrem(
-            self.keys.queue, -1, raw_job
-        ):
+        """Queue the job unless `max_queue_length` jobs are already waiting (then raise QueueFull)."""
+        if not self._scripts["enqueue"](keys=[self.keys.queue], args=[raw_job, self.max_length]):
             raise QueueFull(f"{self.max_length} jobs are already waiting")
 
     def length(self) -> int:
@@ -108,28 +101,28 @@ class JobQueue:
             self.keys.heartbeat(worker),
             self.keys.workers,
         ]
-        outcome = self._scripts["requeue"](
-            keys=keys, args=[mode, self.max_attempts, worker, self.dead_letter_max, reason]
+        answer = jobs.encode_result(
+            jobs.error_result("", f"job failed {self.max_attempts} times and was given up", 500)
         )
+        args = [
+            mode,
+            self.max_attempts,
+            worker,
+            self.dead_letter_max,
+            reason,
+            answer,
+            self.keys.result_prefix,
+            self.result_ttl,
+        ]
+        outcome = self._scripts["requeue"](keys=keys, args=args)
         if outcome is None:
             return None
         given_up, dropped = outcome
         self._log_dropped(dropped)
-        if given_up:
-            self._answer_given_up(worker, given_up)
-        return given_up
-
-    def _answer_given_up(self, worker, given_up):
-        replies = []
         for raw in given_up:
-            job_id, reply_to = jobs.address(raw)
+            job_id, _ = jobs.address(raw)
             log("job_dead_lettered", level="ERROR", id=job_id, worker=worker, attempts=self.max_attempts)
-            if job_id:
-                error = jobs.error_result(job_id, f"job failed {self.max_attempts} times and was given up", 500)
-                replies.append(Reply.of(job_id, reply_to, error))
-        if replies:
-            # Replies only: the jobs are in the dead-letter list already, and the processing list is not ours.
-            self._store(worker, replies, "", 0, [], [])
+        return given_up
 
     def _store(self, worker, replies, batch_id, claimed, retry, dead_jobs):
         keys = [

@@ -1,5 +1,6 @@
 -- Put a worker's claimed jobs back at the head of the queue, in their original order. A job that has now
--- used up its attempts goes to the dead-letter list instead and is returned, so its requester can be told.
+-- used up its attempts goes to the dead-letter list instead, and its requester is answered in the same
+-- step (so that a retry after a lost reply, which finds nothing left to do, cannot leave it unanswered).
 -- KEYS[1] processing    the worker's processing list
 -- KEYS[2] queue         the waiting jobs
 -- KEYS[3] dead          the dead-letter list
@@ -13,10 +14,27 @@
 -- ARGV[3] worker        the worker's name in the workers set
 -- ARGV[4] dead_max      the dead-letter list keeps this many jobs, dropping the oldest
 -- ARGV[5] reason        why a job out of attempts was given up (jobs.DeadLetter's envelope carries it)
+-- ARGV[6] answer        the answer for a given-up job, as jobs.error_result's JSON with an empty id
+-- ARGV[7] result_prefix the result keys' prefix (Keys.result_prefix): the answer goes to prefix .. job id
+-- ARGV[8] ttl           seconds an answer is kept
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
 -- out to be alive. Safe to repeat: a second call finds the processing list empty.
 local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local answer, result_prefix, ttl = cjson.decode(ARGV[6]), ARGV[7], ARGV[8]
+
+-- The checks of jobs.py: a 32-hex-digit id; a reply channel of 1-200 safe characters.
+local function answer_requester(job)
+  local id, reply_to = job.id, job.reply_to
+  if type(id) ~= 'string' or #id ~= 32 or not string.match(id, '^[0-9a-f]+$') then
+    return
+  end
+  answer.id = id
+  redis.call('SET', result_prefix .. id, cjson.encode(answer), 'EX', ttl)
+  if type(reply_to) == 'string' and #reply_to <= 200 and string.match(reply_to, '^[%w%._:%-]+$') then
+    redis.call('PUBLISH', reply_to, id)
+  end
+end
 
 if mode == 'sweep' and redis.call('EXISTS', heartbeat) == 1 then
   return false
@@ -45,6 +63,7 @@ for i = #jobs, 1, -1 do
       dead_at = tonumber(time[1]) + tonumber(time[2]) / 1000000
     end
     redis.call('RPUSH', dead, cjson.encode({reason = reason, dead_at = dead_at, job = raw}))
+    answer_requester(job)
     table.insert(given_up, raw)
   else
     -- A job we cannot even parse goes back too: the worker that takes it dead-letters it with a reason.

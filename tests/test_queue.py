@@ -248,3 +248,31 @@ def test_a_job_redis_cannot_write_back_does_not_break_the_sweep(real_redis):
     assert registry.sweep() == ["doomed"]
     assert q.length() == 2 and not real_redis.exists(q.keys.processing("doomed"))
     assert real_redis.smembers(q.keys.workers) == set()
+
+
+def test_an_enqueue_repeated_after_a_lost_reply_queues_the_job_once_and_is_not_refused(r):
+    q = JobQueue(r, Settings(max_queue_length=2))
+    q.enqueue(raw_job())
+    job = raw_job()
+    q.enqueue(job)  # this push filled the queue; its reply was lost, and redis-py sends it again
+    q.enqueue(job)
+    assert q.length() == 2
+    with pytest.raises(QueueFull):
+        q.enqueue(raw_job())
+
+
+def test_a_given_up_job_is_answered_by_the_same_step_that_dead_letters_it(r):
+    q, registry = queue_and_registry(r, max_attempts=1)
+    q.enqueue(raw_job(reply_to="image_queue:notify:web-1"))
+    registry.beat("doomed", {"ready": 1})
+    [raw] = q.claim("doomed", 4, 1)
+    pubsub = r.pubsub()
+    pubsub.subscribe("image_queue:notify:web-1")
+    pubsub.get_message(timeout=1)
+    r.delete(q.keys.heartbeat("doomed"))
+    assert registry.sweep() == ["doomed"]
+    assert q.sweep("doomed") == []  # redis-py's retry after a lost reply: nothing left, and nothing lost
+    answer = jobs.decode_result(r.get(q.keys.result(jobs.decode_job(raw).id)))
+    assert (answer["success"], answer["status"], answer["id"]) == (False, 500, jobs.decode_job(raw).id)
+    assert "failed 1 times" in answer["error"]
+    assert pubsub.get_message(timeout=1)["data"] == jobs.decode_job(raw).id.encode()
