@@ -96,9 +96,8 @@ def print_info(info: dict, redis_url: str) -> None:
         _table(["NAME", "MODEL", "BATCH", "HEARTBEAT", "BATCHES", "JOBS", "ERRORS", "EXPIRED", "IN FLIGHT"], rows)
     if info["orphans"]:
         print(f"\norphaned processing lists: {len(info['orphans'])}")
-        print("  jobs claimed under a worker name that is not registered: no sweep returns them to the queue.")
-        workers_key = Keys(info["queue"]).workers
-        print(f"  `redis-cli SADD {workers_key} WORKER` has the next sweep requeue them (attempt counted).")
+        print("  jobs claimed under a worker name that is not registered; the next sweep of any live worker")
+        print("  requeues them (attempt counted).")
         _table(["KEY", "JOBS"], [[o["key"], o["jobs"]] for o in info["orphans"]])
     else:
         print("\norphaned processing lists: none")

@@ -35,8 +35,9 @@ class WorkerRegistry:
         pipe.execute()
 
     def sweep(self) -> list[str]:
-        """Requeue the claimed jobs of every registered worker whose heartbeat expired. Returns their names."""
-        names = self._registered()
+        """Requeue the claimed jobs of every worker whose heartbeat expired, registered or not (a processing
+        list whose worker is in no set is found by its key). Returns their names."""
+        names = sorted({*self._registered(), *self._holding_jobs()})
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.exists(self.keys.heartbeat(name))
@@ -56,6 +57,11 @@ class WorkerRegistry:
         for name in names:
             pipe.hgetall(self.keys.heartbeat(name))
         return [{_text(k): _text(v) for k, v in info.items()} for info in pipe.execute() if info]
+
+    def _holding_jobs(self):
+        # Claims register their worker, so this finds only what an older version, or a hand, left behind.
+        prefix = self.keys.processing_prefix
+        return [_text(key)[len(prefix) :] for key in self.redis.scan_iter(match=prefix + "*", count=1000)]
 
     def _registered(self):
         return sorted(_text(n) for n in self.redis.smembers(self.keys.workers))

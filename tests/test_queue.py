@@ -276,3 +276,11 @@ def test_a_given_up_job_is_answered_by_the_same_step_that_dead_letters_it(r):
     assert (answer["success"], answer["status"], answer["id"]) == (False, 500, jobs.decode_job(raw).id)
     assert "failed 1 times" in answer["error"]
     assert pubsub.get_message(timeout=1)["data"] == jobs.decode_job(raw).id.encode()
+
+
+def test_the_sweep_finds_a_processing_list_whose_worker_is_nowhere_registered(r):
+    q, registry = queue_and_registry(r)
+    q.enqueue(raw_job())
+    r.lmove(q.keys.queue, q.keys.processing("ghost"), "LEFT", "RIGHT")  # no heartbeat, in no set
+    assert registry.sweep() == ["ghost"]
+    assert q.length() == 1 and not r.exists(q.keys.processing("ghost"))
