@@ -1,10 +1,14 @@
 """Admission by expected wait: refuse a request at once (503 + Retry-After) when its job could not be served
 within the time it has left, instead of queueing it to time out later.
 
-expected wait = local wait + (jobs queued + 1) / throughput
+expected wait = local wait + (jobs in flight + jobs queued + 1 + batch-mates after it) / throughput
 
 - throughput: the sum of the live workers' moving average of images per second of busy time (each worker
   publishes it in its heartbeat hash);
+- jobs in flight: those the workers have claimed and not finished (their processing lists): the batch in
+  progress has to end before the new job's can start;
+- batch-mates after it: a job is answered when its whole batch is; with jobs queued ahead, the batch it lands in
+  fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued));
 - local wait: the web process's own backlog, the requests it has admitted and not yet prepared (form parse,
   decode, resize: CPU work that one process does one at a time) times the moving average of one preparation.
   On a busy machine the web tier, not the model, can be what falls behind.
@@ -43,7 +47,7 @@ class Admission:
         self, job_queue: JobQueue, registry: WorkerRegistry, wait_fraction: float, clock=time.monotonic
     ) -> None:
         self.queue, self.registry, self.wait_fraction, self.clock = job_queue, registry, wait_fraction, clock
-        self._throughput, self._read_at = 0.0, -math.inf
+        self._throughput, self._batch, self._in_flight, self._read_at = 0.0, 1, 0, -math.inf
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
         self.preparation_seconds = 0.0  # moving average of one preparation
@@ -65,17 +69,25 @@ class Admission:
 
     def throughput(self) -> float:
         """Images/s of all live workers together (0.0 when none has measured any), cached for a second."""
-        now = self.clock()
-        if now - self._read_at >= self.THROUGHPUT_MAX_AGE:
-            total = 0.0
-            for worker in self.registry.workers():
-                try:
-                    total += max(0.0, float(worker.get("images_per_s") or 0))
-                except ValueError:
-                    pass
-            with self._lock:
-                self._throughput, self._read_at = total, now
+        self._read_workers()
         return self._throughput
+
+    def _read_workers(self):
+        """Throughput, the largest batch size and the jobs in flight of the live workers, read once a second."""
+        now = self.clock()
+        if now - self._read_at < self.THROUGHPUT_MAX_AGE:
+            return
+        workers = self.registry.workers()
+        total, batch = 0.0, 1
+        for worker in workers:
+            total += _number(worker.get("images_per_s"))
+            batch = max(batch, int(_number(worker.get("batch_size"))) or 1)
+        pipe = self.queue.redis.pipeline(transaction=False)
+        for worker in workers:
+            pipe.llen(self.queue.keys.processing(worker.get("name", "")))
+        in_flight = sum(pipe.execute()) if workers else 0
+        with self._lock:
+            self._throughput, self._batch, self._in_flight, self._read_at = total, batch, in_flight, now
 
     def check(self, remaining: float) -> tuple[int, float]:
         """Raise Refusal when a job with `remaining` seconds to live should not be queued.
@@ -87,7 +99,8 @@ class Admission:
             raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
         queued = self.queue.length()
         throughput = self.throughput()
-        drain = (queued + 1) / throughput if throughput > 0 else 0.0
+        ahead = self._in_flight + queued + 1 + min(self._batch - 1, queued)
+        drain = ahead / throughput if throughput > 0 else 0.0
         if queued >= self.queue.max_length:
             raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
         local = self.preparing * self.preparation_seconds
@@ -97,11 +110,21 @@ class Admission:
             raise Refusal(
                 "expected_wait",
                 _seconds(expected - remaining * self.wait_fraction),
-                f"about {expected:.1f} s of work ahead ({queued} jobs queued at {throughput:.1f} images/s, "
+                f"about {expected:.1f} s of work ahead ({queued} jobs queued, {self._in_flight} in flight, at "
+                f"{throughput:.1f} images/s, "
                 f"{self.preparing} being prepared here), more than this request's {remaining:.1f} s allow",
             )
         self.preparing += 1
         return queued, throughput
+
+
+def _number(text) -> float:
+    """A heartbeat field as a non-negative number; anything else counts as 0."""
+    try:
+        value = float(text or 0)
+    except ValueError:
+        return 0.0
+    return value if value > 0 and math.isfinite(value) else 0.0
 
 
 def _seconds(value: float) -> int:

@@ -90,10 +90,38 @@ class Settings:
             value = getattr(self, field.name)
             if field.type in (int, float) and not (value >= 0 and value != float("inf")):
                 raise ValueError(f"{field.name.upper()} must be a finite number, at least 0, not {value!r}")
-        for name in ("batch_size", "max_queue_length", "dead_letter_max", "max_attempts", "web_connections"):
+        at_least_one = (
+            "batch_size",
+            "max_queue_length",
+            "dead_letter_max",
+            "max_attempts",
+            "web_connections",
+            "web_processes",
+            "result_ttl",
+        )
+        for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.upper()} must be at least 1, not {getattr(self, name)!r}")
-        if self.heartbeat_ttl <= self.heartbeat_interval:
+        # Zero would make a loop spin (a poll, a blocking claim, a heartbeat) or a key expire at once.
+        positive = (
+            "redis_socket_timeout",
+            "block_timeout",
+            "request_timeout",
+            "poll_interval",
+            "fallback_poll_after",
+            "fallback_poll_max",
+            "listener_ping_interval",
+            "heartbeat_interval",
+            "heartbeat_ttl",
+            "client_read_timeout",
+            "admission_wait_fraction",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.upper()} must be more than 0, not {getattr(self, name)!r}")
+        if self.result_ttl > 10**7:
+            raise ValueError(f"RESULT_TTL must be at most 10000000 seconds, not {self.result_ttl!r}")
+        if max(1, round(self.heartbeat_ttl)) <= self.heartbeat_interval:
             raise ValueError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL, or live workers get swept")
 
     @classmethod

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 import gevent
+import gevent.threadpool
 import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request
 from gevent import monkey
@@ -221,19 +222,33 @@ def predict():
 _GONE = object()
 
 
-# Decoding threads per web process: as many as the machine has cores, so that they never outnumber them.
-_DECODING_THREADS = os.cpu_count() or 1
+# Decoding threads per web process: few, as each may hold a large image's pixels, and never more than the
+# cores this process may run on.
+_DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
+_decoding_pool = None  # (pid, pool): made in the process that uses it, after gunicorn's fork
 
 
 def _prepare(data, max_pixels):
-    """Decode and resize the upload. Under gevent this runs in the hub's thread pool: Pillow lets go of the
-    GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a CPU second) cannot stall
-    every other request of the process, and their deadlines, while it is decoded."""
+    """Decode and resize the upload. Under gevent this runs in a small thread pool of its own: Pillow lets go
+    of the GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a CPU second) cannot
+    stall every other request of the process, and their deadlines, while it is decoded. (Not the hub's pool:
+    gevent resolves host names there, and a Redis reconnect must not wait behind decodes.)"""
+    global _decoding_pool
     if not monkey.is_module_patched("threading"):
         return helpers.prepare_image(data, max_pixels)
-    pool = gevent.get_hub().threadpool
-    pool.maxsize = _DECODING_THREADS
-    return pool.apply(helpers.prepare_image, (data, max_pixels))
+    if _decoding_pool is None or _decoding_pool[0] != os.getpid():
+        _decoding_pool = (os.getpid(), gevent.threadpool.ThreadPool(_DECODING_THREADS))
+    outcome = _decoding_pool[1].apply(_caught, (helpers.prepare_image, data, max_pixels))
+    if isinstance(outcome, BaseException):
+        raise outcome  # in this greenlet, where the caller handles it; raised in the pool, gevent prints it
+    return outcome
+
+
+def _caught(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see _prepare
+        return exc
 
 
 def _queue_and_wait(pixels, top_k, started):

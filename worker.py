@@ -90,13 +90,17 @@ class Worker:
             try:
                 self.clock.sync()
                 self.registry.beat(self.name, self.heartbeat_info())
-                if time.monotonic() >= self._sweep_from:
-                    self.registry.sweep()
             except redis.RedisError as exc:
                 # The other workers' heartbeats may lapse in the same outage: once Redis is back, give them a
                 # full HEARTBEAT_TTL to beat again before taking any of them for dead.
                 self._sweep_from = time.monotonic() + self.heartbeat_ttl
                 log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
+                continue
+            try:
+                if time.monotonic() >= self._sweep_from:
+                    self.registry.sweep()
+            except Exception as exc:  # noqa: BLE001 - whatever the sweep met, this thread must go on beating
+                log("sweep_failed", level="ERROR", worker=self.name, error=repr(exc))
 
     def _on_signal(self, signum, _frame):
         # No logging here: the signal may land while this thread holds the log's lock.

@@ -5,6 +5,8 @@ every HEARTBEAT_INTERVAL. Any live worker sweeps: a registered worker whose hear
 claimed jobs handed to the queue's failure handling (requeue with an attempt counted, or dead-letter).
 """
 
+import re
+
 import redis
 
 from job_queue import JobQueue
@@ -17,6 +19,7 @@ class WorkerRegistry:
         self.queue = job_queue
         self.keys = job_queue.keys
         self.heartbeat_ttl = max(1, round(heartbeat_ttl))
+        self._sweeps = 0
 
     def beat(self, worker: str, info: dict) -> None:
         """Register (again, if a sweep dropped us while we stalled) and refresh the heartbeat."""
@@ -37,14 +40,22 @@ class WorkerRegistry:
     def sweep(self) -> list[str]:
         """Requeue the claimed jobs of every worker whose heartbeat expired, registered or not (a processing
         list whose worker is in no set is found by its key). Returns their names."""
-        names = sorted({*self._registered(), *self._holding_jobs()})
+        self._sweeps += 1
+        # Claims register their worker, so a list nobody registered is rare (an older version, a hand): look
+        # for one by its key every tenth sweep only, since SCAN walks the whole keyspace.
+        orphans = self._holding_jobs() if self._sweeps % 10 == 1 else []
+        names = sorted({*self._registered(), *orphans})
         pipe = self.redis.pipeline(transaction=False)
         for name in names:
             pipe.exists(self.keys.heartbeat(name))
         swept = []
         for name in [name for name, alive in zip(names, pipe.execute(), strict=True) if not alive]:
             # The queue checks the heartbeat again in the same step as the requeue: it may have come back.
-            given_up = self.queue.sweep(name)
+            try:
+                given_up = self.queue.sweep(name)
+            except redis.ResponseError as exc:  # a key of the wrong type under our prefix: skip it, sweep the rest
+                log("sweep_failed", level="ERROR", worker=name, error=str(exc))
+                continue
             if given_up is not None:
                 log("worker_dead", level="WARNING", worker=name, dead_lettered=len(given_up))
                 swept.append(name)
@@ -59,13 +70,18 @@ class WorkerRegistry:
         return [{_text(k): _text(v) for k, v in info.items()} for info in pipe.execute() if info]
 
     def _holding_jobs(self):
-        # Claims register their worker, so this finds only what an older version, or a hand, left behind.
         prefix = self.keys.processing_prefix
-        return [_text(key)[len(prefix) :] for key in self.redis.scan_iter(match=prefix + "*", count=1000)]
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"  # IMAGE_QUEUE may hold glob characters
+        names = (_text(key)[len(prefix) :] for key in self.redis.scan_iter(match=pattern, count=1000, _type="list"))
+        return [name for name in names if _NAME.match(name)]
 
     def _registered(self):
         return sorted(_text(n) for n in self.redis.smembers(self.keys.workers))
 
 
 def _text(value):
-    return value.decode() if isinstance(value, bytes) else value
+    # Keys and fields can hold anything someone wrote: never fail on them.
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")

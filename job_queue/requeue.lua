@@ -47,14 +47,17 @@ for i = #jobs, 1, -1 do
   local raw = jobs[i]
   local ok, job = pcall(cjson.decode, raw)
   local parsed = ok and type(job) == 'table'
+  local why = reason
   if parsed and count_attempt then
     job.attempts = (tonumber(job.attempts) or 0) + 1
     -- A job cjson reads but cannot write back (a number like 1e999 becomes inf) must not fail the script
-    -- halfway: it goes back as it was, and the worker that takes it dead-letters it with its reason.
+    -- halfway, nor go back uncounted again and again: it is given up as it was.
     local encoded, again = pcall(cjson.encode, job)
-    parsed = encoded
     if encoded then
       raw = again
+    else
+      job.attempts = max_attempts
+      why = 'the job cannot be written back with an attempt counted (a number out of range?)'
     end
   end
   if parsed and (tonumber(job.attempts) or 0) >= max_attempts then
@@ -62,7 +65,7 @@ for i = #jobs, 1, -1 do
       local time = redis.call('TIME')
       dead_at = tonumber(time[1]) + tonumber(time[2]) / 1000000
     end
-    redis.call('RPUSH', dead, cjson.encode({reason = reason, dead_at = dead_at, job = raw}))
+    redis.call('RPUSH', dead, cjson.encode({reason = why, dead_at = dead_at, job = raw}))
     answer_requester(job)
     table.insert(given_up, raw)
   else

@@ -59,6 +59,19 @@ def test_a_backlog_the_workers_cannot_clear_in_time_is_refused_with_retry_after(
     assert refused.value.retry_after == 2  # the 1.6 s until enough of the backlog is gone, rounded up
 
 
+def test_the_batch_in_progress_and_the_new_jobs_own_batch_count(fake_redis):
+    # One worker with batches of 32 at 16 images/s, a full batch in hand, and 10 jobs queued. A job queued now
+    # is done when its batch is: the 32 in hand, the 10 ahead, itself and the 10 that will fill its batch,
+    # 53 images, 3.3 s. Counting only the queue would say 11 images, 0.7 s.
+    admission = admission_on(fake_redis, 10, [None])
+    fake_redis.hset(KEYS.heartbeat("w0"), mapping={"name": "w0", "images_per_s": 16.0, "batch_size": 32})
+    fake_redis.rpush(KEYS.processing("w0"), *["claimed"] * 32)
+    assert admission.check(remaining=5) == (10, 16.0)  # 3.3 s <= 0.8 * 5 s
+    with pytest.raises(Refusal) as refused:
+        admission.check(remaining=4)  # 3.3 s > 0.8 * 4 s = 3.2 s
+    assert refused.value.reason == "expected_wait" and "32 in flight" in str(refused.value)
+
+
 def test_the_web_process_own_backlog_counts_and_a_spent_budget_is_refused(fake_redis):
     admission = admission_on(fake_redis, 0, [None])  # no throughput: only the local backlog can refuse
     admission.preparation_seconds = 0.1

@@ -246,8 +246,10 @@ def test_a_job_redis_cannot_write_back_does_not_break_the_sweep(real_redis):
     real_redis.rpush(q.keys.processing("doomed"), json.dumps(poison).replace("Infinity", "1e999"))
     real_redis.delete(q.keys.heartbeat("doomed"))
     assert registry.sweep() == ["doomed"]
-    assert q.length() == 2 and not real_redis.exists(q.keys.processing("doomed"))
+    assert q.length() == 1 and not real_redis.exists(q.keys.processing("doomed"))
     assert real_redis.smembers(q.keys.workers) == set()
+    [dead] = [jobs.decode_dead_letter(entry) for entry in real_redis.lrange(q.keys.dead, 0, -1)]
+    assert dead.id == poison["id"] and "cannot be written back" in dead.reason  # given up, not requeued forever
 
 
 def test_an_enqueue_repeated_after_a_lost_reply_queues_the_job_once_and_is_not_refused(r):
@@ -284,3 +286,13 @@ def test_the_sweep_finds_a_processing_list_whose_worker_is_nowhere_registered(r)
     r.lmove(q.keys.queue, q.keys.processing("ghost"), "LEFT", "RIGHT")  # no heartbeat, in no set
     assert registry.sweep() == ["ghost"]
     assert q.length() == 1 and not r.exists(q.keys.processing("ghost"))
+
+
+def test_stray_keys_under_the_processing_prefix_do_not_stop_the_sweep(real_redis):
+    q, registry = worker_holding_a_job(real_redis, "zz")
+    real_redis.rpush(q.keys.processing_prefix.encode() + b"\xff", b"x")  # a name that is not text
+    real_redis.set(q.keys.processing("aa"), "not a list")
+    real_redis.sadd(q.keys.workers, "aa")
+    real_redis.delete(q.keys.heartbeat("zz"))
+    assert "zz" in registry.sweep()
+    assert q.length() == 1
