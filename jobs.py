@@ -23,7 +23,7 @@ MAX_ATTEMPTS_RECORDED = 1000
 _IMAGE_BYTES = math.prod(IMAGE_SHAPE)
 _IMAGE_B64_LENGTH = 4 * math.ceil(_IMAGE_BYTES / 3)
 _ID = re.compile(r"^[0-9a-f]{32}$")
-_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # request ids and reply channels: safe in logs and as keys
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # request ids, reply channels, worker names: safe in logs and keys
 
 
 class JobError(ValueError):
@@ -93,7 +93,7 @@ def decode_job(raw: bytes | str) -> Job:
     job_id, reply_to = data.get("id"), data.get("reply_to")
     if not isinstance(job_id, str) or not _ID.match(job_id):
         raise JobError("job has no valid id")
-    if not isinstance(reply_to, str) or not _NAME.match(reply_to):
+    if not isinstance(reply_to, str) or not SAFE_NAME.match(reply_to):
         reply_to = None  # nowhere safe to announce it; the requester still finds the result by polling
 
     def fail(message):
@@ -122,7 +122,7 @@ def decode_job(raw: bytes | str) -> Job:
         if not _is_number(value):
             raise fail(f"job {name} must be a finite number of seconds")
     request_id = data.get("request_id", job_id)
-    if not isinstance(request_id, str) or not _NAME.match(request_id):
+    if not isinstance(request_id, str) or not SAFE_NAME.match(request_id):
         raise fail("job request_id must be 1-200 characters of A-Z a-z 0-9 . _ : -")
     return Job(
         pixels=pixels.reshape(IMAGE_SHAPE),

@@ -9,6 +9,7 @@ import re
 
 import redis
 
+import jobs
 from job_queue import JobQueue
 from logger import log
 
@@ -73,7 +74,7 @@ class WorkerRegistry:
         prefix = self.keys.processing_prefix
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"  # IMAGE_QUEUE may hold glob characters
         names = (_text(key)[len(prefix) :] for key in self.redis.scan_iter(match=pattern, count=1000, _type="list"))
-        return [name for name in names if _NAME.match(name)]
+        return [name for name in names if jobs.SAFE_NAME.match(name)]
 
     def _registered(self):
         return sorted(_text(n) for n in self.redis.smembers(self.keys.workers))
@@ -82,6 +83,3 @@ class WorkerRegistry:
 def _text(value):
     # Keys and fields can hold anything someone wrote: never fail on them.
     return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")

@@ -66,8 +66,8 @@ class JobQueue:
         batch_id: str,
         claimed: int,
         replies: Sequence[Reply],
-        retry: Iterable = (),
-        dead_jobs: Iterable = (),
+        retry: Sequence[str] = (),
+        dead_jobs: Iterable[tuple[str, str]] = (),
     ) -> str:
         """Store the batch's replies, put `retry` jobs back at the head of the queue, dead-letter `dead_jobs`
         ((raw job, reason) pairs) and acknowledge the `claimed` jobs, in one step that is safe to repeat with
@@ -76,7 +76,22 @@ class JobQueue:
         Returns "done", "duplicate" (this batch was finished before) or "swept" (a sweep took the batch
         back meanwhile: the replies were stored, nothing else changed).
         """
-        return self._store(worker, replies, batch_id, claimed, list(retry), list(dead_jobs))
+        keys = [
+            self.keys.processing(worker),
+            self.keys.queue,
+            self.keys.dead,
+            self.keys.finished(worker),
+            *(self.keys.result(r.job_id) for r in replies),
+        ]
+        args = [self.result_ttl, batch_id, claimed, self.dead_letter_max, len(replies), len(retry)]
+        for reply in replies:
+            args += [reply.reply_to or "", reply.job_id, reply.payload]
+        args += [*retry]
+        for raw, reason in dead_jobs:
+            args += [raw, reason]
+        outcome, dropped = self._scripts["finish"](keys=keys, args=args)
+        self._log_dropped(dropped)
+        return outcome.decode() if isinstance(outcome, bytes) else outcome
 
     def leave(self, worker: str) -> None:
         """A graceful exit: the worker's unfinished jobs go back to the queue without counting an attempt."""
@@ -123,24 +138,6 @@ class JobQueue:
             job_id, _ = jobs.address(raw)
             log("job_dead_lettered", level="ERROR", id=job_id, worker=worker, attempts=self.max_attempts)
         return given_up
-
-    def _store(self, worker, replies, batch_id, claimed, retry, dead_jobs):
-        keys = [
-            self.keys.processing(worker),
-            self.keys.queue,
-            self.keys.dead,
-            self.keys.finished(worker),
-            *(self.keys.result(r.job_id) for r in replies),
-        ]
-        args = [self.result_ttl, batch_id, claimed, self.dead_letter_max, len(replies), len(retry)]
-        for reply in replies:
-            args += [reply.reply_to or "", reply.job_id, reply.payload]
-        args += retry
-        for raw, reason in dead_jobs:
-            args += [raw, reason]
-        outcome, dropped = self._scripts["finish"](keys=keys, args=args)
-        self._log_dropped(dropped)
-        return outcome.decode() if isinstance(outcome, bytes) else outcome
 
     def _log_dropped(self, dropped):
         if dropped:

@@ -8,7 +8,7 @@
 -- KEYS[4] finished         the id of the worker's last finished batch
 -- KEYS[5 .. n+4]           the result key of each reply, in the order of the replies
 -- ARGV[1] ttl              seconds a result (and the finished batch id) is kept
--- ARGV[2] batch_id         unique per batch; '' when only storing replies
+-- ARGV[2] batch_id         unique per batch
 -- ARGV[3] acknowledge      how many jobs the batch took from the head of the processing list (0: none)
 -- ARGV[4] dead_max         the dead-letter list keeps this many jobs, dropping the oldest
 -- ARGV[5] n                number of replies
@@ -24,7 +24,7 @@ local dead_max, n, n_retry = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV
 local first_retry = 3 * n + 7
 local first_dead = first_retry + n_retry
 
-if batch_id ~= '' and redis.call('GET', finished) == batch_id then
+if redis.call('GET', finished) == batch_id then
   return {'duplicate', 0}
 end
 local outcome = 'done'
@@ -35,9 +35,7 @@ if acknowledge > 0 then
     redis.call('LTRIM', processing, acknowledge, -1)
   end
 end
-if batch_id ~= '' then
-  redis.call('SET', finished, batch_id, 'EX', ttl)
-end
+redis.call('SET', finished, batch_id, 'EX', ttl)
 for i = 1, n do
   local at = 3 * i + 4
   local channel, job_id, result = ARGV[at], ARGV[at + 1], ARGV[at + 2]
