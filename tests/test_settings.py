@@ -1,0 +1,28 @@
+"""Settings: read from the environment once, and a bad value stops the start with the variable's name."""
+
+import pytest
+
+from settings import Settings
+
+
+def test_the_environment_overrides_the_defaults():
+    config = Settings.from_env({"PORT": "8080", "LOG_TO_REDIS": "1", "LOG_LEVEL": "debug"})
+    assert (config.port, config.log_to_redis, config.log_level) == (8080, True, "DEBUG")
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"PORT": "abc"}, "PORT must be an integer"),
+        ({"WAIT_MODE": "push"}, "WAIT_MODE must be one of"),
+        ({"RESULT_TTL": "0"}, "RESULT_TTL must be at least 1"),
+        ({"FALLBACK_POLL_AFTER": "0"}, "FALLBACK_POLL_AFTER must be more than 0"),
+        ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT must be a finite number"),
+        ({"DEAD_LETTER_MAX": "0"}, "DEAD_LETTER_MAX must be at least 1"),
+        ({"HEARTBEAT_TTL": "5.4"}, "HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_its_variable(environ, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(environ)
