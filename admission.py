@@ -9,9 +9,9 @@ expected wait = local wait + (jobs in flight + jobs queued + the request's image
   progress has to end before the new job's can start;
 - batch-mates after it: a job is answered when its whole batch is; with jobs queued ahead, the batch it lands in
   fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued));
-- local wait: the web process's own backlog, the requests it has admitted and not yet prepared (form parse,
-  decode, resize: CPU work that one process does one at a time) times the moving average of one preparation.
-  On a busy machine the web tier, not the model, can be what falls behind.
+- local wait: the web process's own backlog, the requests it has admitted and not yet prepared (decode and
+  resize: CPU work done by a few threads per process) times the moving average of one image's preparation,
+  divided by those threads. On a busy machine the web tier, not the model, can be what falls behind.
 
 A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time (and
 refused outright when none is left). MAX_QUEUE_LENGTH stays a hard cap (job_queue.JobQueue.enqueue enforces
@@ -44,28 +44,36 @@ class Admission:
     THROUGHPUT_MAX_AGE = 1.0
 
     def __init__(
-        self, job_queue: JobQueue, registry: WorkerRegistry, wait_fraction: float, clock=time.monotonic
+        self,
+        job_queue: JobQueue,
+        registry: WorkerRegistry,
+        wait_fraction: float,
+        decoders: int = 1,
+        clock=time.monotonic,
     ) -> None:
         self.queue, self.registry, self.wait_fraction, self.clock = job_queue, registry, wait_fraction, clock
+        self.decoders = decoders  # preparations that run at once in this process
         self._throughput, self._batch, self._in_flight, self._read_at = 0.0, 1, 0, -math.inf
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
-        self.preparation_seconds = 0.0  # moving average of one preparation
+        self.preparation_seconds = 0.0  # moving average of one image's decode and resize
 
     @contextmanager
     def preparation(self):
-        """Wrap the CPU work of a request `check` admitted: it leaves the local backlog when this ends.
+        """Wrap the work of a request `check` admitted: it leaves the local backlog when this ends.
 
         An admitted request is counted from the admission on, not from here: under gevent it waits for its
         turn on the CPU after the admission's Redis round trip, and that wait is the backlog."""
-        began = self.clock()
         try:
             yield
         finally:
             self.preparing -= 1
-            seconds = self.clock() - began
-            average = self.preparation_seconds
-            self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
+
+    def prepared(self, seconds: float) -> None:
+        """Record how long one image took to decode and resize, from its start, not from its admission: the
+        time spent waiting behind others is what `preparing` counts, and must not be counted twice."""
+        average = self.preparation_seconds
+        self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
 
     def throughput(self) -> float:
         """Images/s of all live workers together (0.0 when none has measured any), cached for a second."""
@@ -103,7 +111,7 @@ class Admission:
         drain = ahead / throughput if throughput > 0 else 0.0
         if queued + images > self.queue.max_length:
             raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
-        local = self.preparing * self.preparation_seconds
+        local = self.preparing * self.preparation_seconds / self.decoders
         expected = local + drain
         if expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.

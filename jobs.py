@@ -138,7 +138,7 @@ def decode_job(raw: bytes | str) -> Job:
     if data.get("dtype") != "uint8":
         raise fail("job image dtype must be uint8")
     if len(image) != _IMAGE_BYTES:
-        raise fail(f"job image has {len(image)} bytes, expected {_IMAGE_BYTES}")
+        raise fail(f"job has {len(image)} bytes of pixels, expected {_IMAGE_BYTES}")
     top_k, attempts = data.get("top_k"), data.get("attempts", 0)
     if not _is_int(top_k) or not 1 <= top_k <= MAX_TOP_K:
         raise fail(f"job top_k must be an integer from 1 to {MAX_TOP_K}")

@@ -100,7 +100,7 @@ def prepare(read_uploads: Callable[[], list[bytes]]) -> list[np.ndarray]:
         pixels = []
         for number, data in enumerate(uploads, 1):
             try:
-                pixels.append(_decode(data, svc.config.max_image_pixels))
+                pixels.append(_decode(data, svc.config.max_image_pixels, svc.admission))
             except helpers.ImageError as exc:
                 which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
                 log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
@@ -227,24 +227,32 @@ def _cancel(svc, job_ids):
 
 # Decoding threads per web process: few, as each may hold a large image's pixels, and never more than the
 # cores this process may run on.
-_DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
+DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
 _decoding_pool = None  # (pid, pool): made in the process that uses it, after gunicorn's fork
 
 
-def _decode(data, max_pixels):
+def _decode(data, max_pixels, admission):
     """Decode and resize one upload. Under gevent this runs in a small thread pool of its own: Pillow lets go
     of the GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a CPU second) cannot
     stall every other request of the process, and their deadlines, while it is decoded. (Not the hub's pool:
     gevent resolves host names there, and a Redis reconnect must not wait behind decodes.)"""
     global _decoding_pool
     if not monkey.is_module_patched("threading"):
-        return helpers.prepare_image(data, max_pixels)
+        return _timed(admission, data, max_pixels)
     if _decoding_pool is None or _decoding_pool[0] != os.getpid():
-        _decoding_pool = (os.getpid(), gevent.threadpool.ThreadPool(_DECODING_THREADS))
-    outcome = _decoding_pool[1].apply(_caught, (helpers.prepare_image, data, max_pixels))
+        _decoding_pool = (os.getpid(), gevent.threadpool.ThreadPool(DECODING_THREADS))
+    outcome = _decoding_pool[1].apply(_caught, (_timed, admission, data, max_pixels))
     if isinstance(outcome, BaseException):
         raise outcome  # in this greenlet, where the caller handles it; raised in the pool, gevent prints it
     return outcome
+
+
+def _timed(admission, data, max_pixels):
+    began = time.monotonic()
+    try:
+        return helpers.prepare_image(data, max_pixels)
+    finally:
+        admission.prepared(time.monotonic() - began)
 
 
 def _caught(function, *args):

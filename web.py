@@ -46,7 +46,7 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
         registry,
         waiter or ResultWaiter(connection, config),
         RedisClock(connection),
-        Admission(queue, registry, config.admission_wait_fraction),
+        Admission(queue, registry, config.admission_wait_fraction, submission.DECODING_THREADS),
     )
     app.register_blueprint(bp)
     app.register_error_handler(HTTPException, _http_error)

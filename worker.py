@@ -45,6 +45,10 @@ class Throughput:
     def rate(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+    def seconds_for(self, images: int) -> float:
+        """How long `images` would take at the measured rate; 0.0 before anything was measured."""
+        return images / self.rate if self.rate > 0 else 0.0
+
 
 class Worker:
     def __init__(self, classifier, config: Settings, name: str | None = None):
@@ -259,8 +263,13 @@ class Worker:
             log("status_update_failed", level="WARNING", worker=self.name, error=str(exc))
 
     def _triage(self, raws, now):
-        """Split claimed jobs into those to run, replies for malformed ones, and raw jobs to dead-letter."""
+        """Split claimed jobs into those to run, replies for malformed ones and for jobs that cannot be done by
+        their deadline, and raw jobs to dead-letter."""
         valid, replies, dead = [], [], []
+        # When the batch would end, at the throughput measured so far (a batch of them all, the longest case):
+        # a job due before then would be answered too late to be of use, and computing it would make its
+        # batch-mates, and every job queued behind them, later still.
+        finish_by = now + self.throughput.seconds_for(len(raws))
         for raw in raws:
             try:
                 job = jobs.decode_job(raw)
@@ -272,24 +281,28 @@ class Worker:
                     error = jobs.error_result(exc.job_id, f"invalid job: {exc}", 422)
                     replies.append(Reply.of(exc.job_id, exc.reply_to, error))
                 continue
-            if job.deadline < now:
-                # A waited-for job: the web server has already replied 504. An async job's requester learns
-                # its fate from the result key, so it gets the same answer there.
-                self.counts["expired"] += 1
-                if job.result_ttl:
-                    error = jobs.error_result(job.id, "the job was not started before its deadline", 504)
-                    replies.append(Reply.of(job.id, job.reply_to, error, job.result_ttl))
-                log(
-                    "job_expired",
-                    level="WARNING",
-                    id=job.id,
-                    rid=job.request_id,
-                    worker=self.name,
-                    late_ms=(now - job.deadline) * 1000,
-                )
+            if job.deadline < finish_by:
+                self._expire(job, now, replies)
                 continue
             valid.append(job)
         return valid, replies, dead
+
+    def _expire(self, job, now, replies):
+        self.counts["expired"] += 1
+        if job.deadline >= now or job.result_ttl:
+            # Someone still waits (a request not yet at its deadline, or an async job's requester, who learns
+            # its fate from the result key alone): tell them now rather than at the deadline.
+            error = jobs.error_result(job.id, "the job could not be done before its deadline", 504)
+            replies.append(Reply.of(job.id, job.reply_to, error, job.result_ttl))
+        # Else the web server has already answered 504.
+        log(
+            "job_expired",
+            level="WARNING",
+            id=job.id,
+            rid=job.request_id,
+            worker=self.name,
+            late_ms=(now - job.deadline) * 1000,
+        )
 
     def _classify(self, batch):
         """The model's probabilities for each job or, for a job the model fails on by itself, the exception.

@@ -2,11 +2,9 @@
 batches during a stop, and clocks that disagree. Real redis-server throughout; real processes where a
 fault needs them."""
 
-import base64
 import concurrent.futures
 import datetime
 import glob
-import json
 import threading
 import time
 
@@ -74,21 +72,25 @@ def test_lost_replies_and_cut_connections_under_load_lose_no_request(redis_serve
 
 def malformed_jobs():
     """One job for each way a field can be wrong, each with a valid id so that its requester can be told."""
-    template = json.loads(jobs.encode_job(jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60)))
+    template, pixels = jobs.split(jobs.encode_job(jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60)))
     wrong = {
         "attempts": "2",
         "enqueued_at": "yesterday",
         "deadline": None,
         "top_k": 10**9,
         "shape": [1, 2],
-        "image": base64.b64encode(b"x" * 10).decode(),
+        "pixels": b"x" * 10,
         "request_id": ["a"],
         "dtype": "float64",
+        "result_ttl": "forever",
     }
     made = []
     for field, value in wrong.items():
-        job = dict(template, id=jobs.Job(None, 0).id, **{field: value})
-        made.append((field, job["id"], json.dumps(job)))
+        job = dict(template, id=jobs.Job(None, 0).id)
+        if field == "pixels":
+            made.append((field, job["id"], jobs.join(job, value)))
+        else:
+            made.append((field, job["id"], jobs.join(dict(job, **{field: value}), bytes(pixels))))
     return made
 
 

@@ -5,7 +5,6 @@ worker, which no real worker can be made to be on purpose.
 """
 
 import concurrent.futures
-import json
 import os
 import signal
 import threading
@@ -86,9 +85,9 @@ def test_malformed_job_on_the_queue_is_dead_lettered_with_an_answer(service, rea
     service.start_worker()
     pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
     job = jobs.Job(pixels, time.time() + 30)
-    bad = json.loads(jobs.encode_job(job))
+    bad, raw_pixels = jobs.split(jobs.encode_job(job))
     bad["shape"] = [2, 2, 3]
-    real_redis.rpush(KEYS.queue, b"\x00 not json", json.dumps(bad))
+    real_redis.rpush(KEYS.queue, b"\x00 not json", jobs.join(bad, bytes(raw_pixels)))
     wait_for(lambda: real_redis.llen(KEYS.dead) == 2, 20, "both jobs to be dead-lettered")
     result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
     assert result["success"] is False and result["status"] == 422 and "shape" in result["error"]
@@ -107,6 +106,25 @@ def test_worker_skips_jobs_whose_deadline_passed(real_redis, config):
     assert classifier.seen == [1 + 256]  # only the fresh job reached the model
     assert not real_redis.exists(KEYS.result(late.id)) and real_redis.exists(KEYS.result(fresh.id))
     assert worker.counts["expired"] == 1 and not real_redis.exists(KEYS.processing("punctual"))
+
+
+def test_a_job_that_cannot_be_done_by_its_deadline_is_answered_504_at_once_not_computed(real_redis, config):
+    """At the throughput measured so far, the batch would end after the first job's deadline: computing it
+    would answer nobody, and delay the others."""
+    config = config.replace(block_timeout=0.2)
+    queue = JobQueue(real_redis, config)
+    soon = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 5, reply_to="chan")
+    later = jobs.Job(np.ones(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60)
+    queue.enqueue(jobs.encode_job(soon), jobs.encode_job(later))
+    classifier = CountingClassifier()
+    worker = Worker(classifier, config, name="realist")
+    worker.throughput.add(1, 10.0)  # measured: 10 s an image, so this batch of two needs about 20 s
+    assert worker.run_once() == 2
+    assert classifier.seen == [1 + 256]
+    early = jobs.decode_result(real_redis.get(KEYS.result(soon.id)))
+    assert (early["success"], early["status"]) == (False, 504) and "before its deadline" in early["error"]
+    assert jobs.decode_result(real_redis.get(KEYS.result(later.id)))["success"]
+    assert worker.counts["expired"] == 1
 
 
 @pytest.mark.slow

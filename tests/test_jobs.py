@@ -68,10 +68,10 @@ def test_request_id_defaults_to_job_id():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (_with_pixels(b"abc"), "has 3 bytes, expected 150528"),
+        (_with_pixels(b"abc"), "has 3 bytes of pixels, expected 150528"),
         (_with_pixels(b"\0" * 150528 * 50), "expected 150528"),  # huge: refused before it is used
-        (_with_pixels(b""), "has 0 bytes"),
-        (_with_pixels(b"\n" * 150529), "has 150529 bytes"),
+        (_with_pixels(b""), "has 0 bytes of pixels"),
+        (_with_pixels(b"\n" * 150529), "has 150529 bytes of pixels"),
     ]
     + [
         (_with_header(mutate), message)

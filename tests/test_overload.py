@@ -88,6 +88,17 @@ def test_the_web_process_own_backlog_counts_and_a_spent_budget_is_refused(fake_r
         admission.check(remaining=0)
 
 
+def test_the_local_backlog_is_shared_by_the_decoding_threads_and_timed_per_image(fake_redis):
+    admission = admission_on(fake_redis, 0, [None])
+    admission.decoders = 2
+    admission.prepared(0.1)  # one image took 0.1 s from its own start: the time it waited is not in it
+    for _ in range(20):  # 20 images ahead, two decoded at a time: 1 s
+        admission.check(remaining=30)
+    admission.check(remaining=1.3)  # 1 s <= 0.8 * 1.3 s
+    with pytest.raises(Refusal):
+        admission.check(remaining=1.2)  # 1.05 s > 0.8 * 1.2 s
+
+
 def test_predict_refuses_a_hopeless_request_at_once_and_queues_nothing(fake_redis):
     admission_on(fake_redis, 39, [10.0])
     config = Settings(wait_mode="poll", request_timeout=3)
