@@ -1,7 +1,7 @@
 """Admission by expected wait: refuse a request at once (503 + Retry-After) when its job could not be served
 within the time it has left, instead of queueing it to time out later.
 
-expected wait = local wait + (jobs in flight + jobs queued + 1 + batch-mates after it) / throughput
+expected wait = local wait + (jobs in flight + jobs queued + the request's images + batch-mates after it) / throughput
 
 - throughput: the sum of the live workers' moving average of images per second of busy time (each worker
   publishes it in its heartbeat hash);
@@ -29,8 +29,8 @@ from job_queue import JobQueue
 from worker_registration import WorkerRegistry
 
 
-@dataclass(frozen=True)
-class Refusal(Exception):
+@dataclass
+class Refusal(Exception):  # not frozen: raising sets __traceback__
     reason: str  # queue_full | expected_wait
     retry_after: int  # seconds
     message: str
@@ -89,8 +89,8 @@ class Admission:
         with self._lock:
             self._throughput, self._batch, self._in_flight, self._read_at = total, batch, in_flight, now
 
-    def check(self, remaining: float) -> tuple[int, float]:
-        """Raise Refusal when a job with `remaining` seconds to live should not be queued.
+    def check(self, remaining: float, images: int = 1) -> tuple[int, float]:
+        """Raise Refusal when a request of `images` jobs with `remaining` seconds to live should not be queued.
 
         Returns (jobs queued, throughput) as seen. Raises redis.RedisError when Redis cannot be asked. An
         admitted request counts in the local backlog until its `preparation()` ends: use both, one after the other.
@@ -99,9 +99,9 @@ class Admission:
             raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
         queued = self.queue.length()
         throughput = self.throughput()
-        ahead = self._in_flight + queued + 1 + min(self._batch - 1, queued)
+        ahead = self._in_flight + queued + images + min(self._batch - 1, queued)
         drain = ahead / throughput if throughput > 0 else 0.0
-        if queued >= self.queue.max_length:
+        if queued + images > self.queue.max_length:
             raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
         local = self.preparing * self.preparation_seconds
         expected = local + drain

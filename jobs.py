@@ -1,8 +1,9 @@
-"""The shapes that travel through Redis: a job (web -> worker) and a result (worker -> web), as JSON.
+"""The shapes that travel through Redis: a job (web -> worker) and a result (worker -> web).
 
-Pixels travel as base64 of raw uint8 RGB (147 KiB of pixels, 196 KiB of base64 per job, a quarter of the
-original float32 payload);
-the model-specific normalisation happens on the worker.
+A job is a binary envelope: one line of JSON (the header: id, deadline, attempts, ...), a newline, then the
+pixels as raw uint8 RGB, 224x224x3 = 147 KiB (base64 inside JSON made it 196 KiB, and cost both sides an
+encode and a decode). The Lua scripts read and rewrite the header alone. The model-specific normalisation
+happens on the worker. A result is JSON.
 """
 
 import base64
@@ -20,8 +21,9 @@ IMAGE_SHAPE = (224, 224, 3)
 MAX_TOP_K = 20
 # Far above any MAX_ATTEMPTS; a larger count in a job is corruption, not history.
 MAX_ATTEMPTS_RECORDED = 1000
+MAX_RESULT_TTL = 10**7  # seconds; settings.py keeps RESULT_TTL and JOB_RESULT_TTL below it
 _IMAGE_BYTES = math.prod(IMAGE_SHAPE)
-_IMAGE_B64_LENGTH = 4 * math.ceil(_IMAGE_BYTES / 3)
+_MAX_HEADER_BYTES = 4096  # a real header is ~400 bytes; a longer one is not read
 _ID = re.compile(r"^[0-9a-f]{32}$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # request ids, reply channels, worker names: safe in logs and keys
 
@@ -44,6 +46,11 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued_at: float = field(default_factory=time.time)
     attempts: int = 0
+    # The result also carries all class probabilities (the Open Inference Protocol's FP32 output).
+    probabilities: bool = False
+    # Seconds the result is kept; 0: the queue's RESULT_TTL. Set for async jobs (/jobs), whose requester
+    # reads the result whenever it likes and learns the job's fate from the result key alone.
+    result_ttl: int = 0
 
     def __post_init__(self):
         self.request_id = self.request_id or self.id
@@ -55,41 +62,68 @@ class Reply(NamedTuple):
     job_id: str
     reply_to: str | None  # the web process's notification channel, None when nobody listens
     payload: str  # the result JSON
+    ttl: int = 0  # seconds the result is kept; 0: the queue's RESULT_TTL
 
     @classmethod
-    def of(cls, job_id: str, reply_to: str | None, result: dict) -> "Reply":
-        return cls(job_id, reply_to, encode_result(result))
+    def of(cls, job_id: str, reply_to: str | None, result: dict, ttl: int = 0) -> "Reply":
+        return cls(job_id, reply_to, encode_result(result), ttl)
 
 
-def encode_job(job: Job) -> str:
-    return json.dumps(
-        {
-            "id": job.id,
-            "request_id": job.request_id,
-            "image": base64.b64encode(np.ascontiguousarray(job.pixels, dtype=np.uint8)).decode("ascii"),
-            "shape": list(job.pixels.shape),
-            "dtype": "uint8",
-            "top_k": job.top_k,
-            "deadline": job.deadline,
-            "enqueued_at": job.enqueued_at,
-            "reply_to": job.reply_to,
-            "attempts": job.attempts,
-        }
-    )
+def encode_job(job: Job) -> bytes:
+    header = {
+        "id": job.id,  # first: enqueue.lua compares jobs, and two jobs then differ within a few bytes
+        "request_id": job.request_id,
+        "shape": list(job.pixels.shape),
+        "dtype": "uint8",
+        "top_k": job.top_k,
+        "deadline": job.deadline,
+        "enqueued_at": job.enqueued_at,
+        "reply_to": job.reply_to,
+        "attempts": job.attempts,
+    }
+    if job.probabilities:
+        header["probabilities"] = True
+    if job.result_ttl:
+        header["result_ttl"] = job.result_ttl
+    return join(header, np.ascontiguousarray(job.pixels, dtype=np.uint8).tobytes())
+
+
+def join(header: dict, pixels: bytes) -> bytes:
+    """A raw job from its header and its pixels."""
+    return json.dumps(header).encode() + b"\n" + pixels
+
+
+def split(raw: bytes) -> tuple[dict, memoryview]:
+    """(header, pixels) of a raw job, the pixels not copied; raises JobError when it is not an envelope."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    end = raw.find(b"\n", 0, _MAX_HEADER_BYTES)
+    if end < 0:
+        raise JobError("job is not a header line followed by pixels")
+    try:
+        header = json.loads(raw[:end])
+    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise JobError(f"job header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise JobError("job header is not a JSON object")
+    return header, memoryview(raw)[end + 1 :]
+
+
+def header_of(raw: bytes | str) -> dict | None:
+    """The header of a raw job, or None when it has none that can be read; never raises."""
+    try:
+        return split(raw)[0]
+    except JobError:
+        return None
 
 
 def decode_job(raw: bytes | str) -> Job:
     """Parse and validate a job from the queue; raises JobError (and nothing else) saying what is wrong.
 
     Anything may have been written into the queue, so every field is checked for type and range, and the
-    image's size before it is decoded.
+    pixels' size before they are used.
     """
-    try:
-        data = json.loads(raw)
-    except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
-        raise JobError(f"job is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise JobError("job is not a JSON object")
+    data, image = split(raw)
     job_id, reply_to = data.get("id"), data.get("reply_to")
     if not isinstance(job_id, str) or not _ID.match(job_id):
         raise JobError("job has no valid id")
@@ -103,15 +137,8 @@ def decode_job(raw: bytes | str) -> Job:
         raise fail(f"job image shape must be {list(IMAGE_SHAPE)}")
     if data.get("dtype") != "uint8":
         raise fail("job image dtype must be uint8")
-    image = data.get("image")
-    if not isinstance(image, str) or len(image) != _IMAGE_B64_LENGTH:
-        raise fail(f"job image must be {_IMAGE_B64_LENGTH} characters of base64")
-    try:
-        pixels = np.frombuffer(base64.b64decode(image, validate=True), dtype=np.uint8)
-    except ValueError:
-        raise fail("job image is not valid base64") from None
-    if pixels.size != _IMAGE_BYTES:
-        raise fail(f"job image has {pixels.size} bytes, expected {_IMAGE_BYTES}")
+    if len(image) != _IMAGE_BYTES:
+        raise fail(f"job image has {len(image)} bytes, expected {_IMAGE_BYTES}")
     top_k, attempts = data.get("top_k"), data.get("attempts", 0)
     if not _is_int(top_k) or not 1 <= top_k <= MAX_TOP_K:
         raise fail(f"job top_k must be an integer from 1 to {MAX_TOP_K}")
@@ -124,8 +151,13 @@ def decode_job(raw: bytes | str) -> Job:
     request_id = data.get("request_id", job_id)
     if not isinstance(request_id, str) or not SAFE_NAME.match(request_id):
         raise fail("job request_id must be 1-200 characters of A-Z a-z 0-9 . _ : -")
+    probabilities, result_ttl = data.get("probabilities", False), data.get("result_ttl", 0)
+    if not isinstance(probabilities, bool):
+        raise fail("job probabilities must be true or false")
+    if not _is_int(result_ttl) or not 0 <= result_ttl <= MAX_RESULT_TTL:
+        raise fail(f"job result_ttl must be an integer from 0 to {MAX_RESULT_TTL}")
     return Job(
-        pixels=pixels.reshape(IMAGE_SHAPE),
+        pixels=np.frombuffer(image, dtype=np.uint8).reshape(IMAGE_SHAPE),
         deadline=float(data["deadline"]),
         top_k=top_k,
         reply_to=reply_to,
@@ -133,7 +165,13 @@ def decode_job(raw: bytes | str) -> Job:
         id=job_id,
         enqueued_at=float(data["enqueued_at"]),
         attempts=attempts,
+        probabilities=probabilities,
+        result_ttl=result_ttl,
     )
+
+
+def is_job_id(text: str) -> bool:
+    return bool(_ID.fullmatch(text))
 
 
 def _is_int(value):
@@ -145,10 +183,18 @@ def _is_number(value):
 
 
 def success_result(
-    job: Job, predictions: list, model: str, batch_size: int, inference_ms: float, queue_ms: float
+    job: Job,
+    probabilities: np.ndarray,
+    predictions: list,
+    model: str,
+    batch_size: int,
+    inference_ms: float,
+    queue_ms: float,
 ) -> dict:
-    return {
+    """`probabilities` (the model's output row) travels only when the job asked for it: 4 KB as base64."""
+    result = {
         "id": job.id,
+        "request_id": job.request_id,
         "success": True,
         "model": model,
         "predictions": predictions,
@@ -156,6 +202,10 @@ def success_result(
         "inference_ms": round(inference_ms, 2),
         "queue_ms": round(queue_ms, 2),
     }
+    if job.probabilities:
+        row = np.ascontiguousarray(probabilities, dtype="<f4")
+        result["probabilities"] = base64.b64encode(row.tobytes()).decode("ascii")
+    return result
 
 
 def error_result(job_id: str, error: str, status: int) -> dict:
@@ -168,7 +218,11 @@ def encode_result(result: dict) -> str:
 
 
 def decode_result(raw: bytes | str) -> dict:
-    return json.loads(raw)
+    """The result as a dict; its probabilities, when it carries them, as a float32 array."""
+    result = json.loads(raw)
+    if "probabilities" in result:
+        result["probabilities"] = np.frombuffer(base64.b64decode(result["probabilities"]), dtype="<f4")
+    return result
 
 
 def address(raw: bytes | str) -> tuple[str | None, str | None]:
@@ -192,7 +246,7 @@ class DeadLetter(NamedTuple):
     raw: str  # the raw job (the whole entry when it is not an envelope), undecodable bytes kept as surrogates
     reason: str | None
     dead_at: float | None
-    job: dict | None  # the raw job parsed, None when it is not a JSON object
+    job: dict | None  # the raw job's header, None when it has none
 
     @property
     def id(self) -> str | None:
@@ -214,9 +268,9 @@ def decode_dead_letter(entry: bytes | str) -> DeadLetter:
             raw,
             reason if isinstance(reason, str) else None,
             float(dead_at) if isinstance(dead_at, (int, float)) else None,
-            _json_object(raw),
+            header_of(raw),
         )
-    return DeadLetter(text, None, None, envelope)
+    return DeadLetter(text, None, None, header_of(text))
 
 
 def _json_object(text):

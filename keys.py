@@ -15,9 +15,11 @@ class Keys:
         self.heartbeat_prefix = f"{self.queue}:worker:"
         self.channel_prefix = f"{self.queue}:notify:"
         self.cancelled_prefix = f"{self.queue}:cancelled:"
+        self.status_prefix = f"{self.queue}:status:"
 
     def result(self, job_id: str) -> str:
-        """STRING with the result JSON, written with a TTL by the worker, GETDEL by the web server."""
+        """STRING with the result JSON, written with a TTL by the worker (JOB_RESULT_TTL for async jobs,
+        else RESULT_TTL) and read by the web server."""
         return self.result_prefix + job_id
 
     def processing(self, worker: str) -> str:
@@ -40,3 +42,8 @@ class Keys:
         """STRING with a TTL, set by the web server when nobody waits for the job any more (client gone,
         deadline passed); a worker that claims the job skips it."""
         return self.cancelled_prefix + job_id
+
+    def status(self, job_id: str) -> str:
+        """STRING 'queued' or 'running' of an async job (POST /jobs) while it has no result: set when it is
+        queued, overwritten when a worker claims it; it expires after twice JOB_RESULT_TTL."""
+        return self.status_prefix + job_id

@@ -8,12 +8,12 @@ becomes a greenlet) and its threading.Event all wait cooperatively.
 
 What the server adds around the app (`_GeventWorker`, `_serve`):
 - each request's clock starts when its connection is accepted (or, on a kept-alive connection, when its
-  first byte arrives): web.py counts REQUEST_TIMEOUT from there, and a safety net answers 504 half a second
+  first byte arrives): submission.py counts REQUEST_TIMEOUT from there, and a safety net answers 504 half a second
   after it in any case;
 - the request line and headers must arrive within CLIENT_READ_TIMEOUT: else the connection is closed,
   after a 408 if part of a request had come (nothing is sent to a connection that never said anything);
 - the body must arrive within CLIENT_READ_TIMEOUT of the request's start (and before its deadline): else 408;
-- the app can watch for the client hanging up while its request waits (web.WATCH_DISCONNECT).
+- the app can watch for the client hanging up while its request waits (submission.WATCH_DISCONNECT).
 
 `run_web_server:app` is the bare app for any other WSGI host (without these guarantees). Configuration comes
 from the environment (see settings.py), read once here.
@@ -49,6 +49,7 @@ if config.web_processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-classifier-metrics-")
 
 import metrics  # noqa: E402
+import submission  # noqa: E402
 import web  # noqa: E402
 
 app = web.create_app(config)
@@ -182,8 +183,8 @@ def _serve(environ, start_response):
     if not isinstance(connection, _Connection):
         return app(environ, start_response)
     began = connection.began
-    environ[web.ARRIVED] = began
-    environ[web.WATCH_DISCONNECT] = lambda callback: _watch_disconnect(connection, callback)
+    environ[submission.ARRIVED] = began
+    environ[submission.WATCH_DISCONNECT] = lambda callback: _watch_disconnect(connection, callback)
     try:
         _buffer_body(environ, began + min(config.client_read_timeout, config.request_timeout))
     except gevent.Timeout:

@@ -32,6 +32,10 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_queue_length: int = 500
+    # Images in one request (several `image` fields on /predict, a V2 tensor of shape [n]).
+    max_images_per_request: int = 32
+    # Seconds an async job's result (POST /jobs) is kept; a job not started within it is answered 504.
+    job_result_ttl: int = 3600
     # Headers, and then the body, must arrive within this many seconds of the request's start: else the
     # connection is closed (408 if part of a request had arrived). Never more than REQUEST_TIMEOUT for the body.
     client_read_timeout: float = 10.0
@@ -98,6 +102,8 @@ class Settings:
             "web_connections",
             "web_processes",
             "result_ttl",
+            "max_images_per_request",
+            "job_result_ttl",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -119,8 +125,9 @@ class Settings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name.upper()} must be more than 0, not {getattr(self, name)!r}")
-        if self.result_ttl > 10**7:
-            raise ValueError(f"RESULT_TTL must be at most 10000000 seconds, not {self.result_ttl!r}")
+        for name in ("result_ttl", "job_result_ttl"):
+            if getattr(self, name) > 5 * 10**6:  # the status of an async job is kept twice as long
+                raise ValueError(f"{name.upper()} must be at most 5000000 seconds, not {getattr(self, name)!r}")
         if max(1, round(self.heartbeat_ttl)) <= self.heartbeat_interval:
             raise ValueError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL, or live workers get swept")
 

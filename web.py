@@ -1,55 +1,35 @@
 """The web app: an application factory, the routes as one blueprint, and JSON errors for everything.
 
-POST /predict turns an upload into a job on the Redis queue and answers with the worker's result; the
-other routes are the upload page, the probes and /metrics. `create_app(config)` builds it, as Flask's
-tutorial does; run_web_server.py serves it with gunicorn.
+POST /predict turns uploads into jobs on the Redis queue and answers with the workers' results; POST /jobs
+queues them and answers at once, GET /jobs/<id> collects; the other routes are the upload page, the probes
+and /metrics. `create_app(config)` builds it, as Flask's tutorial does; run_web_server.py serves it with
+gunicorn.
 """
 
-import math
-import os
 import re
 import time
 import uuid
-from dataclasses import dataclass
 
-import gevent
-import gevent.threadpool
 import redis
-from flask import Blueprint, Flask, current_app, g, jsonify, request
-from gevent import monkey
+from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-import helpers
 import jobs
 import metrics
 import redis_client
-from admission import Admission, Refusal
+import submission
+from admission import Admission
 from clock import RedisClock
-from job_queue import JobQueue, QueueFull
+from job_queue import JobQueue
 from logger import bind, log
 from notifications import ResultWaiter
 from settings import Settings
+from submission import Refused
 from worker_registration import WorkerRegistry
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
-# Set by the server (run_web_server.py) in the WSGI environ; absent under other hosts and Flask's test client.
-ARRIVED = "imgclf.arrived"  # time.monotonic() when the request's connection was accepted or its first byte came
-WATCH_DISCONNECT = "imgclf.watch_disconnect"  # watch(callback) -> stop(): callback() once the client hangs up
-
 bp = Blueprint("classifier", __name__)
-
-
-@dataclass(frozen=True)
-class _Service:
-    """What the routes share in one app: its settings and its handles on Redis."""
-
-    config: Settings
-    queue: JobQueue
-    registry: WorkerRegistry
-    waiter: ResultWaiter
-    clock: RedisClock
-    admission: Admission
 
 
 def create_app(config: Settings, connection: redis.Redis | None = None, waiter: ResultWaiter | None = None) -> Flask:
@@ -60,7 +40,7 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
     )
     queue = JobQueue(connection, config)
     registry = WorkerRegistry(connection, queue, config.heartbeat_ttl)
-    app.extensions["image_classifier"] = _Service(
+    app.extensions["image_classifier"] = submission.Service(
         config,
         queue,
         registry,
@@ -72,10 +52,6 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
-
-
-def _service() -> _Service:
-    return current_app.extensions["image_classifier"]
 
 
 def _error(message, status, **extra):
@@ -117,7 +93,7 @@ def ready():
 
     Anyone may ask, so the answer says only whether, and why not in one line; details go to the log.
     """
-    service = _service()
+    service = submission.service()
     try:
         service.queue.redis.ping()
         workers = service.registry.workers()
@@ -142,7 +118,7 @@ def _not_ready(reason, exc=None):
 
 @bp.get("/metrics")
 def prometheus_metrics():
-    service = _service()
+    service = submission.service()
     return metrics.exposition(service.queue, service.registry), 200, {"Content-Type": metrics.CONTENT_TYPE}
 
 
@@ -154,138 +130,102 @@ def _parse_top_k(raw):
     return int(raw)
 
 
-def _busy(reason, message, retry_after):
-    metrics.REJECTED.labels(reason).inc()
-    log("request_refused", level="WARNING", reason=reason, error=message, retry_after=retry_after)
-    response = _error(f"the service is busy ({message}); retry later", 503, reason=reason)
-    response[0].headers["Retry-After"] = str(retry_after)
+def _refused(refused: Refused):
+    extra = {"reason": refused.reason} if refused.reason else {}
+    if len(refused.job_ids) == 1:
+        extra["id"] = refused.job_ids[0]
+    elif refused.job_ids:
+        extra["ids"] = refused.job_ids
+    response = _error(refused.message, refused.status, **extra)
+    if refused.retry_after:
+        response[0].headers["Retry-After"] = str(refused.retry_after)
     return response
 
 
-@bp.post("/predict")
-def predict():
-    service = _service()
-    config = service.config
-    # The request's clock starts when the server first saw it (its connection accepted), not when we got to it.
-    started = request.environ.get(ARRIVED) or time.monotonic()
+def _uploads(budget=None):
+    """The request's images, decoded, and its top_k (the checks that need no Redis come first)."""
     log("request_received", bytes=request.content_length, top_k=request.args.get("top_k"))
     try:
         top_k = _parse_top_k(request.args.get("top_k"))
     except ValueError as exc:
-        return _error(str(exc), 400)
-    try:  # before the form is parsed and the image decoded: refusing must cost next to nothing
-        service.admission.check(started + config.request_timeout - time.monotonic())
-    except Refusal as refusal:
-        return _busy(refusal.reason, str(refusal), refusal.retry_after)
-    except redis.RedisError as exc:
-        log("redis_unavailable", level="ERROR", error=str(exc))
-        return _busy("redis_unavailable", "the job queue is unavailable", 1)
-    with service.admission.preparation():
-        upload = request.files.get("image")
-        if upload is None:
-            return _error("send the image as a multipart/form-data file field named 'image'", 400)
-        try:
-            pixels = _prepare(upload.read(), config.max_image_pixels)
-        except helpers.ImageError as exc:
-            log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
-            return _error(str(exc), exc.status)
+        raise Refused(400, str(exc)) from None
+    # Admission before the form is parsed and the images decoded: refusing must cost next to nothing. A
+    # request with several images counts as one here; the queue's cap still takes them all or none.
+    submission.admit(budget=budget)
+    return submission.prepare(_form_images), top_k
+
+
+def _form_images():
+    files = request.files.getlist("image")
+    if not files:
+        raise Refused(400, "send the image as a multipart/form-data file field named 'image'")
+    return [upload.read() for upload in files]
+
+
+@bp.post("/predict")
+def predict():
+    """One image: the original answer. Several `image` fields: {"success", "results": [one answer each]}."""
     try:
-        job, result = _queue_and_wait(pixels, top_k, started)
-    except QueueFull as exc:
-        return _busy("queue_full", str(exc), 1)
-    except redis.RedisError as exc:
-        log("redis_unavailable", level="ERROR", error=str(exc))
-        return _busy("redis_unavailable", "the job queue is unavailable", 1)
-    elapsed_ms = (time.monotonic() - started) * 1000
-    if result is _GONE:
-        log("client_gone", level="WARNING", id=job.id, ms=elapsed_ms)
-        return _error("the client went away", 499, id=job.id)  # nginx's code; nobody reads it
-    if result is None:
-        log("request_timeout", level="WARNING", id=job.id, ms=elapsed_ms)
-        return _error(f"no result within {config.request_timeout:g} s", 504, id=job.id)
+        pixels, top_k = _uploads()
+        results = submission.classify(pixels, top_k)
+    except Refused as refused:
+        return _refused(refused)
+    elapsed = time.monotonic() - submission.started()
+    for result in results:
+        if result["success"]:
+            metrics.observe_result(result, elapsed)
+    log("request_done", ids=",".join(r["id"] for r in results), ms=elapsed * 1000, images=len(results))
+    if len(results) > 1:
+        answers = [submission.answer(result) for result in results]
+        return jsonify({"success": all(a["success"] for a in answers), "request_id": g.request_id, "results": answers})
+    result = results[0]
     if not result["success"]:
-        log("job_failed", level="ERROR", id=job.id, error=result["error"], ms=elapsed_ms)
-        return _error(result["error"], result.get("status", 500), id=job.id)
-    metrics.observe_result(result, elapsed_ms / 1000)
-    log("request_done", id=job.id, ms=elapsed_ms, batch_size=result["batch_size"])
-    return jsonify(
-        {
-            "success": True,
-            "id": job.id,
-            "request_id": job.request_id,
-            "model": result["model"],
-            "predictions": result["predictions"],
-        }
-    )
+        log("job_failed", level="ERROR", id=result["id"], error=result["error"])
+        return _error(result["error"], result.get("status", 500), id=result["id"])
+    return jsonify(submission.answer(result))
 
 
-_GONE = object()
-
-
-# Decoding threads per web process: few, as each may hold a large image's pixels, and never more than the
-# cores this process may run on.
-_DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
-_decoding_pool = None  # (pid, pool): made in the process that uses it, after gunicorn's fork
-
-
-def _prepare(data, max_pixels):
-    """Decode and resize the upload. Under gevent this runs in a small thread pool of its own: Pillow lets go
-    of the GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a CPU second) cannot
-    stall every other request of the process, and their deadlines, while it is decoded. (Not the hub's pool:
-    gevent resolves host names there, and a Redis reconnect must not wait behind decodes.)"""
-    global _decoding_pool
-    if not monkey.is_module_patched("threading"):
-        return helpers.prepare_image(data, max_pixels)
-    if _decoding_pool is None or _decoding_pool[0] != os.getpid():
-        _decoding_pool = (os.getpid(), gevent.threadpool.ThreadPool(_DECODING_THREADS))
-    outcome = _decoding_pool[1].apply(_caught, (helpers.prepare_image, data, max_pixels))
-    if isinstance(outcome, BaseException):
-        raise outcome  # in this greenlet, where the caller handles it; raised in the pool, gevent prints it
-    return outcome
-
-
-def _caught(function, *args):
+@bp.post("/jobs")
+def submit_jobs():
+    """/predict's form, answered at once: 202 {"id", "status_url"} and a Location header; with several images,
+    {"jobs": [{"id", "status_url"}, ...]} in their order. Admitted when the expected wait fits within
+    JOB_RESULT_TTL (a job not started by then is answered 504)."""
     try:
-        return function(*args)
-    except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see _prepare
-        return exc
+        pixels, top_k = _uploads(budget=submission.service().config.job_result_ttl)
+        ids = submission.detach(pixels, top_k)
+    except Refused as refused:
+        return _refused(refused)
+    described = [{"id": job_id, "status_url": url_for("classifier.job_status", job_id=job_id)} for job_id in ids]
+    log("jobs_submitted", ids=",".join(ids))
+    body = described[0] if len(described) == 1 else {"jobs": described}
+    return jsonify(body), 202, {"Location": described[0]["status_url"]}
 
 
-def _queue_and_wait(pixels, top_k, started):
-    """Push the job and wait for its result: (job, result); result None when the deadline passed, _GONE when
-    the client hung up. Either way the job is marked cancelled, so that no worker computes it for nobody."""
-    service = _service()
-    timeout = service.config.request_timeout
-    reply_to = service.waiter.start()
-    # The job's times are Redis's, which every worker reads too; this host's wall clock plays no part.
-    now = service.clock.now()
-    deadline = now + timeout - (time.monotonic() - started)
-    job = jobs.Job(pixels, deadline, top_k, reply_to, g.request_id, g.job_id, enqueued_at=now)
-    with service.waiter.expect(job.id) as pending:
-        service.queue.enqueue(jobs.encode_job(job))
-        metrics.ADMITTED.inc()
-        log("job_queued", id=job.id, top_k=top_k)
-        watch = request.environ.get(WATCH_DISCONNECT)
-        stop_watching = watch(pending.abandon) if watch else None
-        try:
-            result = service.waiter.wait(pending, started + timeout)
-        finally:
-            if stop_watching:
-                stop_watching()
-        if result is None:
-            (metrics.CANCELLED if pending.abandoned else metrics.EXPIRED).inc()
-            _cancel(service, job.id)
-        return job, (_GONE if result is None and pending.abandoned else result)
+@bp.get("/jobs/<job_id>")
+def job_status(job_id):
+    """202 {"id", "status": "queued" | "running"} while pending; once done, /predict's body, or its error with
+    the error's status; 404 for an id that is unknown or whose result expired.
 
-
-def _cancel(service, job_id):
-    """Mark the job so that a worker claiming it skips it; the mark outlives any deadline the job could have."""
+    Nothing about a job lives in a web process: any web process answers for it, after a restart too."""
+    queue = submission.service().queue
+    if not jobs.is_job_id(job_id):
+        return _error("no such job", 404)
     try:
-        service.queue.redis.set(
-            service.queue.keys.cancelled(job_id), "1", ex=math.ceil(service.config.request_timeout) + 60
-        )
-    except redis.RedisError as exc:  # the worker's own deadline check still drops it once it is late
-        log("cancel_failed", level="WARNING", id=job_id, error=str(exc))
+        pipe = queue.redis.pipeline(transaction=False)
+        pipe.get(queue.keys.result(job_id))
+        pipe.get(queue.keys.status(job_id))
+        raw_result, state = pipe.execute()
+    except redis.RedisError as exc:
+        log("redis_unavailable", level="ERROR", error=str(exc))
+        return _refused(Refused(503, "the job store is unavailable; retry later", "redis_unavailable", 1))
+    if raw_result is not None:
+        result = jobs.decode_result(raw_result)
+        if not result["success"]:
+            return _error(result["error"], result.get("status", 500), id=job_id)
+        return jsonify(submission.answer(result))
+    if state is None:
+        return _error("no such job (unknown, or its result expired)", 404)
+    return jsonify({"id": job_id, "status": state.decode()}), 202
 
 
 def _http_error(exc):

@@ -208,6 +208,7 @@ class Worker:
         started, busy_since = self.clock.now(), time.monotonic()
         valid, replies, dead = self._triage(raws, started)
         valid = self._skip_cancelled(valid)
+        self._mark_running(valid)
         bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
         log("batch_claimed", worker=self.name, claimed=len(raws), batch_size=len(valid))
         retry, done = [], []
@@ -223,8 +224,8 @@ class Worker:
                 continue
             top = self.classifier.top_k(outcome, job.top_k)
             queue_ms = (started - job.enqueued_at) * 1000
-            result = jobs.success_result(job, top, self.classifier.name, len(valid), inference_ms, queue_ms)
-            replies.append(Reply.of(job.id, job.reply_to, result))
+            result = jobs.success_result(job, outcome, top, self.classifier.name, len(valid), inference_ms, queue_ms)
+            replies.append(Reply.of(job.id, job.reply_to, result, job.result_ttl))
             done.append(job)
         return replies, retry, dead, done
 
@@ -243,6 +244,20 @@ class Worker:
                 log("job_cancelled", id=job.id, rid=job.request_id, worker=self.name)
         return [job for job, mark in zip(valid, marks, strict=True) if mark is None]
 
+    def _mark_running(self, valid):
+        """Async jobs' status keys say 'running' from now on (only keys that exist: one left to expire stays
+        gone). A status only; the claim itself is what keeps the job safe, so a failure here is logged."""
+        tracked = [job for job in valid if job.result_ttl]
+        if not tracked:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job in tracked:
+            pipe.set(self.queue.keys.status(job.id), "running", xx=True, keepttl=True)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log("status_update_failed", level="WARNING", worker=self.name, error=str(exc))
+
     def _triage(self, raws, now):
         """Split claimed jobs into those to run, replies for malformed ones, and raw jobs to dead-letter."""
         valid, replies, dead = [], [], []
@@ -258,8 +273,12 @@ class Worker:
                     replies.append(Reply.of(exc.job_id, exc.reply_to, error))
                 continue
             if job.deadline < now:
-                # Nobody waits for this answer any more: the web server has already replied 504.
+                # A waited-for job: the web server has already replied 504. An async job's requester learns
+                # its fate from the result key, so it gets the same answer there.
                 self.counts["expired"] += 1
+                if job.result_ttl:
+                    error = jobs.error_result(job.id, "the job was not started before its deadline", 504)
+                    replies.append(Reply.of(job.id, job.reply_to, error, job.result_ttl))
                 log(
                     "job_expired",
                     level="WARNING",
@@ -300,4 +319,4 @@ class Worker:
         message = f"job failed {job.attempts} times and was given up: the model raised {error!r}"
         reason = f"out of attempts ({job.attempts}); the last: the model raised {error!r} on worker {self.name}"
         dead.append((jobs.encode_job(job), reason))
-        replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, message, 500)))
+        replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, message, 500), job.result_ttl))

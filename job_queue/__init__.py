@@ -20,6 +20,15 @@ from settings import Settings
 _SCRIPTS = Path(__file__).resolve().parent
 
 
+def script(connection: redis.Redis, name: str):
+    """The Lua script `name`.lua beside this file, registered; with envelope.lua's job reading in front when
+    it reads jobs (Redis scripts cannot import one another)."""
+    text = (_SCRIPTS / f"{name}.lua").read_text()
+    if "split(" in text:
+        text = (_SCRIPTS / "envelope.lua").read_text() + text
+    return connection.register_script(text)
+
+
 class QueueFull(Exception):
     pass
 
@@ -32,15 +41,15 @@ class JobQueue:
         self.max_attempts = config.max_attempts
         self.dead_letter_max = config.dead_letter_max
         self.result_ttl = config.result_ttl
-        self._scripts = {
-            name: connection.register_script((_SCRIPTS / f"{name}.lua").read_text())
-            for name in ("enqueue", "claim", "finish", "requeue")
-        }
+        self._scripts = {name: script(connection, name) for name in ("enqueue", "claim", "finish", "requeue")}
 
-    def enqueue(self, raw_job: str) -> None:
-        """Queue the job unless `max_queue_length` jobs are already waiting (then raise QueueFull)."""
-        if not self._scripts["enqueue"](keys=[self.keys.queue], args=[raw_job, self.max_length]):
-            raise QueueFull(f"{self.max_length} jobs are already waiting")
+    def enqueue(self, *raw_jobs: bytes, track: Sequence[str] = (), track_ttl: int = 0) -> None:
+        """Queue the jobs side by side, or none of them when `max_queue_length` leaves no room for them all
+        (then raise QueueFull). `track`: the ids of async jobs, whose status keys say 'queued' for `track_ttl`
+        seconds from now on (a worker that claims one says 'running')."""
+        keys = [self.keys.queue, *(self.keys.status(job_id) for job_id in track)]
+        if not self._scripts["enqueue"](keys=keys, args=[self.max_length, track_ttl, *raw_jobs]):
+            raise QueueFull(f"the queue has no room for {len(raw_jobs)} more job(s) (at most {self.max_length})")
 
     def length(self) -> int:
         return self.redis.llen(self.keys.queue)
@@ -85,7 +94,7 @@ class JobQueue:
         ]
         args = [self.result_ttl, batch_id, claimed, self.dead_letter_max, len(replies), len(retry)]
         for reply in replies:
-            args += [reply.reply_to or "", reply.job_id, reply.payload]
+            args += [reply.reply_to or "", reply.job_id, reply.payload, reply.ttl]
         args += [*retry]
         for raw, reason in dead_jobs:
             args += [raw, reason]

@@ -41,7 +41,7 @@ for index, entry in ipairs(entries) do
   if envelope and type(envelope.job) == 'string' then
     raw = envelope.job
   end
-  local job = decode(raw)
+  local job, pixels = split(raw)
   local id = job and type(job.id) == 'string' and #job.id == 32 and job.id:match('^[0-9a-f]+$') and job.id or nil
   if wanted == nil or (id and wanted[id]) then
     if mode == 'purge' then
@@ -59,7 +59,7 @@ for index, entry in ipairs(entries) do
         job.reply_to = cjson.null
         local encoded, requeued = pcall(cjson.encode, job)  -- 1e999 reads as inf and cannot be written
         if encoded then
-          redis.call('RPUSH', queue, requeued)
+          redis.call('RPUSH', queue, requeued .. pixels)
           redis.call('LSET', dead, index - 1, removed)
           table.insert(done, id)
         else

@@ -8,16 +8,14 @@ worker's log and, for RESULT_TTL seconds, in its result key. A job whose deadlin
 unprocessed by the worker, so it stays dead unless `force`, which gives it a new deadline of REQUEST_TIMEOUT.
 """
 
-from pathlib import Path
 from typing import NamedTuple
 
 import redis
 
 import jobs
+from job_queue import script
 from keys import Keys
 from settings import Settings
-
-_SCRIPT = Path(__file__).resolve().parent / "dead_letters.lua"
 
 
 class Outcome(NamedTuple):
@@ -31,7 +29,7 @@ class DeadLetters:
         self.redis = connection
         self.keys = Keys(config.image_queue)
         self.request_timeout = config.request_timeout
-        self._script = connection.register_script(_SCRIPT.read_text())
+        self._script = script(connection, "dead_letters")
 
     def count(self) -> int:
         return self.redis.llen(self.keys.dead)

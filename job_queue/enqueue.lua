@@ -1,17 +1,25 @@
--- Queue a job unless `max_length` jobs are already waiting, in one step. Safe to repeat after a lost reply:
--- a job already among the newest in the queue is not pushed again, nor refused because its own first push
--- filled the queue. (Comparing is cheap: two jobs differ within their first bytes, the id.)
--- KEYS[1] queue       the waiting jobs
--- ARGV[1] job         the raw job
--- ARGV[2] max_length  the cap
+-- Queue a request's jobs together, or none of them when the queue has no room for them all, in one step:
+-- pushed side by side, a request's images land in the same batch where it has room. Safe to repeat after
+-- a lost reply: when the first job is already among the newest in the queue, the jobs were pushed and are
+-- neither pushed again nor refused because their own first push filled the queue. (Comparing is cheap: two
+-- jobs differ within their first bytes, the id.)
+-- KEYS[1] queue          the waiting jobs
+-- KEYS[2 .. n+1]         async jobs only: each job's status key, set to 'queued' (none for waited-for jobs)
+-- ARGV[1] max_length     the cap
+-- ARGV[2] status_ttl     seconds a status key is kept
+-- ARGV[3 .. n+2]         the raw jobs
 -- Returns the queue's new length, or 0 when it was full.
 local queue = KEYS[1]
-local job, max_length = ARGV[1], tonumber(ARGV[2])
+local max_length, status_ttl = tonumber(ARGV[1]), ARGV[2]
+local n = #ARGV - 2
 
-if redis.call('LPOS', queue, job, 'RANK', -1, 'MAXLEN', 64) then
+if redis.call('LPOS', queue, ARGV[3], 'RANK', -1, 'MAXLEN', 64 + n) then
   return redis.call('LLEN', queue)
 end
-if redis.call('LLEN', queue) >= max_length then
+if redis.call('LLEN', queue) + n > max_length then
   return 0
 end
-return redis.call('RPUSH', queue, job)
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], 'queued', 'EX', status_ttl)
+end
+return redis.call('RPUSH', queue, unpack(ARGV, 3))

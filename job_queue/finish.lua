@@ -7,13 +7,14 @@
 -- KEYS[3] dead             the dead-letter list
 -- KEYS[4] finished         the id of the worker's last finished batch
 -- KEYS[5 .. n+4]           the result key of each reply, in the order of the replies
--- ARGV[1] ttl              seconds a result (and the finished batch id) is kept
+-- ARGV[1] ttl              seconds the finished batch id, and a result without its own ttl, are kept
 -- ARGV[2] batch_id         unique per batch
 -- ARGV[3] acknowledge      how many jobs the batch took from the head of the processing list (0: none)
 -- ARGV[4] dead_max         the dead-letter list keeps this many jobs, dropping the oldest
 -- ARGV[5] n                number of replies
 -- ARGV[6] n_retry          number of jobs to retry
--- ARGV[7 .. 3n+6]          n replies, three values each: channel ('' for none), job id, result JSON
+-- ARGV[7 .. 4n+6]          n replies, four values each: channel ('' for none), job id, result JSON,
+--                          seconds the result is kept ('0': ttl)
 -- then n_retry raw jobs to retry, then the jobs to dead-letter, two values each: raw job, reason (each
 -- pushed as jobs.DeadLetter's envelope {"reason", "dead_at", "job": raw job}).
 -- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
@@ -21,7 +22,7 @@
 local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, batch_id, acknowledge = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local dead_max, n, n_retry = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local first_retry = 3 * n + 7
+local first_retry = 4 * n + 7
 local first_dead = first_retry + n_retry
 
 if redis.call('GET', finished) == batch_id then
@@ -37,9 +38,9 @@ if acknowledge > 0 then
 end
 redis.call('SET', finished, batch_id, 'EX', ttl)
 for i = 1, n do
-  local at = 3 * i + 4
-  local channel, job_id, result = ARGV[at], ARGV[at + 1], ARGV[at + 2]
-  redis.call('SET', KEYS[i + 4], result, 'EX', ttl)
+  local at = 4 * i + 3
+  local channel, job_id, result, keep = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  redis.call('SET', KEYS[i + 4], result, 'EX', keep ~= '0' and keep or ttl)
   if channel ~= '' then
     redis.call('PUBLISH', channel, job_id)
   end

@@ -16,21 +16,25 @@
 -- ARGV[5] reason        why a job out of attempts was given up (jobs.DeadLetter's envelope carries it)
 -- ARGV[6] answer        the answer for a given-up job, as jobs.error_result's JSON with an empty id
 -- ARGV[7] result_prefix the result keys' prefix (Keys.result_prefix): the answer goes to prefix .. job id
--- ARGV[8] ttl           seconds an answer is kept
+-- ARGV[8] ttl           seconds an answer is kept, unless the job's header names its own result_ttl
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
 -- out to be alive. Safe to repeat: a second call finds the processing list empty.
 local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local answer, result_prefix, ttl = cjson.decode(ARGV[6]), ARGV[7], ARGV[8]
 
--- The checks of jobs.py: a 32-hex-digit id; a reply channel of 1-200 safe characters.
+-- The checks of jobs.py: a 32-hex-digit id; a reply channel of 1-200 safe characters; a result_ttl in range.
 local function answer_requester(job)
   local id, reply_to = job.id, job.reply_to
   if type(id) ~= 'string' or #id ~= 32 or not string.match(id, '^[0-9a-f]+$') then
     return
   end
+  local keep = tonumber(job.result_ttl)
+  if not keep or keep < 1 or keep > 10000000 or keep ~= math.floor(keep) then
+    keep = ttl
+  end
   answer.id = id
-  redis.call('SET', result_prefix .. id, cjson.encode(answer), 'EX', ttl)
+  redis.call('SET', result_prefix .. id, cjson.encode(answer), 'EX', keep)
   if type(reply_to) == 'string' and #reply_to <= 200 and string.match(reply_to, '^[%w%._:%-]+$') then
     redis.call('PUBLISH', reply_to, id)
   end
@@ -45,8 +49,8 @@ local given_up = {}
 local dead_at
 for i = #jobs, 1, -1 do
   local raw = jobs[i]
-  local ok, job = pcall(cjson.decode, raw)
-  local parsed = ok and type(job) == 'table'
+  local job, pixels = split(raw)
+  local parsed = job ~= nil
   local why = reason
   if parsed and count_attempt then
     job.attempts = (tonumber(job.attempts) or 0) + 1
@@ -54,7 +58,7 @@ for i = #jobs, 1, -1 do
     -- halfway, nor go back uncounted again and again: it is given up as it was.
     local encoded, again = pcall(cjson.encode, job)
     if encoded then
-      raw = again
+      raw = again .. pixels
     else
       job.attempts = max_attempts
       why = 'the job cannot be written back with an attempt counted (a number out of range?)'

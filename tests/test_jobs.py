@@ -1,6 +1,5 @@
 """The job and result shapes that cross Redis: what a worker accepts and what it refuses, with a reason."""
 
-import base64
 import json
 import time
 
@@ -22,10 +21,43 @@ def test_job_round_trips_with_exact_pixels():
     assert (back.id, back.top_k, back.reply_to, back.request_id) == (job.id, 3, "chan", "req-1")
 
 
-def test_job_payload_is_uint8_sized():
-    raw = jobs.encode_job(make_job())
-    image = json.loads(raw)["image"]
-    assert len(base64.b64decode(image)) == 224 * 224 * 3  # a quarter of the original float32 payload
+def test_job_payload_is_a_header_line_and_the_raw_pixels():
+    job = make_job()
+    raw = jobs.encode_job(job)
+    header, pixels = raw.split(b"\n", 1)
+    assert json.loads(header)["id"] == job.id
+    assert pixels == job.pixels.tobytes()  # 147 KiB: no base64, a quarter of the original float32 payload
+    assert len(raw) < 224 * 224 * 3 + 400
+
+
+def test_options_round_trip_and_only_travel_when_set():
+    job = make_job(probabilities=True, result_ttl=3600)
+    back = jobs.decode_job(jobs.encode_job(job))
+    assert (back.probabilities, back.result_ttl) == (True, 3600)
+    assert set(jobs.header_of(jobs.encode_job(make_job()))).isdisjoint({"probabilities", "result_ttl"})
+
+
+def test_probabilities_travel_in_the_result_only_when_asked():
+    row = np.random.default_rng(1).random(1000).astype(np.float32)
+    for asked in (True, False):
+        job = make_job(probabilities=asked)
+        result = jobs.decode_result(jobs.encode_result(jobs.success_result(job, row, [], "m", 1, 1.0, 1.0)))
+        assert ("probabilities" in result) is asked
+        if asked:
+            assert np.array_equal(result["probabilities"], row)
+
+
+def _with_pixels(pixels):
+    return lambda raw: jobs.join(jobs.header_of(raw), pixels)
+
+
+def _with_header(mutate):
+    def change(raw):
+        header, pixels = jobs.split(raw)
+        mutate(header)
+        return jobs.join(header, bytes(pixels))
+
+    return change
 
 
 def test_request_id_defaults_to_job_id():
@@ -36,43 +68,63 @@ def test_request_id_defaults_to_job_id():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d.update(shape=[10, 10, 3]), "shape"),
-        (lambda d: d.update(dtype="float32"), "uint8"),
-        (lambda d: d.update(image="!" * len(d["image"])), "not valid base64"),
-        (lambda d: d.update(image=base64.b64encode(b"abc").decode()), "characters of base64"),
-        (lambda d: d.update(image=d["image"] * 50), "characters of base64"),  # huge: refused before decoding
-        (lambda d: d.update(image=12345), "characters of base64"),
-        (lambda d: d.pop("image"), "characters of base64"),
-        (lambda d: d.update(top_k=0), "top_k"),
-        (lambda d: d.update(top_k=21), "top_k"),
-        (lambda d: d.update(top_k="5"), "top_k"),
-        (lambda d: d.update(top_k=True), "top_k"),
-        (lambda d: d.pop("top_k"), "top_k"),
-        (lambda d: d.update(attempts="2"), "attempts"),
-        (lambda d: d.update(attempts=-1), "attempts"),
-        (lambda d: d.update(attempts=10**12), "attempts"),
-        (lambda d: d.update(attempts=1.5), "attempts"),
-        (lambda d: d.pop("deadline"), "deadline"),
-        (lambda d: d.update(deadline="soon"), "deadline"),
-        (lambda d: d.update(deadline=float("nan")), "deadline"),
-        (lambda d: d.update(enqueued_at="yesterday"), "enqueued_at"),
-        (lambda d: d.pop("enqueued_at"), "enqueued_at"),
-        (lambda d: d.update(request_id=5), "request_id"),
-        (lambda d: d.update(request_id="x" * 500), "request_id"),
-        (lambda d: d.update(request_id="line\nbreak"), "request_id"),
+        (_with_pixels(b"abc"), "has 3 bytes, expected 150528"),
+        (_with_pixels(b"\0" * 150528 * 50), "expected 150528"),  # huge: refused before it is used
+        (_with_pixels(b""), "has 0 bytes"),
+        (_with_pixels(b"\n" * 150529), "has 150529 bytes"),
+    ]
+    + [
+        (_with_header(mutate), message)
+        for mutate, message in [
+            (lambda d: d.update(shape=[10, 10, 3]), "shape"),
+            (lambda d: d.update(dtype="float32"), "uint8"),
+            (lambda d: d.update(top_k=0), "top_k"),
+            (lambda d: d.update(top_k=21), "top_k"),
+            (lambda d: d.update(top_k="5"), "top_k"),
+            (lambda d: d.update(top_k=True), "top_k"),
+            (lambda d: d.pop("top_k"), "top_k"),
+            (lambda d: d.update(attempts="2"), "attempts"),
+            (lambda d: d.update(attempts=-1), "attempts"),
+            (lambda d: d.update(attempts=10**12), "attempts"),
+            (lambda d: d.update(attempts=1.5), "attempts"),
+            (lambda d: d.pop("deadline"), "deadline"),
+            (lambda d: d.update(deadline="soon"), "deadline"),
+            (lambda d: d.update(deadline=float("nan")), "deadline"),
+            (lambda d: d.update(enqueued_at="yesterday"), "enqueued_at"),
+            (lambda d: d.pop("enqueued_at"), "enqueued_at"),
+            (lambda d: d.update(request_id=5), "request_id"),
+            (lambda d: d.update(request_id="x" * 500), "request_id"),
+            (lambda d: d.update(request_id="line\nbreak"), "request_id"),
+            (lambda d: d.update(probabilities="yes"), "probabilities"),
+            (lambda d: d.update(result_ttl=-1), "result_ttl"),
+            (lambda d: d.update(result_ttl=10**8), "result_ttl"),
+            (lambda d: d.update(result_ttl=1.5), "result_ttl"),
+        ]
     ],
 )
 def test_malformed_job_names_the_problem_and_keeps_the_address(mutate, message):
     job = make_job(reply_to="chan")
-    data = json.loads(jobs.encode_job(job))
-    mutate(data)
+    raw = mutate(jobs.encode_job(job))
     with pytest.raises(jobs.JobError, match=message) as err:
-        jobs.decode_job(json.dumps(data))
+        jobs.decode_job(raw)
     assert (err.value.job_id, err.value.reply_to) == (job.id, "chan")
-    assert jobs.address(json.dumps(data)) == (job.id, "chan")
+    assert jobs.address(raw) == (job.id, "chan")
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b'{"id": "../etc"}', b"{}", b"\xff\xfe", b'"a string"'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"not json\n" + b"\0" * 150528,
+        b"[1, 2]\n",
+        b'{"id": "../etc"}\n',
+        b"{}\n",
+        b"\xff\xfe\n",
+        b'"a string"\n',
+        b'{"id": "' + b"a" * 5000 + b'"}\n',  # a header too long to be read
+        json.dumps({"id": "0" * 32, "image": "AAAA"}).encode(),  # the old JSON-with-base64 job
+    ],
+)
 def test_job_without_identity_is_refused_without_address(raw):
     with pytest.raises(jobs.JobError) as err:
         jobs.decode_job(raw)
@@ -81,6 +133,5 @@ def test_job_without_identity_is_refused_without_address(raw):
 
 
 def test_an_unsafe_reply_channel_is_ignored_not_used():
-    data = json.loads(jobs.encode_job(make_job()))
-    data["reply_to"] = "chan\r\nPUBLISH other"
-    assert jobs.decode_job(json.dumps(data)).reply_to is None
+    raw = _with_header(lambda d: d.update(reply_to="chan\r\nPUBLISH other"))(jobs.encode_job(make_job()))
+    assert jobs.decode_job(raw).reply_to is None

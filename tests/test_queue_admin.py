@@ -127,9 +127,9 @@ def test_info_reads_the_image_queue_namespace_it_is_given(real_redis, redis_serv
 
 def test_dead_list_shows_every_writers_reason_and_lists_garbage_raw(real_redis, redis_server, admin_config):
     queue = JobQueue(real_redis, admin_config)
-    malformed = json.loads(jobs.encode_job(make_job(request_id="req-malformed")))
+    malformed, pixels = jobs.split(jobs.encode_job(make_job(request_id="req-malformed")))
     malformed["shape"] = [2, 2, 3]
-    real_redis.rpush(KEYS.queue, b"\x00 not json", json.dumps(malformed))
+    real_redis.rpush(KEYS.queue, b"\x00 not json", jobs.join(malformed, bytes(pixels)))
     assert Worker(CountingClassifier(), admin_config, name="triager").run_once() == 2  # finish.lua
     swept = make_job(request_id="req-swept")
     dead_letter_by_sweep(real_redis, admin_config, swept)  # requeue.lua, sweep
@@ -155,7 +155,7 @@ def test_dead_list_shows_every_writers_reason_and_lists_garbage_raw(real_redis, 
     )
     assert by_id[legacy.id]["REASON"] == "unknown" and by_id[legacy.id]["ATTEMPTS"] == "0"
     no_id = [row for row in rows if row["ID"] == "-"]
-    assert no_id[0]["REASON"].startswith("invalid job: job is not JSON")
+    assert no_id[0]["REASON"].startswith("invalid job: job is not a header line followed by pixels")
     assert "raw b'\\x00 not json'" in no_id[0]["REASON"]
     assert no_id[0]["DEAD SINCE"] != "-"
     assert no_id[1]["REASON"].startswith("unknown; raw b'\\xff\\xfe garbage") and "(220 bytes)" in no_id[1]["REASON"]
@@ -272,9 +272,12 @@ def test_a_malformed_setting_exits_1_naming_it(redis_server):
 
 
 def test_dead_list_escapes_control_characters(real_redis, redis_server):
-    hostile = json.loads(jobs.encode_job(make_job()))
+    hostile, pixels = jobs.split(jobs.encode_job(make_job()))
     hostile["request_id"] = "\x1b]0;owned\x07\x1b[2J"
-    real_redis.rpush(KEYS.dead, json.dumps({"reason": "bad\x1b[31m", "dead_at": 1.0, "job": json.dumps(hostile)}))
+    raw = jobs.join(hostile, bytes(pixels)).decode("utf-8", "surrogateescape")
+    real_redis.rpush(
+        KEYS.dead, json.dumps({"reason": "bad\x1b[31m", "dead_at": 1.0, "job": raw}).encode("utf-8", "surrogateescape")
+    )
     result = admin(redis_server.url, "dead", "list")
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\\x1b" in result.stdout

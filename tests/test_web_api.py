@@ -6,6 +6,7 @@ import time
 import pytest
 from PIL import Image
 
+import jobs
 import redis_client
 import web
 from keys import Keys
@@ -86,7 +87,7 @@ def test_no_result_in_time_answers_504_with_the_job_id(make_client, fake_redis):
     response = post_image(make_client(request_timeout=0.5), CASTLE.read_bytes())
     assert_error(response, 504, "no result within 0.5 s")
     job_id = response.get_json()["id"]
-    assert len(job_id) == 32 and job_id in fake_redis.lindex(QUEUE, 0).decode()
+    assert len(job_id) == 32 and jobs.header_of(fake_redis.lindex(QUEUE, 0))["id"] == job_id
 
 
 def test_redis_down_answers_503_quickly(make_client):

@@ -1,0 +1,254 @@
+"""From uploads to answers: the one path that /predict, the Open Inference Protocol and /jobs all take.
+
+Admission (refuse at once what cannot be served in time), decoding the uploads, queueing their jobs side by
+side, and waiting for the results within the request's deadline, or handing back the ids of async jobs.
+Every refusal is a `Refused` carrying its HTTP status; each protocol words it in its own error format.
+Runs inside a Flask request of an app built by web.create_app.
+"""
+
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import gevent
+import gevent.threadpool
+import numpy as np
+import redis
+from flask import current_app, g, request
+from gevent import monkey
+
+import helpers
+import jobs
+import metrics
+from admission import Admission, Refusal
+from clock import RedisClock
+from job_queue import JobQueue, QueueFull
+from logger import log
+from notifications import ResultWaiter
+from settings import Settings
+from worker_registration import WorkerRegistry
+
+# Set by the server (run_web_server.py) in the WSGI environ; absent under other hosts and Flask's test client.
+ARRIVED = "imgclf.arrived"  # time.monotonic() when the request's connection was accepted or its first byte came
+WATCH_DISCONNECT = "imgclf.watch_disconnect"  # watch(callback) -> stop(): callback() once the client hangs up
+
+
+@dataclass(frozen=True)
+class Service:
+    """What the routes share in one app: its settings and its handles on Redis."""
+
+    config: Settings
+    queue: JobQueue
+    registry: WorkerRegistry
+    waiter: ResultWaiter
+    clock: RedisClock
+    admission: Admission
+
+
+def service() -> Service:
+    return current_app.extensions["image_classifier"]
+
+
+@dataclass
+class Refused(Exception):
+    """The request cannot be answered with results: `status` is the HTTP status to answer with."""
+
+    status: int
+    message: str
+    reason: str | None = None  # why a 503 refused it: queue_full | expected_wait | redis_unavailable
+    retry_after: int | None = None  # seconds, for the Retry-After header
+    job_ids: list = field(default_factory=list)  # the jobs it had queued, when it got that far
+
+    def __str__(self):
+        return self.message
+
+
+def started() -> float:
+    """time.monotonic() when the request's clock started: when the server first saw it, not when we got to it."""
+    return request.environ.get(ARRIVED) or time.monotonic()
+
+
+def admit(images: int = 1, budget: float | None = None) -> None:
+    """Refuse (503) a request whose `images` jobs could not be served within its remaining time (or within
+    `budget` seconds: an async job's). Call it before the body is parsed and decoded, so that refusing costs
+    next to nothing; then `prepare` once."""
+    svc = service()
+    remaining = budget or started() + svc.config.request_timeout - time.monotonic()
+    try:
+        with _redis_or_busy():
+            svc.admission.check(remaining, images)
+    except Refusal as refusal:
+        raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
+
+
+def prepare(read_uploads: Callable[[], list[bytes]]) -> list[np.ndarray]:
+    """Read the uploads (`read_uploads` parses the protocol's body; it may raise Refused or an HTTPException)
+    and decode and resize each one. Call it once after `admit`: the request leaves the admission's local
+    backlog when this ends, however it ends. Refused 400/413 names the first bad image."""
+    svc = service()
+    with svc.admission.preparation():
+        uploads = read_uploads()
+        if not uploads:
+            raise Refused(400, "no image was sent")
+        if len(uploads) > svc.config.max_images_per_request:
+            limit = svc.config.max_images_per_request
+            raise Refused(413, f"{len(uploads)} images sent, at most {limit} per request")
+        pixels = []
+        for number, data in enumerate(uploads, 1):
+            try:
+                pixels.append(_decode(data, svc.config.max_image_pixels))
+            except helpers.ImageError as exc:
+                which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
+                log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
+                raise Refused(exc.status, which + str(exc)) from None
+    return pixels
+
+
+def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) -> list[dict]:
+    """Queue one job per image and wait for all of them: the workers' results, in order (each a dict of
+    jobs.success_result or jobs.error_result). Raises Refused: 503 (busy), 504 (no result within
+    REQUEST_TIMEOUT) or 499 (the client hung up). Unanswered jobs are then marked cancelled, so that no
+    worker computes them for nobody."""
+    svc = service()
+    begun, timeout = started(), svc.config.request_timeout
+    with _redis_or_busy():
+        reply_to = svc.waiter.start()
+        # The jobs' times are Redis's, which every worker reads too; this host's wall clock plays no part.
+        now = svc.clock.now()
+    deadline = now + timeout - (time.monotonic() - begun)
+    batch = [_job(p, deadline, top_k, reply_to, now, probabilities=probabilities) for p in pixels]
+    ids = [job.id for job in batch]
+    with ExitStack() as stack:
+        waiting = [stack.enter_context(svc.waiter.expect(job_id)) for job_id in ids]
+        _enqueue(svc, batch)
+        watch = request.environ.get(WATCH_DISCONNECT)
+        stop_watching = watch(lambda: [pending.abandon() for pending in waiting]) if watch else None
+        try:
+            results = []
+            for pending in waiting:
+                result = svc.waiter.wait(pending, begun + timeout)
+                if result is None:
+                    break
+                results.append(result)
+        finally:
+            if stop_watching:
+                stop_watching()
+    if len(results) == len(batch):
+        return results
+    abandoned = waiting[0].abandoned
+    (metrics.CANCELLED if abandoned else metrics.EXPIRED).inc()
+    unanswered = ids[len(results) :]
+    _cancel(svc, unanswered)
+    elapsed_ms = (time.monotonic() - begun) * 1000
+    if abandoned:
+        log("client_gone", level="WARNING", ids=",".join(unanswered), ms=elapsed_ms)
+        raise Refused(499, "the client went away", job_ids=ids)  # nginx's code; nobody reads it
+    log("request_timeout", level="WARNING", ids=",".join(unanswered), ms=elapsed_ms)
+    raise Refused(504, f"no result within {timeout:g} s", job_ids=ids)
+
+
+def detach(pixels: list[np.ndarray], top_k: int) -> list[str]:
+    """Queue async jobs and return their ids at once; their results are kept JOB_RESULT_TTL seconds."""
+    svc = service()
+    keep = svc.config.job_result_ttl
+    with _redis_or_busy():
+        now = svc.clock.now()
+    # A job not even started within JOB_RESULT_TTL is answered 504 by the worker that finally claims it.
+    batch = [_job(p, now + keep, top_k, None, now, result_ttl=keep) for p in pixels]
+    _enqueue(svc, batch, track_ttl=2 * keep)  # its status must outlive the wait and then the result
+    return [job.id for job in batch]
+
+
+def _job(pixels, deadline, top_k, reply_to, now, **options):
+    # The request's first job takes the id its log lines already carry (its request id, unless the client
+    # sent one); the others get their own.
+    job_id = g.pop("job_id", None) or uuid.uuid4().hex
+    return jobs.Job(pixels, deadline, top_k, reply_to, g.request_id, job_id, enqueued_at=now, **options)
+
+
+@contextmanager
+def _redis_or_busy():
+    try:
+        yield
+    except redis.RedisError as exc:
+        log("redis_unavailable", level="ERROR", error=str(exc))
+        raise _busy("redis_unavailable", "the job queue is unavailable", 1) from None
+
+
+def _enqueue(svc, batch, track_ttl=0):
+    try:
+        with _redis_or_busy():
+            svc.queue.enqueue(
+                *(jobs.encode_job(job) for job in batch),
+                track=[job.id for job in batch] if track_ttl else (),
+                track_ttl=track_ttl,
+            )
+    except QueueFull as exc:
+        raise _busy("queue_full", str(exc), 1) from None
+    metrics.ADMITTED.inc(len(batch))
+    for job in batch:
+        log("job_queued", id=job.id, top_k=job.top_k)
+
+
+def answer(result: dict) -> dict:
+    """The public body of one worker result, as /predict has always answered it (status aside)."""
+    if not result["success"]:
+        return {"success": False, "error": result["error"], "id": result["id"]}
+    return {
+        "success": True,
+        "id": result["id"],
+        "request_id": result.get("request_id", result["id"]),
+        "model": result["model"],
+        "predictions": result["predictions"],
+    }
+
+
+def _busy(reason, message, retry_after):
+    metrics.REJECTED.labels(reason).inc()
+    log("request_refused", level="WARNING", reason=reason, error=message, retry_after=retry_after)
+    return Refused(503, f"the service is busy ({message}); retry later", reason, retry_after)
+
+
+def _cancel(svc, job_ids):
+    """Mark the jobs so that a worker claiming one skips it; the mark outlives any deadline a job could have."""
+    ttl = math.ceil(svc.config.request_timeout) + 60
+    pipe = svc.queue.redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.set(svc.queue.keys.cancelled(job_id), "1", ex=ttl)
+    try:
+        pipe.execute()
+    except redis.RedisError as exc:  # the worker's own deadline check still drops them once they are late
+        log("cancel_failed", level="WARNING", ids=",".join(job_ids), error=str(exc))
+
+
+# Decoding threads per web process: few, as each may hold a large image's pixels, and never more than the
+# cores this process may run on.
+_DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
+_decoding_pool = None  # (pid, pool): made in the process that uses it, after gunicorn's fork
+
+
+def _decode(data, max_pixels):
+    """Decode and resize one upload. Under gevent this runs in a small thread pool of its own: Pillow lets go
+    of the GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a CPU second) cannot
+    stall every other request of the process, and their deadlines, while it is decoded. (Not the hub's pool:
+    gevent resolves host names there, and a Redis reconnect must not wait behind decodes.)"""
+    global _decoding_pool
+    if not monkey.is_module_patched("threading"):
+        return helpers.prepare_image(data, max_pixels)
+    if _decoding_pool is None or _decoding_pool[0] != os.getpid():
+        _decoding_pool = (os.getpid(), gevent.threadpool.ThreadPool(_DECODING_THREADS))
+    outcome = _decoding_pool[1].apply(_caught, (helpers.prepare_image, data, max_pixels))
+    if isinstance(outcome, BaseException):
+        raise outcome  # in this greenlet, where the caller handles it; raised in the pool, gevent prints it
+    return outcome
+
+
+def _caught(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see _decode
+        return exc

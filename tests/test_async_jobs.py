@@ -1,0 +1,166 @@
+"""Async jobs (POST /jobs, GET /jobs/<id>) and several images in one /predict: real processes where the
+promise is about them (a web restart, batching), a worker with a stand-in model where it is about the queue."""
+
+import io
+import re
+import time
+
+import numpy as np
+import pytest
+import requests
+
+import jobs
+import web
+from job_queue import JobQueue
+from keys import Keys
+from notifications import ResultWaiter
+from settings import Settings
+from support import CASTLE, JEMMA, CountingClassifier, png_bomb
+from worker import Worker
+from worker_registration import WorkerRegistry
+
+KEYS = Keys("image_queue")
+
+
+def files(*paths):
+    return [("image", (path.name, path.read_bytes())) for path in paths]
+
+
+def collect(url, status_url, timeout=120):
+    """Poll a job's status URL as a client would, until it is no longer 202."""
+    seen = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        response = requests.get(url + status_url, timeout=30)
+        seen.append(response.status_code)
+        if response.status_code != 202:
+            return response, seen
+        time.sleep(0.2)
+    raise AssertionError(f"still pending after {timeout} s: {seen[-5:]}")
+
+
+@pytest.mark.slow
+def test_an_async_job_outlives_the_web_server_that_took_it(service, real_redis):
+    first_web = service.start_web(JOB_RESULT_TTL="900")
+    submitted = requests.post(f"{service.url}/jobs", files=files(CASTLE), timeout=30)
+    assert submitted.status_code == 202, submitted.text
+    body = submitted.json()
+    assert re.fullmatch(r"[0-9a-f]{32}", body["id"]) and body["status_url"] == f"/jobs/{body['id']}"
+    assert submitted.headers["Location"].endswith(body["status_url"])
+    pending = requests.get(service.url + body["status_url"], timeout=30)
+    assert (pending.status_code, pending.json()) == (202, {"id": body["id"], "status": "queued"})
+
+    service.stop(first_web)  # nothing about the job lived there
+    service.start_web(JOB_RESULT_TTL="900")
+    assert requests.get(service.url + body["status_url"], timeout=30).json()["status"] == "queued"
+    service.start_worker()
+    done, _ = collect(service.url, body["status_url"])
+    assert done.status_code == 200
+    answer = done.json()
+    assert answer["success"] is True and answer["id"] == body["id"] and answer["model"] == "efficientnet_lite0"
+    assert answer["predictions"][0]["label"] == "castle" and len(answer["predictions"]) == 5
+    # Kept JOB_RESULT_TTL, not the few seconds a waited-for result lives; read again and again.
+    assert 800 < real_redis.ttl(KEYS.result(body["id"])) <= 900
+    assert requests.get(service.url + body["status_url"], timeout=30).json() == answer
+
+    unknown = requests.get(f"{service.url}/jobs/{'0' * 32}", timeout=30)
+    assert unknown.status_code == 404 and "no such job" in unknown.json()["error"]
+    assert requests.get(f"{service.url}/jobs/not-an-id", timeout=30).status_code == 404
+
+
+@pytest.mark.slow
+def test_several_images_in_one_predict_answer_in_order_from_one_batch(service, real_redis):
+    worker = service.start_worker()
+    service.start_web()
+    response = requests.post(f"{service.url}/predict?top_k=2", files=files(CASTLE, JEMMA, CASTLE), timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["success"] is True and len(body["results"]) == 3
+    labels = [result["predictions"][0]["label"] for result in body["results"]]
+    assert labels == ["castle", "beagle", "castle"]
+    assert all(len(result["predictions"]) == 2 and result["success"] for result in body["results"])
+    assert len({result["id"] for result in body["results"]}) == 3
+    assert {result["request_id"] for result in body["results"]} == {body["request_id"]}
+    assert re.search(r"inference_done .*batch_size=3\b", service.log_text(worker))  # pushed together, run together
+
+    bad = requests.post(f"{service.url}/predict", files=[*files(CASTLE), ("image", ("x.png", b"junk"))], timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"].startswith("image 2 of 2: ")
+    assert real_redis.llen(KEYS.queue) == 0
+
+
+@pytest.mark.slow
+def test_several_async_jobs_in_one_post(service):
+    service.start_worker()
+    service.start_web()
+    submitted = requests.post(f"{service.url}/jobs", files=files(JEMMA, CASTLE), timeout=30)
+    assert submitted.status_code == 202
+    described = submitted.json()["jobs"]
+    assert [collect(service.url, d["status_url"])[0].json()["predictions"][0]["label"] for d in described] == [
+        "beagle",
+        "castle",
+    ]
+
+
+def test_async_refusals_are_clear(make_client, fake_redis):
+    client = make_client(max_queue_length=1)
+    assert client.post("/jobs", data={"other": "x"}).status_code == 400
+    bomb = client.post("/jobs", data={"image": (io.BytesIO(png_bomb()), "b.png")})
+    assert bomb.status_code == 413
+    two = client.post("/jobs", data={"image": [(CASTLE.open("rb"), "a.jpg"), (CASTLE.open("rb"), "b.jpg")]})
+    assert two.status_code == 503 and two.headers["Retry-After"]  # all or none: the cap is 1
+    assert fake_redis.llen(KEYS.queue) == 0
+
+
+def async_job(deadline_in=60.0, result_ttl=900):
+    return jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + deadline_in, result_ttl=result_ttl)
+
+
+def test_an_async_job_says_running_while_a_worker_holds_it(real_redis, config):
+    job = async_job()
+    JobQueue(real_redis, config).enqueue(jobs.encode_job(job), track=[job.id], track_ttl=1800)
+    assert real_redis.get(KEYS.status(job.id)) == b"queued" and 1700 < real_redis.ttl(KEYS.status(job.id)) <= 1800
+    states = []
+
+    class Watching(CountingClassifier):
+        def predict(self, pixels):
+            states.append(real_redis.get(KEYS.status(job.id)))
+            return super().predict(pixels)
+
+    assert Worker(Watching(), config.replace(block_timeout=0.2), name="w").run_once() == 1
+    assert states == [b"running"]
+    result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
+    assert result["success"] and 800 < real_redis.ttl(KEYS.result(job.id)) <= 900
+
+
+def test_an_async_job_past_its_deadline_is_answered_504_not_forgotten(real_redis, config):
+    job = async_job(deadline_in=-1)
+    JobQueue(real_redis, config).enqueue(jobs.encode_job(job), track=[job.id], track_ttl=1800)
+    classifier = CountingClassifier()
+    assert Worker(classifier, config.replace(block_timeout=0.2), name="w").run_once() == 1
+    assert classifier.seen == []
+    result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
+    assert (result["success"], result["status"]) == (False, 504)
+    assert 800 < real_redis.ttl(KEYS.result(job.id)) <= 900
+
+
+def test_an_async_job_given_up_by_a_sweep_keeps_its_answer_for_its_own_ttl(real_redis, config):
+    job = async_job()
+    queue = JobQueue(real_redis, config.replace(max_attempts=1))
+    registry = WorkerRegistry(real_redis, queue, heartbeat_ttl=60)
+    registry.beat("doomed", {"ready": 1})
+    queue.enqueue(jobs.encode_job(job), track=[job.id], track_ttl=1800)
+    assert len(queue.claim("doomed", 10, 1)) == 1
+    real_redis.delete(KEYS.heartbeat("doomed"))  # it died holding the job
+    assert registry.sweep() == ["doomed"]
+    result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
+    assert (result["success"], result["status"]) == (False, 500)
+    assert 800 < real_redis.ttl(KEYS.result(job.id)) <= 900  # requeue.lua read the job's own result_ttl
+
+
+@pytest.fixture
+def make_client(fake_redis):
+    def make(**settings):
+        config = Settings(**settings)
+        return web.create_app(config, fake_redis, ResultWaiter(fake_redis, config)).test_client()
+
+    return make
