@@ -197,7 +197,7 @@ def encode_response(
 def _classification(probabilities, k, labels):
     best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     # str() of a float32 is its shortest exact form: the score parses back to the very probability.
-    values = [[f"{row[i]}:{i}:{labels[i]}" for i in top] for row, top in zip(probabilities, best, strict=True)]
+    values = [[f"{row[i]!s}:{i}:{labels[i]}" for i in top] for row, top in zip(probabilities, best, strict=True)]
     return {"datatype": "BYTES", "shape": [len(probabilities), k]}, np.array(values, dtype=object)
 
 

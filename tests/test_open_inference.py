@@ -162,8 +162,9 @@ def test_classification_is_best_first_as_score_index_label(binary):
         indices = [int(index) for _, index, _ in parsed]
         assert indices == list(np.argsort(-row)[:4])
         assert [label for *_, label in parsed] == [LABELS[i] for i in indices]
-        # Each score is the float32 probability itself, not a rounding of it.
+        # Each score is the float32 probability itself, not a rounding of it, in its shortest form.
         assert [np.float32(score) for score, *_ in parsed] == [row[i] for i in indices]
+        assert [score for score, *_ in parsed] == [str(row[i]) for i in indices]
     assert [e.split(b":")[2] if isinstance(e, bytes) else e.split(":")[2] for e in received[:, 0]] == [
         b"castle" if binary else "castle",
         b"beagle" if binary else "beagle",
