@@ -69,8 +69,7 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
-    reason = readiness.problem(submission.service())
-    return jsonify({"ready": reason is None, **({"reason": reason} if reason else {})}), 503 if reason else 200
+    return _probe(readiness.problem(submission.service()))
 
 
 @_model_route("")
@@ -82,9 +81,12 @@ def model_metadata(name, version=None):
 @_model_route("/ready")
 def model_ready(name, version=None):
     _known(name, version)
-    reason = readiness.problem(submission.service(), name)
-    body = {"name": name, "ready": reason is None, **({"reason": reason} if reason else {})}
-    return jsonify(body), 503 if reason else 200
+    return _probe(readiness.problem(submission.service(), name), name=name)
+
+
+def _probe(reason, **body):
+    """A readiness answer: 200, or 503 saying why not."""
+    return jsonify({**body, "ready": reason is None, **({"reason": reason} if reason else {})}), 503 if reason else 200
 
 
 @_model_route("/infer", methods=["POST"])
@@ -100,6 +102,8 @@ def infer(name, version=None):
         # is decoded, which is what costs.
         submission.admit(len(inference.images))
         pixels = submission.prepare(lambda: inference.images)
+        # The classification is made here, from all the probabilities: it needs the classes' indices, which
+        # the worker's labelled top k does not give (ImageNet has two "crane"s). So top_k is the least.
         results = submission.classify(pixels, top_k=1, probabilities=True)
     except Refused as refused:
         return _error(refused.message, refused.status, refused.retry_after)
