@@ -1,7 +1,6 @@
 """The model registry: which network serves, its weights, its input normalisation and its labels."""
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -9,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 import runtimes
+from catalog import MODELS, load_labels
 from logger import log
 from settings import Settings
 
-LABELS_FILE = Path(__file__).resolve().parent / "imagenet_class_index.json"
-NAMES = ("auto", "resnet50", "efficientnet_lite0")
+NAMES = ("auto", *MODELS)
 
 
 class ModelUnavailable(RuntimeError):
@@ -54,12 +53,6 @@ class Classifier:
     def top_k(self, probabilities, k):
         best = np.argsort(probabilities)[::-1][:k]
         return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
-
-
-def load_labels(path=LABELS_FILE):
-    """Keras's ImageNet index ({"0": ["n01440764", "tench"], ...}) as a list of 1000 labels."""
-    index = json.loads(Path(path).read_text())
-    return [index[str(i)][1] for i in range(len(index))]
 
 
 def _configure_tensorflow(config):

@@ -2,8 +2,8 @@
 
 POST /predict turns uploads into jobs on the Redis queue and answers with the workers' results; POST /jobs
 queues them and answers at once, GET /jobs/<id> collects; the other routes are the upload page, the probes
-and /metrics. `create_app(config)` builds it, as Flask's tutorial does; run_web_server.py serves it with
-gunicorn.
+and /metrics. The Open Inference Protocol's /v2 routes are v2.py's blueprint, registered here.
+`create_app(config)` builds it, as Flask's tutorial does; run_web_server.py serves it with gunicorn.
 """
 
 import re
@@ -16,8 +16,10 @@ from werkzeug.exceptions import HTTPException
 
 import jobs
 import metrics
+import readiness
 import redis_client
 import submission
+import v2
 from admission import Admission
 from clock import RedisClock
 from job_queue import JobQueue
@@ -49,6 +51,7 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
         Admission(queue, registry, config.admission_wait_fraction, submission.DECODING_THREADS),
     )
     app.register_blueprint(bp)
+    app.register_blueprint(v2.bp)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
@@ -89,31 +92,11 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
-    """Ready when Redis answers, our notification channel holds, and a warmed-up worker beats.
-
-    Anyone may ask, so the answer says only whether, and why not in one line; details go to the log.
-    """
-    service = submission.service()
-    try:
-        service.queue.redis.ping()
-        workers = service.registry.workers()
-    except redis.RedisError as exc:
-        return _not_ready("Redis is unreachable", exc)
-    try:
-        service.waiter.start(timeout=2.0)
-    except redis.RedisError as exc:
-        return _not_ready("the result notification channel is not subscribed", exc)
-    if not service.waiter.listening():
-        return _not_ready("the result notification channel is reconnecting")
-    # A heartbeat hash exists only while it is fresh: it expires HEARTBEAT_TTL after the last beat.
-    if not any(w.get("ready") == "1" for w in workers):
-        return _not_ready("no worker with a loaded model and a fresh heartbeat")
+    """Anyone may ask, so the answer says only whether, and why not in one line; details go to the log."""
+    reason = readiness.problem(submission.service())
+    if reason:
+        return jsonify({"status": "not ready", "reason": reason}), 503
     return jsonify({"status": "ready"})
-
-
-def _not_ready(reason, exc=None):
-    log("not_ready", level="WARNING", reason=reason, error=str(exc) if exc else None)
-    return jsonify({"status": "not ready", "reason": reason}), 503
 
 
 @bp.get("/metrics")

@@ -1,0 +1,207 @@
+"""The Open Inference Protocol's (KServe V2) REST infer call on the wire: request bodies in, response bodies out.
+
+Pure functions over bytes, so that every malformed request can be tested without a server; v2.py serves them.
+The model takes one input, `image`: a BYTES tensor of shape [n] whose elements are encoded image files, and
+gives one output, `probabilities`: FP32 [n, classes]. Tensors travel either in the JSON object or, with the
+binary tensor data extension, as raw bytes after it (Inference-Header-Content-Length gives the JSON's length
+and each tensor's `binary_data_size` its share of the rest; a BYTES element is a 4-byte little-endian length
+and then its bytes). JSON has no bytes type, so an image inside the JSON is a base64 string. The
+classification extension turns an output into BYTES [n, k] of "score:index:label", best first.
+"""
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+INPUT = "image"
+OUTPUT = "probabilities"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Parameters that ask for memory shared with the client, which a server on another host cannot have.
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_ELEMENT_LENGTH = struct.Struct("<I")
+
+
+class ProtocolError(ValueError):
+    """A request that breaks the protocol or asks for what this model does not have: 400."""
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    binary: bool
+    classification: int  # the k of a classification; 0 for the probabilities themselves
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    images: list[bytes]
+    output: RequestedOutput
+
+
+def model_metadata(name: str, classes: int) -> dict:
+    """The model metadata object: -1 is the batch, whose size the client chooses."""
+    return {
+        "name": name,
+        "versions": ["1"],
+        "platform": "keras",
+        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+    }
+
+
+def parse_request(body: bytes, header_length: str | None, classes: int) -> InferRequest:
+    """Read an inference request body; raises ProtocolError saying what is wrong."""
+    header, binary = _split_body(body, header_length)
+    request = _json_object(header)
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("the request's id must be a string")
+    parameters = _parameters(request, "the request")
+    binary_by_default = _flag(parameters, "binary_data_output", "the request")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ProtocolError(f"inputs must be a list of one tensor, {INPUT!r}")
+    images = _images(inputs[0], binary, header_length is not None)
+    outputs = request.get("outputs")
+    if outputs is None:
+        return InferRequest(request_id, images, RequestedOutput(binary_by_default, 0))
+    if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
+        raise ProtocolError(f"outputs must be a list of one tensor, {OUTPUT!r}, or left out")
+    return InferRequest(request_id, images, _requested_output(outputs[0], binary_by_default, classes))
+
+
+def _split_body(body, header_length):
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+        raise ProtocolError(
+            f"{HEADER_LENGTH} must be the length of the JSON object at the start of the body, "
+            f"from 1 to {len(body)}, got {header_length!r}"
+        )
+    return body[: int(header_length)], body[int(header_length) :]
+
+
+def _json_object(text):
+    try:
+        request = json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise ProtocolError("the inference request is not JSON (binary tensors need " + HEADER_LENGTH + ")") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("the inference request must be a JSON object")
+    return request
+
+
+def _parameters(holder, what):
+    parameters = holder.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise ProtocolError(f"the parameters of {what} must be an object")
+    if any(name in parameters for name in _SHARED_MEMORY):
+        raise ProtocolError("shared memory is not supported: send tensors in the body")
+    return parameters
+
+
+def _flag(parameters, name, what):
+    value = parameters.get(name, False)
+    if type(value) is not bool:
+        raise ProtocolError(f"{name} of {what} must be true or false")
+    return value
+
+
+def _images(tensor, binary, has_binary_part):
+    if tensor.get("name") != INPUT:
+        raise ProtocolError(f"the model's one input is {INPUT!r}, not {tensor.get('name')!r}")
+    if tensor.get("datatype") != "BYTES":
+        raise ProtocolError(f"{INPUT} must be BYTES (encoded image files), not {tensor.get('datatype')!r}")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 1:
+        raise ProtocolError(f"{INPUT} must have shape [n], n >= 1 images, not {shape!r}")
+    count = shape[0]
+    size = _parameters(tensor, INPUT).get("binary_data_size")
+    if size is None:
+        if binary:
+            raise ProtocolError(f"{len(binary)} bytes follow the JSON object, but no tensor has a binary_data_size")
+        return _json_images(tensor.get("data"), count)
+    if "data" in tensor:
+        raise ProtocolError(f"{INPUT} has both data and a binary_data_size: send one")
+    if not has_binary_part:
+        raise ProtocolError(f"{INPUT} has a binary_data_size, but there is no {HEADER_LENGTH} header")
+    if type(size) is not int or size != len(binary):
+        raise ProtocolError(f"{INPUT}'s binary_data_size is {size!r}, but {len(binary)} bytes follow the JSON object")
+    return _binary_images(binary, count)
+
+
+def _json_images(data, count):
+    if not isinstance(data, list) or len(data) != count:
+        raise ProtocolError(f"{INPUT}'s data must be a list of {count} base64 strings, one per image")
+    images = []
+    for i, element in enumerate(data):
+        try:
+            images.append(base64.b64decode(element, validate=True))
+        except (TypeError, binascii.Error):
+            raise ProtocolError(f"{INPUT}[{i}] is not a base64 string (JSON carries images as base64)") from None
+    return images
+
+
+def _binary_images(raw, count):
+    images, offset = [], 0
+    for i in range(count):
+        if offset + _ELEMENT_LENGTH.size > len(raw):
+            raise ProtocolError(f"{INPUT} declares {count} elements, but its binary data ends after {i}")
+        (length,) = _ELEMENT_LENGTH.unpack_from(raw, offset)
+        offset += _ELEMENT_LENGTH.size
+        if offset + length > len(raw):
+            raise ProtocolError(f"{INPUT}[{i}] declares {length} bytes, but only {len(raw) - offset} are left")
+        images.append(raw[offset : offset + length])
+        offset += length
+    if offset != len(raw):
+        raise ProtocolError(f"{INPUT}'s {count} elements end {len(raw) - offset} bytes before its binary data does")
+    return images
+
+
+def _requested_output(tensor, binary_by_default, classes):
+    if tensor.get("name") != OUTPUT:
+        raise ProtocolError(f"the model's one output is {OUTPUT!r}, not {tensor.get('name')!r}")
+    parameters = _parameters(tensor, OUTPUT)
+    binary = _flag(parameters, "binary_data", OUTPUT) if "binary_data" in parameters else binary_by_default
+    k = parameters.get("classification", 0)
+    if type(k) is not int or not 0 <= k <= classes:
+        raise ProtocolError(f"classification must be an integer from 1 to {classes}, got {k!r}")
+    return RequestedOutput(binary, k)
+
+
+def encode_response(
+    model: str, request_id: str, output: RequestedOutput, probabilities: np.ndarray, labels: list[str]
+) -> tuple[bytes, dict]:
+    """The response body and its headers for a batch's probabilities ([n, classes]), shaped as `output` asked."""
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if output.classification:
+        tensor, values = _classification(probabilities, output.classification, labels)
+    else:
+        tensor, values = {"datatype": "FP32", "shape": list(probabilities.shape)}, probabilities
+    tensor = {"name": OUTPUT, **tensor}
+    if output.binary:
+        raw = _binary(tensor["datatype"], values)
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        tensor["data"] = np.ravel(values).tolist()
+    header = json.dumps({"model_name": model, "id": request_id, "outputs": [tensor]}).encode()
+    if not output.binary:
+        return header, {"Content-Type": "application/json"}
+    return header + raw, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+
+
+def _classification(probabilities, k, labels):
+    best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    # str() of a float32 is its shortest exact form: the score parses back to the very probability.
+    values = [[f"{row[i]!s}:{i}:{labels[i]}" for i in top] for row, top in zip(probabilities, best, strict=True)]
+    return {"datatype": "BYTES", "shape": [len(probabilities), k]}, np.array(values, dtype=object)
+
+
+def _binary(datatype, values):
+    if datatype == "BYTES":
+        return b"".join(_ELEMENT_LENGTH.pack(len(e)) + e for e in (s.encode() for s in np.ravel(values)))
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()

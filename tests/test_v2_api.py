@@ -1,0 +1,186 @@
+"""The Open Inference Protocol's routes on Flask's test client: metadata, probes, and every refusal of infer."""
+
+import json
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from test_open_inference import triton_request
+
+import submission
+import web
+from job_queue import JobQueue
+from keys import Keys
+from notifications import ResultWaiter
+from open_inference import HEADER_LENGTH
+from settings import Settings
+from support import CASTLE, JEMMA
+from worker_registration import WorkerRegistry
+
+QUEUE = Keys(Settings().image_queue).queue
+MODEL = "efficientnet_lite0"
+
+
+@pytest.fixture
+def make_client(fake_redis):
+    def make(**settings):
+        config = Settings(wait_mode="poll", **settings)
+        return web.create_app(config, fake_redis, ResultWaiter(fake_redis, config)).test_client()
+
+    return make
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def serve(fake_redis, model=MODEL):
+    """A live, warmed-up worker of `model`, as far as its heartbeat says."""
+    config = Settings()
+    WorkerRegistry(fake_redis, JobQueue(fake_redis, config), config.heartbeat_ttl).beat(
+        f"worker-{model}", {"model": model, "ready": 1}
+    )
+
+
+def infer(client, body_and_length, model=MODEL, headers=()):
+    body, header_length = body_and_length
+    headers = dict(headers, **({HEADER_LENGTH: str(header_length)} if header_length is not None else {}))
+    return client.post(f"/v2/models/{model}/infer", data=body, headers=headers)
+
+
+def assert_error(response, status, text):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert list(body) == ["error"] and text in body["error"]
+
+
+def test_server_metadata_names_the_extensions(client):
+    body = client.get("/v2").get_json()
+    assert body["name"] == "image-classifier" and body["version"]
+    assert set(body["extensions"]) == {"binary_tensor_data", "classification"}
+
+
+def test_model_metadata_with_and_without_a_version(client):
+    for path in ("/v2/models/resnet50", "/v2/models/resnet50/versions/1"):
+        body = client.get(path).get_json()
+        assert body["name"] == "resnet50" and body["versions"] == ["1"]
+        assert body["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+        assert body["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
+    assert_error(client.get("/v2/models/resnet50/versions/2"), 404, "no version '2'")
+    assert_error(client.get("/v2/models/mobilenet"), 404, "unknown model 'mobilenet'")
+
+
+def test_liveness_and_readiness_follow_the_workers_models(client, fake_redis):
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 503
+    assert client.get(f"/v2/models/{MODEL}/ready").status_code == 503
+    serve(fake_redis)
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get(f"/v2/models/{MODEL}/ready").get_json() == {"name": MODEL, "ready": True}
+    assert client.get(f"/v2/models/{MODEL}/versions/1/ready").status_code == 200
+    not_served = client.get("/v2/models/resnet50/ready")
+    assert not_served.status_code == 503 and "no worker with resnet50 loaded" in not_served.get_json()["reason"]
+    assert_error(client.get("/v2/models/mobilenet/ready"), 404, "unknown model")
+
+
+def test_unknown_model_is_404_before_anything_is_read(client, fake_redis):
+    serve(fake_redis)
+    assert_error(infer(client, triton_request(), model="mobilenet"), 404, "unknown model 'mobilenet'")
+    assert_error(infer(client, triton_request(), model=f"{MODEL}/versions/3"), 404, "no version '3'")
+    assert fake_redis.llen(QUEUE) == 0
+
+
+@pytest.mark.parametrize(
+    "body_and_length, text",
+    [
+        ((b'{"inputs": []}xxxx', "abc"), HEADER_LENGTH),
+        ((triton_request()[0], None), "not JSON"),
+        ((triton_request()[0][:-10], triton_request()[1]), "bytes follow the JSON object"),
+        (
+            (json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1]}]}).encode(), None),
+            "BYTES",
+        ),
+    ],
+)
+def test_malformed_requests_are_400_and_queue_nothing(client, fake_redis, body_and_length, text):
+    serve(fake_redis)
+    assert_error(infer(client, body_and_length), 400, text)
+    assert fake_redis.llen(QUEUE) == 0
+
+
+def test_a_bad_image_is_400_naming_it_and_queues_nothing(client, fake_redis):
+    serve(fake_redis)
+    assert_error(infer(client, triton_request([CASTLE.read_bytes(), b"just text"])), 400, "image 2 of 2")
+    assert fake_redis.llen(QUEUE) == 0
+
+
+def test_a_model_no_worker_serves_is_503_at_once(client, fake_redis):
+    serve(fake_redis, "resnet50")
+    response = infer(client, triton_request())
+    assert_error(response, 503, f"model {MODEL} is not ready")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert fake_redis.llen(QUEUE) == 0
+
+
+def test_limits_and_busy_are_the_same_as_predicts(make_client, fake_redis):
+    serve(fake_redis)
+    assert_error(infer(make_client(max_upload_bytes=50_000), triton_request()), 413, "")
+    fake_redis.rpush(QUEUE, "a")
+    busy = infer(make_client(max_queue_length=2), triton_request())
+    assert_error(busy, 503, "busy")
+    assert busy.headers["Retry-After"]
+    assert fake_redis.llen(QUEUE) == 1
+
+
+def test_no_answer_in_time_is_504(make_client, fake_redis):
+    serve(fake_redis)
+    assert_error(infer(make_client(request_timeout=0.5), triton_request()), 504, "no result within 0.5 s")
+
+
+def _answer(monkeypatch, results):
+    """Stand in for the workers: classify answers `results` (and the images it was given are kept)."""
+    given = []
+
+    def classify(pixels, top_k, probabilities=False):
+        given.append((len(pixels), probabilities))
+        return results
+
+    monkeypatch.setattr(submission, "classify", classify)
+    return given
+
+
+def _success(model, hot):
+    row = np.full(1000, 0.5 / 999, dtype=np.float32)
+    row[hot] = 0.5
+    return {"id": "0" * 32, "success": True, "model": model, "predictions": [], "probabilities": row}
+
+
+def test_results_become_the_requested_output(client, fake_redis, monkeypatch):
+    serve(fake_redis)
+    given = _answer(monkeypatch, [_success(MODEL, 483), _success(MODEL, 162)])
+    outputs = [triton.InferRequestedOutput("probabilities", class_count=2)]
+    response = infer(client, triton_request(outputs=outputs, request_id="mine"))
+    assert response.status_code == 200 and given == [(2, True)]
+    result = triton.InferenceServerClient.parse_response_body(
+        response.get_data(), header_length=int(response.headers[HEADER_LENGTH])
+    )
+    assert result.get_response()["id"] == "mine" and result.get_response()["model_name"] == MODEL
+    assert [row[0].decode() for row in result.as_numpy("probabilities")] == ["0.5:483:castle", "0.5:162:beagle"]
+    # Without an id of its own the request's id is the service's, as X-Request-Id says.
+    plain = infer(client, triton_request(binary_input=False, as_base64=True), headers={"X-Request-Id": "r-1"})
+    assert json.loads(plain.get_data()[: int(plain.headers[HEADER_LENGTH])])["id"] == "r-1"
+
+
+@pytest.mark.parametrize(
+    "results, status, text",
+    [
+        ([{"id": "1" * 32, "success": False, "error": "job failed 3 times", "status": 500}], 500, "job failed 3 times"),
+        ([{"id": "1" * 32, "success": False, "error": "malformed", "status": 422}], 422, "malformed"),
+        ([_success("resnet50", 1)], 500, "efficientnet_lite0 was asked for but resnet50 answered"),
+    ],
+)
+def test_a_failed_job_keeps_its_status(client, fake_redis, monkeypatch, results, status, text):
+    serve(fake_redis)
+    _answer(monkeypatch, results)
+    assert_error(infer(client, triton_request([JEMMA.read_bytes()])), status, text)
