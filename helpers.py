@@ -1,7 +1,8 @@
 """Turning an uploaded file into the pixels a job carries, as the original `prepare_image` did.
 
-The one difference: a large JPEG is decoded at 1/2, 1/4 or 1/8 scale (see `_DRAFT_GAP`). Neither then nor now is
-the EXIF orientation applied: a phone photo taken upright is classified as the sensor stored it.
+The one difference: a JPEG at least twice 224 pixels on both sides is decoded at 1/2, 1/4 or 1/8 scale (see
+`_DRAFT_GAP`). Neither then nor now is the EXIF orientation applied: a phone photo taken upright is classified as the
+sensor stored it.
 """
 
 import io
@@ -22,11 +23,13 @@ class ImageError(ValueError):
 
 
 # JPEG's decoder can scale by 1/2, 1/4 or 1/8 as it decodes (DCT scaling, Pillow's `draft`): a 12-megapixel photo
-# then costs ~5x less CPU. We take the smallest scale that still leaves at least this many times 224 pixels on both
-# sides (Pillow's own `thumbnail` default), so that the bicubic resize still reduces by 2x or more and the answers
-# barely move (measure_decoding.py). A JPEG under 896 pixels on either side, like the castle (800x480), is decoded
-# in full and keeps exactly the original pixels. None: always decode in full.
-_DRAFT_GAP = 2.0
+# then costs ~8x less CPU. We take the smallest scale that still leaves at least this many times 224 pixels on both
+# sides: with 1, the smallest that covers 224x224, so a JPEG is reduced once it is at least 448 pixels on both sides.
+# That includes the castle (800x480, decoded at 400x240): its preparation costs ~1.7x less CPU (decode 1.2x, the
+# bicubic resize 2.8x), the largest share of the web tier's CPU per request. It moves the pixels more than the former
+# gap of 2 did (which decoded the castle in full); the top-1 answers stayed, see README "Decoding large uploads" and
+# measure_decoding.py. A JPEG under 448 pixels on either side is decoded in full. None: always decode in full.
+_DRAFT_GAP = 1.0
 
 # Rows are scaled a band of about this many pixels at a time: float64 for a whole 40-megapixel image took ~1 GB.
 _BAND_PIXELS = 1 << 20
@@ -71,7 +74,7 @@ def _draft(image):
 def prepare_image(data, max_pixels):
     """Decode, convert to RGB and resize to 224x224 with Pillow's default filter; returns uint8 HxWx3.
 
-    A JPEG at least 896 pixels on both sides is decoded at reduced scale first (`_draft`).
+    A JPEG at least 448 pixels on both sides is decoded at reduced scale first (`_draft`).
 
     Raises ImageError for anything that is not a complete image of at most `max_pixels` pixels.
     """

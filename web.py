@@ -14,6 +14,7 @@ import redis
 from flask import Blueprint, Flask, current_app, g, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
+import forms
 import jobs
 import metrics
 import readiness
@@ -36,6 +37,7 @@ bp = Blueprint("classifier", __name__)
 
 def create_app(config: Settings, connection: redis.Redis | None = None, waiter: ResultWaiter | None = None) -> Flask:
     app = Flask(__name__)
+    app.request_class = forms.Request  # multipart uploads split without Werkzeug's per-request regexes, see forms.py
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
     connection = connection or redis_client.connect(
         config.redis_url, config.redis_socket_timeout, max_connections=config.web_redis_connections
