@@ -8,14 +8,17 @@ f32 and bf16):
 - the service end to end over HTTP at concurrency 1 and 32, with the CPU time each process (web, worker,
   Redis) spent per request at 32, and Redis commands per request (INFO commandstats);
 then plain polling (WAIT_MODE=poll) on TensorFlow for comparison, Redis commands per idle second, and, on
-the default runtime, an open-loop overload row at twice the capacity just measured (5 s deadline).
+OpenVINO f32: the same service fed 12-megapixel JPEGs instead of the castle, and an open-loop overload row at
+twice the capacity just measured (REQUEST_TIMEOUT=10, 40 s), with how latency recovers once the load is gone.
 The castle image is sent. Ratios are what matter on a shared machine; the JSON goes to bench-results/.
 """
 
 import argparse
+import io
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -99,15 +102,42 @@ def service_run(url, redis, image, concurrency, total, pids):
     return summary
 
 
-def overload_run(service, image, capacity, seconds, deadline):
-    """Open loop at twice the measured capacity against a web server with a short deadline."""
+def overload_run(service, image, capacity, seconds, deadline, recovery_seconds=15.0):
+    """Open loop at twice the measured capacity; and, from the moment the arrivals stop, one request at a time
+    for `recovery_seconds` (load back under capacity), to see how soon latency is back to normal."""
     web = service.start_web(REQUEST_TIMEOUT=str(deadline))
-    rate = 2 * capacity
-    outcomes = stress_test.run(
-        f"{service.url}/predict", image, max(1, round(rate * seconds)), interval=1 / rate, timeout=deadline + 10
-    )
+    url, rate = f"{service.url}/predict", 2 * capacity
+    probes = []
+
+    def probe():
+        time.sleep(seconds)  # the last arrival
+        end = time.perf_counter() + recovery_seconds
+        while time.perf_counter() < end:
+            probes.extend(stress_test.run(url, image, 1, concurrency=1, timeout=deadline + 10))
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    began = time.perf_counter()
+    outcomes = stress_test.run(url, image, max(1, round(rate * seconds)), interval=1 / rate, timeout=deadline + 10)
+    prober.join()
     service.stop(web)
-    return stress_test.summarize_overload(outcomes, rate, seconds, deadline)
+    summary = stress_test.summarize_overload(outcomes, rate, seconds, deadline)
+    load_gone = began + seconds
+    summary["recovery"] = [
+        {"after_s": round(o.started - load_gone, 2), "ms": round(o.seconds * 1000, 1), "status": o.status}
+        for o in probes
+    ]
+    return summary
+
+
+def twelve_megapixels():
+    """A 4000x3000 JPEG of a real photo (scikit-image's astronaut, enlarged), as a phone would upload it."""
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((4000, 3000), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def service_runtimes(model, cache_dir, image, requests, idle_seconds, overload_seconds):
@@ -132,18 +162,16 @@ def service_runtimes(model, cache_dir, image, requests, idle_seconds, overload_s
                         c: service_run(url, redis, image, c, max(48, c * requests), pids) for c in CONCURRENCIES
                     }
                     _print_service(model, name, report[name])
+                    if name == "openvino f32":
+                        big = twelve_megapixels()
+                        report["12 MP JPEG"] = {32: service_run(url, redis, big, 32, max(48, 32 * requests), pids)}
+                        _print_service(model, "12 MP JPEG", report["12 MP JPEG"])
                     if name == "openvino f32" and overload_seconds:
                         service.stop(web)
                         capacity = report[name][32]["throughput_rps"]
-                        report["overload"] = overload_run(service, image, capacity, overload_seconds, deadline=5.0)
-                        o = report["overload"]
-                        print(
-                            f"{model} overload at {o['offered_rps']:.2f} req/s (2x capacity): goodput "
-                            f"{o['goodput_rps']:.2f} req/s, {o['on_time_200']} on time, {o['rejected_503']} "
-                            f"refused (p99 {o['rejected_latency_ms']['p99']} ms), {o['late']} late, "
-                            f"{o['client_timeouts']} client timeouts",
-                            flush=True,
-                        )
+                        report["overload"] = overload_run(service, image, capacity, overload_seconds, deadline=10.0)
+                        report["overload"]["normal_p50_ms"] = report[name][1]["latency_ms"]["p50"]
+                        print(f"{model} {_overload_line(report['overload'])}", flush=True)
                     if name == "tensorflow":
                         service.stop(web)
                         pids["web"] = service.start_web(WAIT_MODE="poll").pid
@@ -204,15 +232,29 @@ def print_tables(model, bare_before, bare_after, service):
             f"| {name} | {cpu['web']:.2f} | {cpu['worker']:.2f} | {cpu['redis']:.2f} | "
             f"{s['redis_commands_per_request']:.2f} |"
         )
+    if "12 MP JPEG" in service:
+        big, small = service["12 MP JPEG"][32], service["openvino f32"][32]
+        print(
+            f"\n12 MP JPEG uploads, openvino f32, concurrency 32: {big['throughput_rps']:.1f} requests/s = "
+            f"{big['throughput_rps'] / small['throughput_rps']:.2f}x the castle's; web CPU "
+            f"{big['cpu_ms_per_request']['web']:.1f} ms/req (castle {small['cpu_ms_per_request']['web']:.1f})"
+        )
     print(f"\nidle: {service['idle_commands_per_s']:.2f} Redis commands/s")
     if "overload" in service:
-        o = service["overload"]
-        print(
-            f"overload, open loop at 2x capacity ({o['offered_rps']:.2f} requests/s, deadline {o['deadline_s']:g} s): "
-            f"goodput {o['goodput_rps']:.2f} requests/s = {o['goodput_rps'] / (o['offered_rps'] / 2):.2f}x capacity; "
-            f"{o['on_time_200']} on time, {o['rejected_503']} refused (p99 {o['rejected_latency_ms']['p99']} ms), "
-            f"{o['late']} late, {o['client_timeouts']} client timeouts"
-        )
+        print(_overload_line(service["overload"]))
+
+
+def _overload_line(o):
+    rejected, capacity = o["rejected_latency_ms"], o["offered_rps"] / 2
+    recovered = [p["ms"] for p in o["recovery"] if p["after_s"] >= 5 and p["status"] == 200]
+    p50 = stress_test.percentile(sorted(recovered), 50)
+    return (
+        f"overload, open loop at 2x capacity ({o['offered_rps']:.2f} requests/s for {o['offered_s']:g} s, deadline "
+        f"{o['deadline_s']:g} s): goodput {o['goodput_rps']:.2f} requests/s = {o['goodput_rps'] / capacity:.2f}x "
+        f"capacity; {o['on_time_200']} on time, {o['rejected_503']} refused (p95 {rejected['p95']} ms, p99 "
+        f"{rejected['p99']} ms), {o['timed_out_504']} 504, {o['late']} late, {o['client_timeouts']} client timeouts; "
+        f"from 5 s after the load stopped, p50 {p50} ms at concurrency 1 (normal {o['normal_p50_ms']} ms)"
+    )
 
 
 def main(argv=None):
@@ -221,7 +263,7 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=4, help="time per bare measurement")
     parser.add_argument("--requests", type=int, default=8, help="requests per unit of concurrency (min 48)")
     parser.add_argument("--idle", type=float, default=10, help="seconds to count idle Redis commands")
-    parser.add_argument("--overload", type=float, default=10, help="seconds of the overload row (0: none)")
+    parser.add_argument("--overload", type=float, default=40, help="seconds of the overload row (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     args = parser.parse_args(argv)
     image = (ROOT / "castle_image.jpg").read_bytes()

@@ -227,8 +227,9 @@ def summarize_overload(outcomes, rate, duration, deadline):
         "rejected_with_retry_after": sum(1 for o in outcomes if o.status == 503 and o.retry_after),
         "rejected_latency_ms": {
             name: (round(percentile(refused, q), 1) if refused else None)
-            for name, q in (("p50", 50), ("p99", 99), ("max", 100))
+            for name, q in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100))
         },
+        "timed_out_504": statuses.get(504, 0),
         "late": sum(1 for o in outcomes if isinstance(o.status, int) and o.seconds > deadline + LATE_AFTER),
         "client_timeouts": timeouts,
         "client_errors": sum(n for status, n in statuses.items() if not isinstance(status, int)) - timeouts,
