@@ -251,7 +251,8 @@ def _overload_line(o):
     return (
         f"overload, open loop at 2x capacity ({o['offered_rps']:.2f} requests/s for {o['offered_s']:g} s, deadline "
         f"{o['deadline_s']:g} s): goodput {o['goodput_rps']:.2f} requests/s = {o['goodput_rps'] / capacity:.2f}x "
-        f"capacity; {o['on_time_200']} on time, {o['rejected_503']} refused (p95 {rejected['p95']} ms, p99 "
+        f"capacity ({o['goodput_over_span_rps'] / capacity:.2f}x over the span to the last answer); "
+        f"{o['on_time_200']} on time, {o['rejected_503']} refused (p95 {rejected['p95']} ms, p99 "
         f"{rejected['p99']} ms), {o['timed_out_504']} 504, {o['late']} late, {o['client_timeouts']} client timeouts; "
         f"from 5 s after the load stopped, p50 {p50} ms at concurrency 1 (normal {o['normal_p50_ms']} ms)"
     )

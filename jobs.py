@@ -209,7 +209,8 @@ def success_result(
 
 
 def error_result(job_id: str, error: str, status: int) -> dict:
-    """`status` is the HTTP status the web server answers with."""
+    """`status` is the HTTP status the web server answers with; 503 from a worker means it shed the job (it could
+    not be done by its deadline), and the request is refused as if admission had refused it."""
     return {"id": job_id, "success": False, "error": error, "status": status}
 
 

@@ -59,7 +59,7 @@ class Refused(Exception):
 
     status: int
     message: str
-    reason: str | None = None  # why a 503 refused it: queue_full | expected_wait | redis_unavailable
+    reason: str | None = None  # why a 503 refused it: queue_full | expected_wait | redis_unavailable | shed
     retry_after: int | None = None  # seconds, for the Retry-After header
     job_ids: list = field(default_factory=list)  # the jobs it had queued, when it got that far
 
@@ -138,6 +138,9 @@ def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) 
             if stop_watching:
                 stop_watching()
     if len(results) == len(batch):
+        shed = [result for result in results if not result["success"] and result.get("status") == 503]
+        if shed:
+            raise _busy("shed", f"{len(shed)} of its jobs could not be done before the deadline", 1)
         return results
     abandoned = waiting[0].abandoned
     (metrics.CANCELLED if abandoned else metrics.EXPIRED).inc()

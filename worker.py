@@ -289,11 +289,14 @@ class Worker:
 
     def _expire(self, job, now, replies):
         self.counts["expired"] += 1
-        if job.deadline >= now or job.result_ttl:
-            # Someone still waits (a request not yet at its deadline, or an async job's requester, who learns
-            # its fate from the result key alone): tell them now rather than at the deadline.
+        if job.result_ttl:  # an async job's requester learns its fate from the result key alone
             error = jobs.error_result(job.id, "the job could not be done before its deadline", 504)
             replies.append(Reply.of(job.id, job.reply_to, error, job.result_ttl))
+        elif job.deadline >= now:
+            # Its request still waits: shed it now (the web answers 503 with Retry-After, as for a request it
+            # refuses itself) rather than let it run into a 504 at its deadline.
+            error = jobs.error_result(job.id, "the job could not be done before its deadline", 503)
+            replies.append(Reply.of(job.id, job.reply_to, error))
         # Else the web server has already answered 504.
         log(
             "job_expired",

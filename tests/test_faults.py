@@ -108,7 +108,7 @@ def test_worker_skips_jobs_whose_deadline_passed(real_redis, config):
     assert worker.counts["expired"] == 1 and not real_redis.exists(KEYS.processing("punctual"))
 
 
-def test_a_job_that_cannot_be_done_by_its_deadline_is_answered_504_at_once_not_computed(real_redis, config):
+def test_a_job_that_cannot_be_done_by_its_deadline_is_shed_at_once_not_computed(real_redis, config):
     """At the throughput measured so far, the batch would end after the first job's deadline: computing it
     would answer nobody, and delay the others."""
     config = config.replace(block_timeout=0.2)
@@ -122,7 +122,7 @@ def test_a_job_that_cannot_be_done_by_its_deadline_is_answered_504_at_once_not_c
     assert worker.run_once() == 2
     assert classifier.seen == [1 + 256]
     early = jobs.decode_result(real_redis.get(KEYS.result(soon.id)))
-    assert (early["success"], early["status"]) == (False, 504) and "before its deadline" in early["error"]
+    assert (early["success"], early["status"]) == (False, 503) and "before its deadline" in early["error"]
     assert jobs.decode_result(real_redis.get(KEYS.result(later.id)))["success"]
     assert worker.counts["expired"] == 1
 

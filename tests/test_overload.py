@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -97,6 +98,22 @@ def test_the_local_backlog_is_shared_by_the_decoding_threads_and_timed_per_image
     admission.check(remaining=1.3)  # 1 s <= 0.8 * 1.3 s
     with pytest.raises(Refusal):
         admission.check(remaining=1.2)  # 1.05 s > 0.8 * 1.2 s
+
+
+def test_a_job_a_worker_sheds_is_refused_503_with_retry_after_not_left_to_time_out(real_redis, config):
+    """The worker measured that it could not finish the job by its deadline: the request is refused like one
+    admission refused, at once, and the job never reaches the model."""
+    config = config.replace(wait_mode="poll", poll_interval=0.05, block_timeout=0.2, request_timeout=20)
+    client = web.create_app(config, real_redis, ResultWaiter(real_redis, config)).test_client()
+    worker = Worker(CountingClassifier(), config, name="swamped")
+    worker.throughput.add(1, 60.0)  # a minute an image: nothing due within 20 s can be done in time
+    shedder = threading.Thread(target=lambda: wait_for(lambda: worker.run_once(), 10, "a job to shed"))
+    shedder.start()
+    response = client.post("/predict", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")})
+    shedder.join()
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.get_json()["reason"] == "shed" and "deadline" in response.get_json()["error"]
+    assert worker.classifier.seen == [] and worker.counts["expired"] == 1
 
 
 def test_predict_refuses_a_hopeless_request_at_once_and_queues_nothing(fake_redis):
