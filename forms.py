@@ -60,13 +60,13 @@ def _headers(block: bytes) -> Headers | None:
     for raw in block.split(b"\r\n"):
         if raw[:1] in (b" ", b"\t"):
             return None  # a folded header (or a first line that starts with a blank)
-        line = raw.strip()
+        line = raw.strip(b" \t")  # Werkzeug's whitespace; other bytes (\x0b, \x1c) are part of the line
         if line:
             try:
                 name, _, value = line.decode().partition(":")
             except UnicodeDecodeError:
                 return None
-            items.append((name.strip(), value.strip()))
+            items.append((name.strip(" \t"), value.strip(" \t")))
     return Headers(items)
 
 

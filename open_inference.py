@@ -12,6 +12,7 @@ classification extension turns an output into BYTES [n, k] of "score:index:label
 import base64
 import binascii
 import json
+import re
 import struct
 from dataclasses import dataclass
 
@@ -20,13 +21,19 @@ import numpy as np
 INPUT = "image"
 OUTPUT = "probabilities"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_LENGTH = re.compile(r"[0-9]{1,12}")
 # Parameters that ask for memory shared with the client, which a server on another host cannot have.
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _ELEMENT_LENGTH = struct.Struct("<I")
 
 
 class ProtocolError(ValueError):
-    """A request that breaks the protocol or asks for what this model does not have: 400."""
+    """A request that breaks the protocol or asks for what this model does not have: `status` 400, or 413 for
+    more images than a request may carry."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,9 @@ def model_metadata(name: str, classes: int) -> dict:
     }
 
 
-def parse_request(body: bytes, header_length: str | None, classes: int) -> InferRequest:
-    """Read an inference request body; raises ProtocolError saying what is wrong."""
+def parse_request(body: bytes, header_length: str | None, classes: int, max_images: int) -> InferRequest:
+    """Read an inference request body; raises ProtocolError saying what is wrong. More than `max_images`
+    images are refused (413) before any element is read."""
     header, binary = _split_body(body, header_length)
     request = _json_object(header)
     request_id = request.get("id")
@@ -65,7 +73,7 @@ def parse_request(body: bytes, header_length: str | None, classes: int) -> Infer
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ProtocolError(f"inputs must be a list of one tensor, {INPUT!r}")
-    images = _images(inputs[0], binary, header_length is not None)
+    images = _images(inputs[0], binary, header_length is not None, max_images)
     outputs = request.get("outputs")
     if outputs is None:
         return InferRequest(request_id, images, RequestedOutput(binary_by_default, 0))
@@ -77,7 +85,8 @@ def parse_request(body: bytes, header_length: str | None, classes: int) -> Infer
 def _split_body(body, header_length):
     if header_length is None:
         return body, b""
-    if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+    # Not str.isdigit(), which takes digits int() refuses ("²") and numbers of any length.
+    if not _LENGTH.fullmatch(header_length) or not 0 < int(header_length) <= len(body):
         raise ProtocolError(
             f"{HEADER_LENGTH} must be the length of the JSON object at the start of the body, "
             f"from 1 to {len(body)}, got {header_length!r}"
@@ -111,7 +120,7 @@ def _flag(parameters, name, what):
     return value
 
 
-def _images(tensor, binary, has_binary_part):
+def _images(tensor, binary, has_binary_part, max_images):
     if tensor.get("name") != INPUT:
         raise ProtocolError(f"the model's one input is {INPUT!r}, not {tensor.get('name')!r}")
     if tensor.get("datatype") != "BYTES":
@@ -120,6 +129,8 @@ def _images(tensor, binary, has_binary_part):
     if not isinstance(shape, list) or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 1:
         raise ProtocolError(f"{INPUT} must have shape [n], n >= 1 images, not {shape!r}")
     count = shape[0]
+    if count > max_images:
+        raise ProtocolError(f"{count} images sent, at most {max_images} per request", 413)
     size = _parameters(tensor, INPUT).get("binary_data_size")
     if size is None:
         if binary:

@@ -93,9 +93,14 @@ def _probe(reason, **body):
 def infer(name, version=None):
     _known(name, version)
     try:
-        inference = open_inference.parse_request(request.get_data(), request.headers.get(HEADER_LENGTH), len(LABELS))
+        inference = open_inference.parse_request(
+            request.get_data(),
+            request.headers.get(HEADER_LENGTH),
+            len(LABELS),
+            submission.service().config.max_images_per_request,
+        )
     except ProtocolError as exc:
-        return _error(str(exc), 400)
+        return _error(str(exc), exc.status)
     try:
         _check_ready(name)
         # The body is read and parsed already (that costs little); admission counts its images before any

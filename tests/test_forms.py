@@ -91,6 +91,13 @@ UNUSUAL = {
     "a field over max_form_memory_size": body(part("f", b"v" * 200_001)),
     "a bare CR in the headers": body(part("image", b"x", "x", b"X-A: 1\r\rX-B: 2\r\n")),
 }
+# Bytes that str.strip() removes and Werkzeug keeps: the quick split must read them as Werkzeug does.
+ODD_WHITESPACE = {
+    "a vertical tab before Content-Disposition": body(
+        b'\x0bContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\nDATA'
+    ),
+    "a file separator in a content type": body(part("image", b"x", "x", b"Content-Type: \x1cimage/jpeg\r\n")),
+}
 
 
 @pytest.mark.parametrize("name", list(USUAL))
@@ -104,6 +111,12 @@ def test_the_usual_shapes_are_split_quickly_and_as_werkzeug_reads_them(name):
 def test_unusual_shapes_go_to_werkzeug_and_get_its_answer(name):
     data = UNUSUAL[name]
     assert forms.split(data, BOUNDARY) is None or name.startswith(("more parts", "a field over", "no Content"))
+    assert parsed(forms.Request, data) == parsed(WerkzeugRequest, data)
+
+
+@pytest.mark.parametrize("name", list(ODD_WHITESPACE))
+def test_odd_whitespace_is_read_as_werkzeug_reads_it(name):
+    data = ODD_WHITESPACE[name]
     assert parsed(forms.Request, data) == parsed(WerkzeugRequest, data)
 
 

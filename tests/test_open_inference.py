@@ -15,10 +15,13 @@ from support import CASTLE, JEMMA
 
 LABELS = catalog.load_labels()
 IMAGES = [CASTLE.read_bytes(), JEMMA.read_bytes()]
+MAX_IMAGES = 32
 
 
 def parse(body, header_length):
-    return open_inference.parse_request(body, None if header_length is None else str(header_length), len(LABELS))
+    return open_inference.parse_request(
+        body, None if header_length is None else str(header_length), len(LABELS), MAX_IMAGES
+    )
 
 
 def triton_request(images=IMAGES, binary_input=True, outputs=None, request_id="", as_base64=False):
@@ -82,6 +85,8 @@ def _binary(elements, size=None, count=None, header_length=None):
         (_binary([b"abc"], header_length="0"), HEADER_LENGTH),
         (_binary([b"abc"], header_length="100000"), HEADER_LENGTH),
         (_binary([b"abc"], header_length="-5"), HEADER_LENGTH),
+        (_binary([b"abc"], header_length="\u00b2"), HEADER_LENGTH),  # a digit to str.isdigit, not to int()
+        (_binary([b"abc"], header_length="1" * 5000), HEADER_LENGTH),  # more digits than int() reads
         (_binary([b"abc"], header_length=20), "not JSON"),  # cuts the JSON short
         (_binary([b"abc"], size=6), "binary_data_size is 6, but 7 bytes follow"),
         (_binary([b"abc"], size="7"), "binary_data_size is '7'"),
@@ -175,3 +180,12 @@ def test_model_metadata_names_the_tensors_with_a_variable_batch():
     metadata = open_inference.model_metadata("resnet50", 1000)
     assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
+
+
+def test_more_images_than_a_request_may_carry_is_413_before_any_is_read():
+    body, _ = _json()
+    huge = body.replace(b'"shape": [1]', b'"shape": [1000000]')
+    assert huge != body
+    with pytest.raises(ProtocolError) as refused:
+        parse(huge, None)  # the data holds one element: the count is refused before the elements are read
+    assert refused.value.status == 413 and "at most 32" in str(refused.value)
