@@ -109,6 +109,7 @@ def test_async_refusals_are_clear(make_client, fake_redis):
     two = client.post("/jobs", data={"image": [(CASTLE.open("rb"), "a.jpg"), (CASTLE.open("rb"), "b.jpg")]})
     assert two.status_code == 503 and two.headers["Retry-After"]  # all or none: the cap is 1
     assert fake_redis.llen(KEYS.queue) == 0
+    assert fake_redis.keys(KEYS.pixels_prefix + "*") == []  # enqueue.lua refused them and deleted their pixels
 
 
 def async_job(deadline_in=60.0, result_ttl=900):
