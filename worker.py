@@ -217,22 +217,21 @@ class Worker:
         bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
         log("batch_claimed", worker=self.name, claimed=len(raws), batch_size=len(valid))
         retry, done = [], []
-        if valid:
-            outcomes = self._classify(valid)
-            self.throughput.add(len(valid), time.monotonic() - busy_since)
-            inference_ms = (self.clock.now() - started) * 1000
-            log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)
-            for job, outcome in zip(valid, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    self._retry_or_give_up(job, outcome, replies, retry, dead)
-                    continue
-                top = self.classifier.top_k(outcome, job.top_k)
-                queue_ms = (started - job.enqueued_at) * 1000
-                result = jobs.success_result(
-                    job, outcome, top, self.classifier.name, len(valid), inference_ms, queue_ms
-                )
-                replies.append(Reply.of(job.id, job.reply_to, result, job.result_ttl))
-                done.append(job)
+        if not valid:
+            return replies, retry, dead, done, claimed_ids
+        outcomes = self._classify(valid)
+        self.throughput.add(len(valid), time.monotonic() - busy_since)
+        inference_ms = (self.clock.now() - started) * 1000
+        log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)
+        for job, outcome in zip(valid, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._retry_or_give_up(job, outcome, replies, retry, dead)
+                continue
+            top = self.classifier.top_k(outcome, job.top_k)
+            queue_ms = (started - job.enqueued_at) * 1000
+            result = jobs.success_result(job, outcome, top, self.classifier.name, len(valid), inference_ms, queue_ms)
+            replies.append(Reply.of(job.id, job.reply_to, result, job.result_ttl))
+            done.append(job)
         # Retried jobs keep their pixels for the next try; every other claimed job is done with them.
         retried = {job.id for job in retry}
         gone = [job_id for job_id in claimed_ids if job_id not in retried]
