@@ -150,9 +150,13 @@ def requeue(dead: DeadLetters, ids: list[str] | None, force: bool) -> list[str]:
             f"left dead, their deadline passed (a worker would drop them unprocessed): {', '.join(outcome.expired)};"
             f" --force requeues them with a new deadline of {dead.request_timeout:g} s"
         )
-    if outcome.unrunnable:
-        entries = "entry that holds" if outcome.unrunnable == 1 else "entries that hold"
-        print(f"left {outcome.unrunnable} {entries} no job with an id and its pixels")
+    if outcome.no_pixels:
+        problems.append(
+            f"left dead, their pixels were gone when they died (send the images again): {', '.join(outcome.no_pixels)}"
+        )
+    if outcome.no_job:
+        entries = "entry that holds" if outcome.no_job == 1 else "entries that hold"
+        print(f"left {outcome.no_job} {entries} no job with an id")
     return problems
 
 
@@ -163,7 +167,7 @@ def purge(dead: DeadLetters, ids: list[str] | None) -> list[str]:
 
 
 def _unknown(ids, outcome):
-    found = set(outcome.done) | set(outcome.expired)
+    found = {*outcome.done, *outcome.expired, *outcome.no_pixels}
     return [f"no dead job with id {job_id}" for job_id in dict.fromkeys(ids or []) if job_id not in found]
 
 

@@ -14,8 +14,8 @@
 -- ARGV[4] grace          seconds the pixels' key outlives the job's deadline (JobQueue.pixels_grace)
 -- ARGV[5] pixels_prefix  the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
 -- ARGV[6 ..]             the job ids to match; none: every entry
--- Returns {ids done, ids left dead because their deadline passed, entries left because they hold no job
--- with an id and its pixels}.
+-- Returns {ids done, ids left dead because their deadline passed, ids left dead because their pixels were
+-- gone, entries left because they hold no job with an id}.
 local dead, queue = KEYS[1], KEYS[2]
 local mode, force, timeout = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
 local grace, pixels_prefix = tonumber(ARGV[4]), ARGV[5]
@@ -30,7 +30,7 @@ local now = redis_now()
 -- Matched entries are overwritten with this marker, then all removed with one LREM (order kept, one pass).
 local removed = '\0removed by dead_letters.lua\0'
 
-local done, expired, unrunnable = {}, {}, 0
+local done, expired, no_pixels, no_job = {}, {}, {}, 0
 local entries = redis.call('LRANGE', dead, 0, -1)
 for index, entry in ipairs(entries) do
   local envelope = read_job(entry) or {}
@@ -40,8 +40,10 @@ for index, entry in ipairs(entries) do
     if mode == 'purge' then
       redis.call('LSET', dead, index - 1, removed)
       table.insert(done, id or '')
-    elseif not id or type(envelope.pixels) ~= 'string' then
-      unrunnable = unrunnable + 1
+    elseif not id then
+      no_job = no_job + 1
+    elseif type(envelope.pixels) ~= 'string' then
+      table.insert(no_pixels, id)
     else
       local deadline = tonumber(job.deadline)
       if deadline and deadline >= now or force then
@@ -58,7 +60,7 @@ for index, entry in ipairs(entries) do
           redis.call('LSET', dead, index - 1, removed)
           table.insert(done, id)
         else
-          unrunnable = unrunnable + 1
+          no_job = no_job + 1
         end
       else
         table.insert(expired, id)
@@ -69,4 +71,4 @@ end
 if #done > 0 then
   redis.call('LREM', dead, 0, removed)
 end
-return {done, expired, unrunnable}
+return {done, expired, no_pixels, no_job}

@@ -23,7 +23,8 @@ from settings import Settings
 class Outcome(NamedTuple):
     done: list[str]  # ids requeued or purged ('' for a purged entry that held no job id)
     expired: list[str]  # ids left dead because their deadline passed (requeue without force)
-    unrunnable: int  # entries left dead because they hold no job with an id and its pixels (requeue of every entry)
+    no_pixels: list[str]  # ids left dead because their pixels were gone when they died (requeue)
+    no_job: int  # entries left dead because they hold no job with an id (requeue of every entry)
 
 
 class DeadLetters:
@@ -51,11 +52,13 @@ class DeadLetters:
 
     def _run(self, mode, ids, force):
         if ids is not None and not ids:
-            return Outcome([], [], 0)
+            return Outcome([], [], [], 0)
         force_flag = "1" if force else "0"
         args = [mode, force_flag, self.request_timeout, self.pixels_grace, self.keys.pixels_prefix, *(ids or [])]
-        done, expired, unrunnable = self._script(keys=[self.keys.dead, self.keys.queue], args=args)
-        return Outcome([_text(i) for i in done], [_text(i) for i in expired], int(unrunnable))
+        done, expired, no_pixels, no_job = self._script(keys=[self.keys.dead, self.keys.queue], args=args)
+        return Outcome(
+            [_text(i) for i in done], [_text(i) for i in expired], [_text(i) for i in no_pixels], int(no_job)
+        )
 
 
 def _text(value):

@@ -170,6 +170,13 @@ def test_dead_list_shows_every_writers_reason_and_lists_garbage_raw(real_redis, 
     assert no_id[1]["REASON"].startswith('unknown; raw b\'{"id": "' + legacy.id) and "(150" in no_id[1]["REASON"]
     assert no_id[2]["REASON"].startswith("unknown; raw b'\\xff\\xfe garbage") and "(220 bytes)" in no_id[2]["REASON"]
 
+    result = admin(redis_server.url, "dead", "requeue", lost.id)  # without its image it cannot run again
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"queue_admin: left dead, their pixels were gone when they died (send the images again): {lost.id}\n"
+    )
+    assert real_redis.llen(KEYS.queue) == 0 and lost.id in dead_ids(real_redis)
+
     listing = json.loads(admin(redis_server.url, "dead", "list", "--json", "--limit", "3").stdout)
     assert listing["dead"] == 7 and [e["id"] for e in listing["entries"]] == [lost.id, None, None]
     assert [e["pixels"] for e in listing["entries"]] == [False, False, False]
@@ -252,7 +259,7 @@ def test_requeue_all_moves_every_job_and_reports_what_it_left(real_redis, redis_
     result = admin(redis_server.url, "dead", "requeue", "--all")
     assert result.returncode == 1  # C was left dead
     assert "requeued 2 job(s)" in result.stdout
-    assert "left 2 entries that hold no job with an id and its pixels" in result.stdout
+    assert "left 2 entries that hold no job with an id" in result.stdout
     assert late.id in result.stderr
     requeued = queued_after_the_waiting_one(real_redis)
     assert sorted(j.id for j in requeued) == sorted([fresh_a.id, fresh_b.id])
