@@ -1,12 +1,15 @@
 """The shapes that travel through Redis: a job (web -> worker) and a result (worker -> web).
 
-A job is a binary envelope: one line of JSON (the header: id, deadline, attempts, ...), a newline, then the
-pixels as raw uint8 RGB, 224x224x3 = 147 KiB (base64 inside JSON made it 196 KiB, and cost both sides an
-encode and a decode). The Lua scripts read and rewrite the header alone. The model-specific normalisation
-happens on the worker. A result is JSON.
+A job is two values. Its header, a small JSON object (id, deadline, attempts, ...), is what the queue, the
+processing lists and the dead letters hold, and all the Lua scripts ever read or rewrite. Its pixels, raw
+uint8 RGB, 224x224x3 = 147 KiB, sit in a key of their own (Keys.pixels), written by the web server beside
+the push and read by the worker that runs the job: a Lua script costs Redis time for every byte of its
+arguments and replies, so the pixels never pass through one on the way to an answer. The model-specific
+normalisation happens on the worker. A result is JSON.
 """
 
 import base64
+import dataclasses
 import json
 import math
 import re
@@ -23,7 +26,6 @@ MAX_TOP_K = 20
 MAX_ATTEMPTS_RECORDED = 1000
 MAX_RESULT_TTL = 10**7  # seconds; settings.py keeps RESULT_TTL and JOB_RESULT_TTL below it
 _IMAGE_BYTES = math.prod(IMAGE_SHAPE)
-_MAX_HEADER_BYTES = 4096  # a real header is ~400 bytes; a longer one is not read
 _ID = re.compile(r"^[0-9a-f]{32}$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # request ids, reply channels, worker names: safe in logs and keys
 
@@ -38,7 +40,7 @@ class JobError(ValueError):
 
 @dataclass
 class Job:
-    pixels: np.ndarray
+    pixels: np.ndarray | None  # None in a job read from the queue until the worker has loaded its pixels
     deadline: float
     top_k: int = 5
     reply_to: str | None = None
@@ -69,11 +71,26 @@ class Reply(NamedTuple):
         return cls(job_id, reply_to, encode_result(result), ttl)
 
 
-def encode_job(job: Job) -> bytes:
+class EncodedJob(NamedTuple):
+    """A job as the web server writes it: the queue's value, and the value of its pixels' key."""
+
+    id: str
+    deadline: float  # Redis's clock: the pixels' key expires a grace period after it (JobQueue.enqueue)
+    header: bytes
+    pixels: bytes
+
+
+def encode_job(job: Job) -> EncodedJob:
+    pixels = np.ascontiguousarray(job.pixels, dtype=np.uint8).tobytes()
+    return EncodedJob(job.id, job.deadline, encode_header(job), pixels)
+
+
+def encode_header(job: Job) -> bytes:
+    """The job as the queue holds it (a retried job goes back as this, its pixels left in their key)."""
     header = {
         "id": job.id,  # first: enqueue.lua compares jobs, and two jobs then differ within a few bytes
         "request_id": job.request_id,
-        "shape": list(job.pixels.shape),
+        "shape": list(IMAGE_SHAPE),
         "dtype": "uint8",
         "top_k": job.top_k,
         "deadline": job.deadline,
@@ -85,45 +102,27 @@ def encode_job(job: Job) -> bytes:
         header["probabilities"] = True
     if job.result_ttl:
         header["result_ttl"] = job.result_ttl
-    return join(header, np.ascontiguousarray(job.pixels, dtype=np.uint8).tobytes())
-
-
-def join(header: dict, pixels: bytes) -> bytes:
-    """A raw job from its header and its pixels."""
-    return json.dumps(header).encode() + b"\n" + pixels
-
-
-def split(raw: bytes) -> tuple[dict, memoryview]:
-    """(header, pixels) of a raw job, the pixels not copied; raises JobError when it is not an envelope."""
-    if isinstance(raw, str):
-        raw = raw.encode("utf-8", "surrogateescape")
-    end = raw.find(b"\n", 0, _MAX_HEADER_BYTES)
-    if end < 0:
-        raise JobError("job is not a header line followed by pixels")
-    try:
-        header = json.loads(raw[:end])
-    except (ValueError, TypeError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise JobError(f"job header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise JobError("job header is not a JSON object")
-    return header, memoryview(raw)[end + 1 :]
+    return json.dumps(header).encode()
 
 
 def header_of(raw: bytes | str) -> dict | None:
-    """The header of a raw job, or None when it has none that can be read; never raises."""
+    """The JSON object a raw job holds, or None when it holds none; never raises."""
     try:
-        return split(raw)[0]
-    except JobError:
+        header = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
+    return header if isinstance(header, dict) else None
 
 
 def decode_job(raw: bytes | str) -> Job:
-    """Parse and validate a job from the queue; raises JobError (and nothing else) saying what is wrong.
+    """Parse and validate a job's header from the queue, pixels not yet loaded (`with_pixels`); raises
+    JobError (and nothing else) saying what is wrong.
 
-    Anything may have been written into the queue, so every field is checked for type and range, and the
-    pixels' size before they are used.
+    Anything may have been written into the queue, so every field is checked for type and range.
     """
-    data, image = split(raw)
+    data = header_of(raw)
+    if data is None:
+        raise JobError("job is not a JSON object")
     job_id, reply_to = data.get("id"), data.get("reply_to")
     if not isinstance(job_id, str) or not _ID.match(job_id):
         raise JobError("job has no valid id")
@@ -137,8 +136,6 @@ def decode_job(raw: bytes | str) -> Job:
         raise fail(f"job image shape must be {list(IMAGE_SHAPE)}")
     if data.get("dtype") != "uint8":
         raise fail("job image dtype must be uint8")
-    if len(image) != _IMAGE_BYTES:
-        raise fail(f"job has {len(image)} bytes of pixels, expected {_IMAGE_BYTES}")
     top_k, attempts = data.get("top_k"), data.get("attempts", 0)
     if not _is_int(top_k) or not 1 <= top_k <= MAX_TOP_K:
         raise fail(f"job top_k must be an integer from 1 to {MAX_TOP_K}")
@@ -157,7 +154,7 @@ def decode_job(raw: bytes | str) -> Job:
     if not _is_int(result_ttl) or not 0 <= result_ttl <= MAX_RESULT_TTL:
         raise fail(f"job result_ttl must be an integer from 0 to {MAX_RESULT_TTL}")
     return Job(
-        pixels=np.frombuffer(image, dtype=np.uint8).reshape(IMAGE_SHAPE),
+        pixels=None,
         deadline=float(data["deadline"]),
         top_k=top_k,
         reply_to=reply_to,
@@ -168,6 +165,14 @@ def decode_job(raw: bytes | str) -> Job:
         probabilities=probabilities,
         result_ttl=result_ttl,
     )
+
+
+def with_pixels(job: Job, pixels: bytes) -> Job:
+    """The job with the value of its pixels' key, read in place; JobError (with the job's address) when the
+    size is wrong, checked before the bytes are used."""
+    if len(pixels) != _IMAGE_BYTES:
+        raise JobError(f"job has {len(pixels)} bytes of pixels, expected {_IMAGE_BYTES}", job.id, job.reply_to)
+    return dataclasses.replace(job, pixels=np.frombuffer(pixels, dtype=np.uint8).reshape(IMAGE_SHAPE))
 
 
 def is_job_id(text: str) -> bool:
@@ -238,16 +243,19 @@ def address(raw: bytes | str) -> tuple[str | None, str | None]:
 class DeadLetter(NamedTuple):
     """One entry of the dead-letter list (`Keys.dead`), read back.
 
-    The writers, job_queue's finish.lua (jobs the worker found malformed) and requeue.lua (jobs out of
-    attempts), RPUSH the JSON envelope {"reason": why it was given up, "dead_at": Redis's clock, unix seconds,
-    "job": the raw job string exactly as it was claimed}. Entries written before the envelope existed (the bare
-    raw job) and garbage still read back, with `reason` None.
+    The writers, job_queue's finish.lua (jobs the worker found malformed, failed on, or found without
+    pixels) and requeue.lua (jobs out of attempts), RPUSH the JSON envelope {"reason": why it was given up,
+    "dead_at": Redis's clock, unix seconds, "job": the job's header exactly as it was claimed, "pixels": the
+    raw pixels, moved here from their key so that the job can be requeued with its image, absent when the key
+    was gone}. Anything else in the list (garbage, or an entry of an older format) still reads back, as an
+    entry without a job.
     """
 
-    raw: str  # the raw job (the whole entry when it is not an envelope), undecodable bytes kept as surrogates
+    raw: str  # the job's header (the whole entry when it is not an envelope), undecodable bytes kept as surrogates
     reason: str | None
     dead_at: float | None
-    job: dict | None  # the raw job's header, None when it has none
+    job: dict | None  # the header decoded, None when it holds no JSON object
+    has_pixels: bool  # whether it can be requeued with its image
 
     @property
     def id(self) -> str | None:
@@ -261,22 +269,14 @@ class DeadLetter(NamedTuple):
 def decode_dead_letter(entry: bytes | str) -> DeadLetter:
     """Never raises: whatever the dead-letter list holds is listed."""
     text = entry.decode("utf-8", "surrogateescape") if isinstance(entry, bytes) else entry
-    envelope = _json_object(text)
-    if envelope is not None and isinstance(envelope.get("job"), str):
-        reason, dead_at = envelope.get("reason"), envelope.get("dead_at")
-        raw = envelope["job"]
-        return DeadLetter(
-            raw,
-            reason if isinstance(reason, str) else None,
-            float(dead_at) if isinstance(dead_at, (int, float)) else None,
-            header_of(raw),
-        )
-    return DeadLetter(text, None, None, header_of(text))
-
-
-def _json_object(text):
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+    envelope = header_of(text)
+    if envelope is None or not isinstance(envelope.get("job"), str):
+        return DeadLetter(text, None, None, None, False)
+    reason, dead_at, raw = envelope.get("reason"), envelope.get("dead_at"), envelope["job"]
+    return DeadLetter(
+        raw,
+        reason if isinstance(reason, str) else None,
+        float(dead_at) if isinstance(dead_at, (int, float)) else None,
+        header_of(raw),
+        isinstance(envelope.get("pixels"), str),
+    )

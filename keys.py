@@ -5,7 +5,7 @@ class Keys:
     """Names under one queue; IMAGE_QUEUE doubles as the namespace so two services can share a Redis."""
 
     def __init__(self, queue: str):
-        self.queue = queue  # LIST of job JSON, RPUSH by web, popped from the left
+        self.queue = queue  # LIST of job headers (JSON), RPUSH by web, popped from the left
         # LIST of jobs that failed MAX_ATTEMPTS times or were malformed, each in jobs.DeadLetter's envelope
         self.dead = f"{self.queue}:dead"
         self.workers = f"{self.queue}:workers"  # SET of registered worker names
@@ -16,14 +16,21 @@ class Keys:
         self.channel_prefix = f"{self.queue}:notify:"
         self.cancelled_prefix = f"{self.queue}:cancelled:"
         self.status_prefix = f"{self.queue}:status:"
+        self.pixels_prefix = f"{self.queue}:pixels:"
 
     def result(self, job_id: str) -> str:
         """STRING with the result JSON, written with a TTL by the worker (JOB_RESULT_TTL for async jobs,
         else RESULT_TTL) and read by the web server."""
         return self.result_prefix + job_id
 
+    def pixels(self, job_id: str) -> str:
+        """STRING of the job's 150528 raw pixel bytes, SET by the web server beside the push, with an expiry a
+        grace period past the job's deadline (JobQueue.enqueue); deleted when the job is answered, dead-lettered
+        or refused, kept while it waits and is retried."""
+        return self.pixels_prefix + job_id
+
     def processing(self, worker: str) -> str:
-        """LIST of the raw jobs a worker has claimed and not yet acknowledged."""
+        """LIST of the job headers a worker has claimed and not yet acknowledged."""
         return self.processing_prefix + worker
 
     def finished(self, worker: str) -> str:

@@ -114,6 +114,7 @@ def describe_dead(letter: jobs.DeadLetter) -> dict:
         "deadline": _iso(job.get("deadline")) if letter.id else None,
         "dead_at": _iso(letter.dead_at),
         "reason": letter.reason,
+        "pixels": letter.has_pixels,  # without them the job cannot be requeued
     }
     if letter.id is None:
         raw = letter.raw_bytes()
@@ -131,7 +132,9 @@ def print_dead(entries: list[dict], total: int) -> None:
                 "-" if e["attempts"] is None else e["attempts"],
                 e["enqueued_at"] or "-",
                 e["dead_at"] or "-",
-                (e["reason"] or "unknown") + (f"; raw {e['raw']}" if "raw" in e else ""),
+                (e["reason"] or "unknown")
+                + (f"; raw {e['raw']}" if "raw" in e else "")
+                + ("" if e["pixels"] or not e["id"] else "; no pixels: cannot be requeued"),
             ]
             for e in entries
         ]
@@ -147,6 +150,10 @@ def requeue(dead: DeadLetters, ids: list[str] | None, force: bool) -> list[str]:
             f"left dead, their deadline passed (a worker would drop them unprocessed): {', '.join(outcome.expired)};"
             f" --force requeues them with a new deadline of {dead.request_timeout:g} s"
         )
+    if outcome.no_pixels:
+        problems.append(
+            f"left dead, their pixels were gone when they died (send the images again): {', '.join(outcome.no_pixels)}"
+        )
     if outcome.no_job:
         entries = "entry that holds" if outcome.no_job == 1 else "entries that hold"
         print(f"left {outcome.no_job} {entries} no job with an id")
@@ -160,7 +167,7 @@ def purge(dead: DeadLetters, ids: list[str] | None) -> list[str]:
 
 
 def _unknown(ids, outcome):
-    found = set(outcome.done) | set(outcome.expired)
+    found = {*outcome.done, *outcome.expired, *outcome.no_pixels}
     return [f"no dead job with id {job_id}" for job_id in dict.fromkeys(ids or []) if job_id not in found]
 
 

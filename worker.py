@@ -186,7 +186,7 @@ class Worker:
         """Classify the claimed jobs and finish the batch; no job, however malformed, ends the worker."""
         batch_id = uuid.uuid4().hex
         try:
-            replies, retry, dead, done = self._work(raws)
+            replies, retry, dead, done, gone = self._work(raws)
         except Exception as exc:  # noqa: BLE001 - a fault of ours, not of one job: see below
             # Hand the batch back with an attempt counted: if a job causes it, that job ends in the
             # dead-letter list after MAX_ATTEMPTS instead of taking every worker down in turn.
@@ -198,7 +198,7 @@ class Worker:
         finally:
             bind()
         outcome = self._connect_with_backoff(
-            lambda: self.queue.finish(self.name, batch_id, len(raws), replies, retry, dead)
+            lambda: self.queue.finish(self.name, batch_id, len(raws), replies, retry, dead, gone)
         )
         if outcome == "swept":
             log("batch_swept", level="WARNING", worker=self.name, claimed=len(raws))
@@ -208,16 +208,17 @@ class Worker:
             log("result_published", id=job.id, rid=job.request_id, worker=self.name)
 
     def _work(self, raws):
-        """(replies, raw jobs to retry, raw jobs to dead-letter, jobs answered) for a claimed batch."""
+        """(replies, jobs to retry, (job, reason) pairs to dead-letter, jobs answered, ids of the jobs whose
+        pixels can go) for a claimed batch."""
         started, busy_since = self.clock.now(), time.monotonic()
-        valid, replies, dead = self._triage(raws, started)
-        valid = self._skip_cancelled(valid)
+        valid, replies, dead, claimed_ids = self._triage(raws, started)
+        valid = self._load(valid, replies, dead)
         self._mark_running(valid)
         bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
         log("batch_claimed", worker=self.name, claimed=len(raws), batch_size=len(valid))
         retry, done = [], []
         if not valid:
-            return replies, retry, dead, done
+            return replies, retry, dead, done, claimed_ids
         outcomes = self._classify(valid)
         self.throughput.add(len(valid), time.monotonic() - busy_since)
         inference_ms = (self.clock.now() - started) * 1000
@@ -231,22 +232,57 @@ class Worker:
             result = jobs.success_result(job, outcome, top, self.classifier.name, len(valid), inference_ms, queue_ms)
             replies.append(Reply.of(job.id, job.reply_to, result, job.result_ttl))
             done.append(job)
-        return replies, retry, dead, done
+        # Retried jobs keep their pixels for the next try; every other claimed job is done with them.
+        retried = {job.id for job in retry}
+        gone = [job_id for job_id in claimed_ids if job_id not in retried]
+        return replies, [jobs.encode_header(job) for job in retry], dead, done, gone
 
-    def _skip_cancelled(self, valid):
-        """Drop the jobs the web server marked as cancelled (nobody waits for them): one round trip."""
+    def _load(self, valid, replies, dead):
+        """The jobs to run, with their pixels: one round trip reads the cancellation marks (the web server
+        marks a job nobody waits for any more) and the pixels. A job whose pixels are gone (expired, or
+        evicted by a Redis short of memory) is answered 410 and dead-lettered; one whose pixels are not an
+        image, 422."""
         if not valid:
             return valid
-        try:
-            marks = self.redis.mget([self.queue.keys.cancelled(job.id) for job in valid])
-        except redis.RedisError as exc:  # only an optimisation: run them
-            log("cancel_check_failed", level="WARNING", worker=self.name, error=str(exc))
-            return valid
-        for job, mark in zip(valid, marks, strict=True):
+        keys = self.queue.keys
+        cancel_keys = [keys.cancelled(job.id) for job in valid]
+        pixel_keys = [keys.pixels(job.id) for job in valid]
+        values = self._connect_with_backoff(lambda: self.redis.mget([*cancel_keys, *pixel_keys]))
+        loaded, missing = [], []
+        for job, mark, pixels in zip(valid, values[: len(valid)], values[len(valid) :], strict=True):
             if mark is not None:
                 self.counts["cancelled"] += 1
                 log("job_cancelled", id=job.id, rid=job.request_id, worker=self.name)
-        return [job for job, mark in zip(valid, marks, strict=True) if mark is None]
+            elif pixels is None:
+                missing.append(job)
+            else:
+                try:
+                    loaded.append(jobs.with_pixels(job, pixels))
+                except jobs.JobError as exc:
+                    self._refuse(job, f"invalid job: {exc}", 422, replies, dead)
+        for job in self._unanswered(missing):
+            self._refuse(job, "the job's pixels are gone from Redis (expired or evicted)", 410, replies, dead)
+        return loaded
+
+    def _unanswered(self, missing):
+        """The jobs without pixels that have no result either. A job with a result is a second copy of one
+        already answered (its push was repeated after a lost reply, and the first copy was claimed and
+        finished meanwhile, its pixels deleted): it is dropped, not answered again with an error."""
+        if not missing:
+            return missing
+        result_keys = [self.queue.keys.result(job.id) for job in missing]
+        results = self._connect_with_backoff(lambda: self.redis.mget(result_keys))
+        for job, result in zip(missing, results, strict=True):
+            if result is not None:
+                log("job_already_answered", level="WARNING", id=job.id, rid=job.request_id, worker=self.name)
+        return [job for job, result in zip(missing, results, strict=True) if result is None]
+
+    def _refuse(self, job, error, status, replies, dead):
+        """Answer a job that cannot be run with `error` and dead-letter it with that reason."""
+        self.counts["errors"] += 1
+        log("job_rejected", level="ERROR", id=job.id, rid=job.request_id, worker=self.name, error=error)
+        dead.append((jobs.encode_header(job), error))
+        replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, error, status), job.result_ttl))
 
     def _mark_running(self, valid):
         """Async jobs' status keys say 'running' from now on (only keys that exist: one left to expire stays
@@ -264,8 +300,8 @@ class Worker:
 
     def _triage(self, raws, now):
         """Split claimed jobs into those to run, replies for malformed ones and for jobs that cannot be done by
-        their deadline, and raw jobs to dead-letter."""
-        valid, replies, dead = [], [], []
+        their deadline, and jobs to dead-letter; with the ids of every claimed job that has one."""
+        valid, replies, dead, ids = [], [], [], []
         # When the batch would end, at the throughput measured so far (a batch of them all, the longest case):
         # a job due before then would be answered too late to be of use, and computing it would make its
         # batch-mates, and every job queued behind them, later still.
@@ -278,14 +314,16 @@ class Worker:
                 log("job_rejected", level="ERROR", id=exc.job_id, worker=self.name, error=str(exc))
                 dead.append((raw, f"invalid job: {exc}"))
                 if exc.job_id:
+                    ids.append(exc.job_id)
                     error = jobs.error_result(exc.job_id, f"invalid job: {exc}", 422)
                     replies.append(Reply.of(exc.job_id, exc.reply_to, error))
                 continue
+            ids.append(job.id)
             if job.deadline < finish_by:
                 self._expire(job, now, replies)
                 continue
             valid.append(job)
-        return valid, replies, dead
+        return valid, replies, dead, ids
 
     def _expire(self, job, now, replies):
         self.counts["expired"] += 1
@@ -329,10 +367,10 @@ class Worker:
         self.counts["errors"] += 1
         job = dataclasses.replace(job, attempts=job.attempts + 1)
         if job.attempts < self.max_attempts:
-            retry.append(jobs.encode_job(job))
+            retry.append(job)
             return
         log("job_dead_lettered", level="ERROR", id=job.id, worker=self.name, attempts=job.attempts)
         message = f"job failed {job.attempts} times and was given up: the model raised {error!r}"
         reason = f"out of attempts ({job.attempts}); the last: the model raised {error!r} on worker {self.name}"
-        dead.append((jobs.encode_job(job), reason))
+        dead.append((jobs.encode_header(job), reason))
         replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, message, 500), job.result_ttl))

@@ -4,8 +4,15 @@ happens to jobs that fail: retry with an attempt counted, dead-letter, and the e
 Claim -> process -> acknowledge, as in RQ or Celery with acks_late: a claimed job sits in the worker's
 processing list until its result is stored, so a worker that dies loses nothing (worker_registration sweeps
 it back). The Lua scripts beside this file each document their KEYS and ARGV.
+
+The queue holds jobs' small JSON headers; each job's pixels are in a key of their own (Keys.pixels), written
+beside the push and deleted when the job leaves for good, so that no Lua script carries them on the way to
+an answer (a script costs Redis time for every byte it is given or returns). Only dead-lettering moves them,
+into the dead letter's envelope, so that a dead job can be requeued with its image.
 """
 
+import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,13 +27,23 @@ from settings import Settings
 _SCRIPTS = Path(__file__).resolve().parent
 
 
+_SHARED = (_SCRIPTS / "jobs.lua").read_text()
+
+
 def script(connection: redis.Redis, name: str):
-    """The Lua script `name`.lua beside this file, registered; with envelope.lua's job reading in front when
-    it reads jobs (Redis scripts cannot import one another)."""
+    """The Lua script `name`.lua beside this file, registered; with jobs.lua in front when it calls one of
+    its functions (Redis scripts cannot import one another)."""
     text = (_SCRIPTS / f"{name}.lua").read_text()
-    if "split(" in text:
-        text = (_SCRIPTS / "envelope.lua").read_text() + text
+    if any(f"{function}(" in text for function in re.findall(r"^local function (\w+)", _SHARED, re.M)):
+        text = _SHARED + text
     return connection.register_script(text)
+
+
+def pixels_grace(config: Settings) -> int:
+    """Seconds a job's pixels outlive its deadline. A worker that claims a job after its deadline drops it
+    unread, so only dead-lettering reads them later: a job given up by a batch that ran past its deadline (a
+    minute is a long batch), or by a sweep up to HEARTBEAT_TTL after its worker died."""
+    return math.ceil(config.heartbeat_ttl) + 60
 
 
 class QueueFull(Exception):
@@ -41,15 +58,45 @@ class JobQueue:
         self.max_attempts = config.max_attempts
         self.dead_letter_max = config.dead_letter_max
         self.result_ttl = config.result_ttl
+        self.pixels_grace = pixels_grace(config)
         self._scripts = {name: script(connection, name) for name in ("enqueue", "claim", "finish", "requeue")}
 
-    def enqueue(self, *raw_jobs: bytes, track: Sequence[str] = (), track_ttl: int = 0) -> None:
+    def enqueue(self, *batch: jobs.EncodedJob, track: Sequence[str] = (), track_ttl: int = 0) -> None:
         """Queue the jobs side by side, or none of them when `max_queue_length` leaves no room for them all
         (then raise QueueFull). `track`: the ids of async jobs, whose status keys say 'queued' for `track_ttl`
-        seconds from now on (a worker that claims one says 'running')."""
-        keys = [self.keys.queue, *(self.keys.status(job_id) for job_id in track)]
-        if not self._scripts["enqueue"](keys=keys, args=[self.max_length, track_ttl, *raw_jobs]):
-            raise QueueFull(f"the queue has no room for {len(raw_jobs)} more job(s) (at most {self.max_length})")
+        seconds from now on (a worker that claims one says 'running').
+
+        One round trip: each job's pixels are SET (a pipeline keeps the order), then enqueue.lua pushes the
+        headers, or deletes the pixels when it refuses them. The pixels expire `pixels_grace` after the
+        job's deadline, on Redis's clock like the deadline itself, so that no host's clock plays a part.
+        """
+        pixel_keys = [self.keys.pixels(job.id) for job in batch]
+        keys = [self.keys.queue, *pixel_keys, *(self.keys.status(job_id) for job_id in track)]
+        args = [self.max_length, track_ttl, *(job.header for job in batch)]
+
+        def set_pixels(pipe):
+            for key, job in zip(pixel_keys, batch, strict=True):
+                pipe.set(key, job.pixels, pxat=math.ceil((job.deadline + self.pixels_grace) * 1000))
+
+        if not self._pipelined(set_pixels, "enqueue", keys, args):
+            raise QueueFull(f"the queue has no room for {len(batch)} more job(s) (at most {self.max_length})")
+
+    def _pipelined(self, before, name, keys, args):
+        """The answer of script `name`, run in one round trip after the commands `before(pipeline)` adds.
+
+        By its SHA alone: redis-py's scripts in a pipeline would cost a SCRIPT EXISTS round trip each time.
+        """
+        script = self._scripts[name]
+        for reloaded in (False, True):
+            pipe = self.redis.pipeline(transaction=False)
+            before(pipe)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return pipe.execute()[-1]
+            except redis.exceptions.NoScriptError:  # not loaded yet, or Redis restarted: the commands are repeatable
+                if reloaded:
+                    raise
+                self.redis.script_load(script.script)
 
     def length(self) -> int:
         return self.redis.llen(self.keys.queue)
@@ -75,12 +122,14 @@ class JobQueue:
         batch_id: str,
         claimed: int,
         replies: Sequence[Reply],
-        retry: Sequence[str] = (),
-        dead_jobs: Iterable[tuple[str, str]] = (),
+        retry: Sequence[bytes] = (),
+        dead_jobs: Iterable[tuple[bytes, str]] = (),
+        gone: Sequence[str] = (),
     ) -> str:
         """Store the batch's replies, put `retry` jobs back at the head of the queue, dead-letter `dead_jobs`
-        ((raw job, reason) pairs) and acknowledge the `claimed` jobs, in one step that is safe to repeat with
-        the same `batch_id`.
+        ((job as claimed, reason) pairs; their pixels move into the dead letters), delete the pixels of the
+        `gone` job ids (done for good: answered, or skipped) and acknowledge the `claimed` jobs, in one step
+        that is safe to repeat with the same `batch_id`.
 
         Returns "done", "duplicate" (this batch was finished before) or "swept" (a sweep took the batch
         back meanwhile: the replies were stored, nothing else changed).
@@ -91,8 +140,17 @@ class JobQueue:
             self.keys.dead,
             self.keys.finished(worker),
             *(self.keys.result(r.job_id) for r in replies),
+            *(self.keys.pixels(job_id) for job_id in gone),
         ]
-        args = [self.result_ttl, batch_id, claimed, self.dead_letter_max, len(replies), len(retry)]
+        args = [
+            self.result_ttl,
+            batch_id,
+            claimed,
+            self.dead_letter_max,
+            len(replies),
+            len(retry),
+            self.keys.pixels_prefix,
+        ]
         for reply in replies:
             args += [reply.reply_to or "", reply.job_id, reply.payload, reply.ttl]
         args += [*retry]
@@ -137,6 +195,7 @@ class JobQueue:
             answer,
             self.keys.result_prefix,
             self.result_ttl,
+            self.keys.pixels_prefix,
         ]
         outcome = self._scripts["requeue"](keys=keys, args=args)
         if outcome is None:

@@ -1,54 +1,49 @@
 -- Requeue or purge dead-lettered jobs, in one step (`queue_admin.py dead requeue|purge`).
--- An entry of the dead list is jobs.DeadLetter's envelope {"reason", "dead_at", "job": raw job}; an entry
--- from before the envelope is the bare raw job. An entry without a job id (jobs.DeadLetter.id) matches only when
--- no ids are given, and is never requeued.
--- KEYS[1] dead     the dead-letter list
--- KEYS[2] queue    the waiting jobs
--- ARGV[1] mode     'requeue': move the matching jobs to the tail of the queue with attempts 0 and no reply
---                  channel (their requesters were answered when the jobs died); 'purge': delete the entries
--- ARGV[2] force    'requeue' only. '0': a job whose deadline has passed stays dead (a worker would drop it
---                  unprocessed); '1': requeue it too, with a new deadline of now + ARGV[3]
--- ARGV[3] timeout  seconds from now of the new deadline (REQUEST_TIMEOUT)
--- ARGV[4 ..]       the job ids to match; none: every entry
--- Returns {ids done, ids left dead because their deadline passed, entries left because they hold no job}.
+-- An entry of the dead list is jobs.DeadLetter's envelope {"reason", "dead_at", "job": the job's header,
+-- "pixels": its raw pixels, absent when they were gone}. An entry without a job id (jobs.DeadLetter.id) matches
+-- only when no ids are given, and is never requeued; nor is one without pixels (the worker could only answer
+-- it 410 again).
+-- KEYS[1] dead           the dead-letter list
+-- KEYS[2] queue          the waiting jobs
+-- ARGV[1] mode           'requeue': move the matching jobs to the tail of the queue with attempts 0 and no
+--                        reply channel (their requesters were answered when the jobs died), their pixels back
+--                        in their key; 'purge': delete the entries (their pixels go with them)
+-- ARGV[2] force          'requeue' only. '0': a job whose deadline has passed stays dead (a worker would drop
+--                        it unprocessed); '1': requeue it too, with a new deadline of now + ARGV[3]
+-- ARGV[3] timeout        seconds from now of the new deadline (REQUEST_TIMEOUT)
+-- ARGV[4] grace          seconds the pixels' key outlives the job's deadline (JobQueue.pixels_grace)
+-- ARGV[5] pixels_prefix  the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
+-- ARGV[6 ..]             the job ids to match; none: every entry
+-- Returns {ids done, ids left dead because their deadline passed, ids left dead because their pixels were
+-- gone, entries left because they hold no job with an id}.
 local dead, queue = KEYS[1], KEYS[2]
 local mode, force, timeout = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
+local grace, pixels_prefix = tonumber(ARGV[4]), ARGV[5]
 local wanted = nil
-if #ARGV >= 4 then
+if #ARGV >= 6 then
   wanted = {}
-  for i = 4, #ARGV do
+  for i = 6, #ARGV do
     wanted[ARGV[i]] = true
   end
 end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+local now = redis_now()
 -- Matched entries are overwritten with this marker, then all removed with one LREM (order kept, one pass).
 local removed = '\0removed by dead_letters.lua\0'
 
-local function decode(text)
-  local ok, value = pcall(cjson.decode, text)
-  if ok and type(value) == 'table' then
-    return value
-  end
-  return nil
-end
-
-local done, expired, no_job = {}, {}, 0
+local done, expired, no_pixels, no_job = {}, {}, {}, 0
 local entries = redis.call('LRANGE', dead, 0, -1)
 for index, entry in ipairs(entries) do
-  local envelope = decode(entry)
-  local raw = entry
-  if envelope and type(envelope.job) == 'string' then
-    raw = envelope.job
-  end
-  local job, pixels = split(raw)
-  local id = job and type(job.id) == 'string' and #job.id == 32 and job.id:match('^[0-9a-f]+$') and job.id or nil
+  local envelope = read_job(entry) or {}
+  local job = type(envelope.job) == 'string' and read_job(envelope.job) or nil
+  local id = job_id(job)
   if wanted == nil or (id and wanted[id]) then
     if mode == 'purge' then
       redis.call('LSET', dead, index - 1, removed)
       table.insert(done, id or '')
     elseif not id then
       no_job = no_job + 1
+    elseif type(envelope.pixels) ~= 'string' then
+      table.insert(no_pixels, id)
     else
       local deadline = tonumber(job.deadline)
       if deadline and deadline >= now or force then
@@ -59,7 +54,9 @@ for index, entry in ipairs(entries) do
         job.reply_to = cjson.null
         local encoded, requeued = pcall(cjson.encode, job)  -- 1e999 reads as inf and cannot be written
         if encoded then
-          redis.call('RPUSH', queue, requeued .. pixels)
+          local expires_ms = math.floor((job.deadline + grace) * 1000)
+          redis.call('SET', pixels_prefix .. id, envelope.pixels, 'PXAT', expires_ms)
+          redis.call('RPUSH', queue, requeued)
           redis.call('LSET', dead, index - 1, removed)
           table.insert(done, id)
         else
@@ -74,4 +71,4 @@ end
 if #done > 0 then
   redis.call('LREM', dead, 0, removed)
 end
-return {done, expired, no_job}
+return {done, expired, no_pixels, no_job}

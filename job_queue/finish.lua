@@ -1,28 +1,33 @@
 -- Finish a batch in one atomic step: store each reply with its TTL and notify its web process, put jobs
--- to retry back at the head of the queue, dead-letter jobs that can never succeed, and acknowledge the
--- batch by removing exactly its jobs from the head of the worker's processing list. Safe to repeat: a call
--- retried after its reply was lost finds its batch id already recorded and changes nothing.
+-- to retry back at the head of the queue, dead-letter jobs that can never succeed, delete the pixels of the
+-- jobs that are done for good, and acknowledge the batch by removing exactly its jobs from the head of the
+-- worker's processing list. Safe to repeat: a call retried after its reply was lost finds its batch id
+-- already recorded and changes nothing.
 -- KEYS[1] processing       the worker's processing list
 -- KEYS[2] queue            the waiting jobs
 -- KEYS[3] dead             the dead-letter list
 -- KEYS[4] finished         the id of the worker's last finished batch
 -- KEYS[5 .. n+4]           the result key of each reply, in the order of the replies
+-- KEYS[n+5 ..]             the pixels' keys of the batch's jobs that are done for good (answered, skipped as
+--                          cancelled or late, dead-lettered: deleted after the dead-lettering moved these
+--                          jobs' pixels into their envelopes); not those retried, which still need theirs
 -- ARGV[1] ttl              seconds the finished batch id, and a result without its own ttl, are kept
 -- ARGV[2] batch_id         unique per batch
 -- ARGV[3] acknowledge      how many jobs the batch took from the head of the processing list (0: none)
 -- ARGV[4] dead_max         the dead-letter list keeps this many jobs, dropping the oldest
 -- ARGV[5] n                number of replies
 -- ARGV[6] n_retry          number of jobs to retry
--- ARGV[7 .. 4n+6]          n replies, four values each: channel ('' for none), job id, result JSON,
+-- ARGV[7] pixels_prefix    the pixels' keys' prefix (Keys.pixels_prefix): a dead job's are prefix .. its id
+-- ARGV[8 .. 4n+7]          n replies, four values each: channel ('' for none), job id, result JSON,
 --                          seconds the result is kept ('0': ttl)
--- then n_retry raw jobs to retry, then the jobs to dead-letter, two values each: raw job, reason (each
--- pushed as jobs.DeadLetter's envelope {"reason", "dead_at", "job": raw job}).
+-- then n_retry jobs to retry, then the jobs to dead-letter, two values each: the job as claimed, reason
+-- (jobs.lua's bury() moves its pixels into jobs.DeadLetter's envelope).
 -- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
 -- finished) or 'swept' (the batch was swept back to the queue meanwhile: replies stored, nothing else).
 local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, batch_id, acknowledge = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local dead_max, n, n_retry = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local first_retry = 4 * n + 7
+local dead_max, n, n_retry, pixels_prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local first_retry = 4 * n + 8
 local first_dead = first_retry + n_retry
 
 if redis.call('GET', finished) == batch_id then
@@ -38,7 +43,7 @@ if acknowledge > 0 then
 end
 redis.call('SET', finished, batch_id, 'EX', ttl)
 for i = 1, n do
-  local at = 4 * i + 3
+  local at = 4 * i + 4
   local channel, job_id, result, keep = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   redis.call('SET', KEYS[i + 4], result, 'EX', keep ~= '0' and keep or ttl)
   if channel ~= '' then
@@ -47,18 +52,19 @@ for i = 1, n do
 end
 local dropped = 0
 if outcome == 'done' then
-  -- A swept batch is back in the queue already: its jobs must not be queued or dead-lettered twice.
+  -- A swept batch is back in the queue already: its jobs must not be queued or dead-lettered twice, and they
+  -- will be run again with their pixels.
   for i = first_dead - 1, first_retry, -1 do
     redis.call('LPUSH', queue, ARGV[i])
   end
   if first_dead <= #ARGV then
-    local time = redis.call('TIME')
-    local dead_at = tonumber(time[1]) + tonumber(time[2]) / 1000000
     for i = first_dead, #ARGV, 2 do
-      redis.call('RPUSH', dead, cjson.encode({reason = ARGV[i + 1], dead_at = dead_at, job = ARGV[i]}))
+      bury(dead, ARGV[i], ARGV[i + 1], pixels_prefix)
     end
-    dropped = math.max(0, redis.call('LLEN', dead) - dead_max)
-    redis.call('LTRIM', dead, -dead_max, -1)
+    dropped = trim_dead(dead, dead_max)
+  end
+  if #KEYS > n + 4 then
+    redis.call('DEL', unpack(KEYS, n + 5))
   end
 end
 return {outcome, dropped}

@@ -1,6 +1,8 @@
 -- Put a worker's claimed jobs back at the head of the queue, in their original order. A job that has now
 -- used up its attempts goes to the dead-letter list instead, and its requester is answered in the same
--- step (so that a retry after a lost reply, which finds nothing left to do, cannot leave it unanswered).
+-- step (so that a retry after a lost reply, which finds nothing left to do, cannot leave it unanswered), and
+-- its pixels move into its dead-letter envelope (jobs.lua's bury()). Only the small JSON headers are read and
+-- rewritten: a requeued job's pixels stay in their key.
 -- KEYS[1] processing    the worker's processing list
 -- KEYS[2] queue         the waiting jobs
 -- KEYS[3] dead          the dead-letter list
@@ -17,16 +19,17 @@
 -- ARGV[6] answer        the answer for a given-up job, as jobs.error_result's JSON with an empty id
 -- ARGV[7] result_prefix the result keys' prefix (Keys.result_prefix): the answer goes to prefix .. job id
 -- ARGV[8] ttl           seconds an answer is kept, unless the job's header names its own result_ttl
+-- ARGV[9] pixels_prefix the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
 -- out to be alive. Safe to repeat: a second call finds the processing list empty.
 local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
-local answer, result_prefix, ttl = cjson.decode(ARGV[6]), ARGV[7], ARGV[8]
+local answer, result_prefix, ttl, pixels_prefix = cjson.decode(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
 
--- The checks of jobs.py: a 32-hex-digit id; a reply channel of 1-200 safe characters; a result_ttl in range.
+-- The checks of jobs.py: a valid id (job_id); a reply channel of 1-200 safe characters; a result_ttl in range.
 local function answer_requester(job)
-  local id, reply_to = job.id, job.reply_to
-  if type(id) ~= 'string' or #id ~= 32 or not string.match(id, '^[0-9a-f]+$') then
+  local id, reply_to = job_id(job), job.reply_to
+  if not id then
     return
   end
   local keep = tonumber(job.result_ttl)
@@ -46,10 +49,9 @@ end
 local count_attempt = mode ~= 'leave'
 local jobs = redis.call('LRANGE', processing, 0, -1)
 local given_up = {}
-local dead_at
 for i = #jobs, 1, -1 do
   local raw = jobs[i]
-  local job, pixels = split(raw)
+  local job = read_job(raw)
   local parsed = job ~= nil
   local why = reason
   if parsed and count_attempt then
@@ -58,18 +60,14 @@ for i = #jobs, 1, -1 do
     -- halfway, nor go back uncounted again and again: it is given up as it was.
     local encoded, again = pcall(cjson.encode, job)
     if encoded then
-      raw = again .. pixels
+      raw = again
     else
       job.attempts = max_attempts
       why = 'the job cannot be written back with an attempt counted (a number out of range?)'
     end
   end
   if parsed and (tonumber(job.attempts) or 0) >= max_attempts then
-    if not dead_at then
-      local time = redis.call('TIME')
-      dead_at = tonumber(time[1]) + tonumber(time[2]) / 1000000
-    end
-    redis.call('RPUSH', dead, cjson.encode({reason = why, dead_at = dead_at, job = raw}))
+    bury(dead, raw, why, pixels_prefix)
     answer_requester(job)
     table.insert(given_up, raw)
   else
@@ -83,7 +81,6 @@ if mode == 'sweep' then
 end
 local dropped = 0
 if #given_up > 0 then
-  dropped = math.max(0, redis.call('LLEN', dead) - dead_max)
-  redis.call('LTRIM', dead, -dead_max, -1)
+  dropped = trim_dead(dead, dead_max)
 end
 return {given_up, dropped}

@@ -109,6 +109,7 @@ def test_async_refusals_are_clear(make_client, fake_redis):
     two = client.post("/jobs", data={"image": [(CASTLE.open("rb"), "a.jpg"), (CASTLE.open("rb"), "b.jpg")]})
     assert two.status_code == 503 and two.headers["Retry-After"]  # all or none: the cap is 1
     assert fake_redis.llen(KEYS.queue) == 0
+    assert fake_redis.keys(KEYS.pixels_prefix + "*") == []  # enqueue.lua refused them and deleted their pixels
 
 
 def async_job(deadline_in=60.0, result_ttl=900):
@@ -164,3 +165,18 @@ def make_client(fake_redis):
         return web.create_app(config, fake_redis, ResultWaiter(fake_redis, config)).test_client()
 
     return make
+
+
+def test_an_async_jobs_pixels_outlive_a_long_queue_wait(real_redis, config):
+    """An async job may wait in the queue up to JOB_RESULT_TTL, far past any request's REQUEST_TIMEOUT: its
+    pixels' key lives until that deadline and a grace period, on the real server's clock."""
+    config = config.replace(job_result_ttl=7200, request_timeout=30, block_timeout=0.2)
+    client = web.create_app(config, real_redis, ResultWaiter(real_redis, config)).test_client()
+    submitted = client.post("/jobs", data={"image": (CASTLE.open("rb"), "c.jpg")})
+    assert submitted.status_code == 202
+    described = submitted.get_json()
+    grace = config.heartbeat_ttl + 60
+    assert 7200 + grace - 10 < real_redis.pttl(KEYS.pixels(described["id"])) / 1000 <= 7200 + grace
+    assert Worker(CountingClassifier(), config, name="w").run_once() == 1  # whenever a worker gets to it
+    assert jobs.decode_result(real_redis.get(KEYS.result(described["id"])))["success"]
+    assert not real_redis.exists(KEYS.pixels(described["id"]))

@@ -5,6 +5,7 @@ fault needs them."""
 import concurrent.futures
 import datetime
 import glob
+import json
 import threading
 import time
 
@@ -27,9 +28,10 @@ KEYS = Keys("image_queue")
 
 
 def leftovers(redis):
-    """What a finished run must not leave behind: queued, claimed or dead-lettered jobs."""
+    """What a finished run must not leave behind: queued, claimed or dead-lettered jobs, or jobs' pixels."""
     processing = sum(redis.llen(key) for key in redis.scan_iter(KEYS.processing_prefix + "*"))
-    return {"queued": redis.llen(KEYS.queue), "claimed": processing, "dead": redis.llen(KEYS.dead)}
+    pixels = len(list(redis.scan_iter(KEYS.pixels_prefix + "*")))
+    return {"queued": redis.llen(KEYS.queue), "claimed": processing, "dead": redis.llen(KEYS.dead), "pixels": pixels}
 
 
 def load(url, total, concurrency):
@@ -63,7 +65,11 @@ def test_lost_replies_and_cut_connections_under_load_lose_no_request(redis_serve
         labels = [r.json()["predictions"][0]["label"] for r in responses]
         assert labels == ["castle", "beagle"] * 150
         assert proxy.cuts > 20, proxy.cuts  # the faults really happened
-        wait_for(lambda: leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 0}, 30, "no job left behind")
+        wait_for(
+            lambda: leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 0, "pixels": 0},
+            30,
+            "no job left behind",
+        )
         assert all(w.poll() is None for w in workers)
     finally:
         service.stop_all()
@@ -71,8 +77,10 @@ def test_lost_replies_and_cut_connections_under_load_lose_no_request(redis_serve
 
 
 def malformed_jobs():
-    """One job for each way a field can be wrong, each with a valid id so that its requester can be told."""
-    template, pixels = jobs.split(jobs.encode_job(jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60)))
+    """One job for each way a field can be wrong, each with a valid id so that its requester can be told: (field,
+    id, header, the value of its pixels' key)."""
+    job = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60)
+    template, pixels = json.loads(jobs.encode_header(job)), jobs.encode_job(job).pixels
     wrong = {
         "attempts": "2",
         "enqueued_at": "yesterday",
@@ -86,11 +94,11 @@ def malformed_jobs():
     }
     made = []
     for field, value in wrong.items():
-        job = dict(template, id=jobs.Job(None, 0).id)
+        header = dict(template, id=jobs.Job(None, 0).id)
         if field == "pixels":
-            made.append((field, job["id"], jobs.join(job, value)))
+            made.append((field, header["id"], json.dumps(header), value))
         else:
-            made.append((field, job["id"], jobs.join(dict(job, **{field: value}), bytes(pixels))))
+            made.append((field, header["id"], json.dumps(dict(header, **{field: value})), pixels))
     return made
 
 
@@ -101,15 +109,16 @@ def test_malformed_jobs_beside_real_traffic_are_dead_lettered_and_answered(servi
     bad = malformed_jobs()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         traffic = pool.submit(load, service.url, 40, 8)
-        for _, _, raw in bad:
-            real_redis.rpush(KEYS.queue, raw)
+        for _, job_id, header, pixels in bad:
+            real_redis.set(KEYS.pixels(job_id), pixels, ex=120)
+            real_redis.rpush(KEYS.queue, header)
         real_redis.rpush(KEYS.queue, b"\xff not json at all", b"[1, 2, 3]")
         responses = traffic.result()
     assert [r.status_code for r in responses] == [200] * 40
     assert all(w.poll() is None for w in workers)  # no job killed a worker
     wait_for(lambda: real_redis.llen(KEYS.dead) == len(bad) + 2, 30, "every bad job dead-lettered")
     reasons = {letter.id: letter.reason for letter in map(jobs.decode_dead_letter, real_redis.lrange(KEYS.dead, 0, -1))}
-    for field, job_id, _ in bad:
+    for field, job_id, _, _ in bad:
         result = jobs.decode_result(real_redis.get(KEYS.result(job_id)))
         assert result["status"] == 422 and field in result["error"], (field, result)
         assert field in reasons[job_id]
@@ -148,7 +157,7 @@ def test_a_poison_image_is_dead_lettered_alone_and_its_batch_mates_answered(real
     assert failed["status"] == 500 and "failed 2 times" in failed["error"] and "breaks the model" in failed["error"]
     [dead] = [jobs.decode_dead_letter(entry) for entry in real_redis.lrange(KEYS.dead, 0, -1)]
     assert dead.id == poison.id and dead.job["attempts"] == 2 and "breaks the model" in dead.reason
-    assert leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 1}
+    assert leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 1, "pixels": 0}  # moved into the dead letter
 
 
 class SlowClassifier(CountingClassifier):
@@ -181,7 +190,7 @@ def test_a_stopping_worker_keeps_beating_until_its_long_batch_is_done(real_redis
     assert swept == []  # never taken for dead
     result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
     assert result["success"] is True and classifier.seen == [7]
-    assert leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 0}
+    assert leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 0, "pixels": 0}
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ worker, which no real worker can be made to be on purpose.
 """
 
 import concurrent.futures
+import json
 import os
 import signal
 import threading
@@ -83,11 +84,10 @@ def test_poison_job_is_dead_lettered_and_its_requester_told(service, real_redis,
 @pytest.mark.slow
 def test_malformed_job_on_the_queue_is_dead_lettered_with_an_answer(service, real_redis):
     service.start_worker()
-    pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
-    job = jobs.Job(pixels, time.time() + 30)
-    bad, raw_pixels = jobs.split(jobs.encode_job(job))
+    job = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 30)
+    bad = json.loads(jobs.encode_header(job))
     bad["shape"] = [2, 2, 3]
-    real_redis.rpush(KEYS.queue, b"\x00 not json", jobs.join(bad, bytes(raw_pixels)))
+    real_redis.rpush(KEYS.queue, b"\x00 not json", json.dumps(bad))
     wait_for(lambda: real_redis.llen(KEYS.dead) == 2, 20, "both jobs to be dead-lettered")
     result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
     assert result["success"] is False and result["status"] == 422 and "shape" in result["error"]

@@ -14,27 +14,32 @@ def make_job(**overrides):
     return jobs.Job(pixels, time.time() + 30, **overrides)
 
 
+def decoded(encoded):
+    """The job as a worker gets it: its header from the queue, then its pixels from their key."""
+    return jobs.with_pixels(jobs.decode_job(encoded.header), encoded.pixels)
+
+
 def test_job_round_trips_with_exact_pixels():
     job = make_job(top_k=3, reply_to="chan", request_id="req-1")
-    back = jobs.decode_job(jobs.encode_job(job))
+    back = decoded(jobs.encode_job(job))
     assert np.array_equal(back.pixels, job.pixels)
     assert (back.id, back.top_k, back.reply_to, back.request_id) == (job.id, 3, "chan", "req-1")
 
 
-def test_job_payload_is_a_header_line_and_the_raw_pixels():
+def test_the_queue_holds_a_small_json_header_and_the_pixels_travel_apart():
     job = make_job()
-    raw = jobs.encode_job(job)
-    header, pixels = raw.split(b"\n", 1)
-    assert json.loads(header)["id"] == job.id
-    assert pixels == job.pixels.tobytes()  # 147 KiB: no base64, a quarter of the original float32 payload
-    assert len(raw) < 224 * 224 * 3 + 400
+    encoded = jobs.encode_job(job)
+    assert (encoded.id, encoded.deadline) == (job.id, job.deadline)
+    assert json.loads(encoded.header)["id"] == job.id and len(encoded.header) < 400
+    assert encoded.pixels == job.pixels.tobytes()  # 147 KiB raw: no base64, a quarter of the original float32
+    assert jobs.decode_job(encoded.header).pixels is None  # the worker loads them from their key
 
 
 def test_options_round_trip_and_only_travel_when_set():
     job = make_job(probabilities=True, result_ttl=3600)
-    back = jobs.decode_job(jobs.encode_job(job))
+    back = jobs.decode_job(jobs.encode_job(job).header)
     assert (back.probabilities, back.result_ttl) == (True, 3600)
-    assert set(jobs.header_of(jobs.encode_job(make_job()))).isdisjoint({"probabilities", "result_ttl"})
+    assert set(jobs.header_of(jobs.encode_header(make_job()))).isdisjoint({"probabilities", "result_ttl"})
 
 
 def test_probabilities_travel_in_the_result_only_when_asked():
@@ -47,15 +52,11 @@ def test_probabilities_travel_in_the_result_only_when_asked():
             assert np.array_equal(result["probabilities"], row)
 
 
-def _with_pixels(pixels):
-    return lambda raw: jobs.join(jobs.header_of(raw), pixels)
-
-
 def _with_header(mutate):
-    def change(raw):
-        header, pixels = jobs.split(raw)
-        mutate(header)
-        return jobs.join(header, bytes(pixels))
+    def change(header):
+        data = json.loads(header)
+        mutate(data)
+        return json.dumps(data).encode()
 
     return change
 
@@ -68,12 +69,6 @@ def test_request_id_defaults_to_job_id():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (_with_pixels(b"abc"), "has 3 bytes of pixels, expected 150528"),
-        (_with_pixels(b"\0" * 150528 * 50), "expected 150528"),  # huge: refused before it is used
-        (_with_pixels(b""), "has 0 bytes of pixels"),
-        (_with_pixels(b"\n" * 150529), "has 150529 bytes of pixels"),
-    ]
-    + [
         (_with_header(mutate), message)
         for mutate, message in [
             (lambda d: d.update(shape=[10, 10, 3]), "shape"),
@@ -104,7 +99,7 @@ def test_request_id_defaults_to_job_id():
 )
 def test_malformed_job_names_the_problem_and_keeps_the_address(mutate, message):
     job = make_job(reply_to="chan")
-    raw = mutate(jobs.encode_job(job))
+    raw = mutate(jobs.encode_header(job))
     with pytest.raises(jobs.JobError, match=message) as err:
         jobs.decode_job(raw)
     assert (err.value.job_id, err.value.reply_to) == (job.id, "chan")
@@ -112,17 +107,33 @@ def test_malformed_job_names_the_problem_and_keeps_the_address(mutate, message):
 
 
 @pytest.mark.parametrize(
+    "pixels, message",
+    [
+        (b"abc", "has 3 bytes of pixels, expected 150528"),
+        (b"\0" * 150528 * 50, "expected 150528"),  # huge: refused before it is used
+        (b"", "has 0 bytes of pixels"),
+        (b"\n" * 150529, "has 150529 bytes of pixels"),
+    ],
+)
+def test_pixels_of_the_wrong_size_name_the_problem_and_keep_the_address(pixels, message):
+    job = jobs.decode_job(jobs.encode_header(make_job(reply_to="chan")))
+    with pytest.raises(jobs.JobError, match=message) as err:
+        jobs.with_pixels(job, pixels)
+    assert (err.value.job_id, err.value.reply_to) == (job.id, "chan")
+
+
+@pytest.mark.parametrize(
     "raw",
     [
         b"not json",
-        b"not json\n" + b"\0" * 150528,
-        b"[1, 2]\n",
-        b'{"id": "../etc"}\n',
-        b"{}\n",
-        b"\xff\xfe\n",
-        b'"a string"\n',
-        b'{"id": "' + b"a" * 5000 + b'"}\n',  # a header too long to be read
-        json.dumps({"id": "0" * 32, "image": "AAAA"}).encode(),  # the old JSON-with-base64 job
+        b"[1, 2]",
+        b'{"id": "../etc"}',
+        b"{}",
+        b"\xff\xfe",
+        b'"a string"',
+        b'{"id": "' + b"a" * 5000 + b'"}',
+        # the old binary job, a header line and the pixels: refused, not misread
+        jobs.encode_header(make_job()) + b"\n" + b"\0" * 150528,
     ],
 )
 def test_job_without_identity_is_refused_without_address(raw):
@@ -133,5 +144,5 @@ def test_job_without_identity_is_refused_without_address(raw):
 
 
 def test_an_unsafe_reply_channel_is_ignored_not_used():
-    raw = _with_header(lambda d: d.update(reply_to="chan\r\nPUBLISH other"))(jobs.encode_job(make_job()))
+    raw = _with_header(lambda d: d.update(reply_to="chan\r\nPUBLISH other"))(jobs.encode_header(make_job()))
     assert jobs.decode_job(raw).reply_to is None

@@ -4,6 +4,7 @@ Protocol tests run on fakeredis and on a real redis-server; the race between wor
 """
 
 import dataclasses
+import json
 import threading
 import time
 
@@ -48,7 +49,7 @@ def test_claim_moves_jobs_into_the_processing_list_in_order(r):
     for raw in raws:
         q.enqueue(raw)
     claimed = q.claim("w1", max_jobs=3, timeout=1)
-    assert claimed == raws[:3]
+    assert claimed == [raw.header for raw in raws[:3]]
     assert r.lrange(q.keys.processing("w1"), 0, -1) == claimed
     assert q.length() == 2
 
@@ -88,17 +89,21 @@ def test_requeue_of_a_dead_worker_counts_attempts_then_dead_letters(r):
         r.delete(q.keys.heartbeat("doomed"))  # the heartbeat expired: the worker died holding its batch
         assert registry.sweep() == ["doomed"]
         queued = [jobs.decode_job(raw) for raw in r.lrange(q.keys.queue, 0, -1)]
-        assert [j.id for j in queued] == [jobs.decode_job(first).id, jobs.decode_job(second).id]
+        assert [j.id for j in queued] == [first.id, second.id]
         assert all(j.attempts == attempt for j in queued)
+        assert r.get(q.keys.pixels(first.id)) == first.pixels  # a requeued job keeps its pixels
     registry.beat("doomed", {"ready": 1})
     q.claim("doomed", 10, 1)
     r.delete(q.keys.heartbeat("doomed"))
     registry.sweep()
     assert q.length() == 0
     assert r.llen(q.keys.dead) == 2
-    result = jobs.decode_result(r.get(q.keys.result(jobs.decode_job(first).id)))
+    result = jobs.decode_result(r.get(q.keys.result(first.id)))
     assert result["success"] is False and "3 times" in result["error"]
     assert r.smembers(q.keys.workers) == set()
+    # A given-up job's pixels leave their key for its dead letter, from which it can be requeued.
+    assert not r.exists(q.keys.pixels(first.id), q.keys.pixels(second.id))
+    assert all(jobs.decode_dead_letter(entry).has_pixels for entry in r.lrange(q.keys.dead, 0, -1))
 
 
 def worker_holding_a_job(r, name):
@@ -168,7 +173,7 @@ def test_claim_returns_jobs_a_lost_reply_left_in_the_processing_list(r):
     q.enqueue(second)
     # A BLMOVE ran but its reply never arrived: the job sits in the processing list unknown to the worker.
     r.lmove(q.keys.queue, q.keys.processing("w1"), "LEFT", "RIGHT")
-    assert q.claim("w1", max_jobs=1, timeout=1) == [lost, second]
+    assert q.claim("w1", max_jobs=1, timeout=1) == [lost.header, second.header]
 
 
 def test_a_retried_finish_changes_nothing(r):
@@ -192,7 +197,7 @@ def test_finish_of_a_swept_batch_stores_results_but_queues_nothing_twice(r):
     job = jobs.decode_job(raw)
     r.delete(q.keys.heartbeat("slow"))
     assert registry.sweep() == ["slow"]  # the batch is back in the queue, with an attempt counted
-    retry = jobs.encode_job(dataclasses.replace(job, attempts=5))
+    retry = jobs.encode_header(dataclasses.replace(job, attempts=5))
     replies, dead_jobs = [Reply(job.id, None, '{"ok": 1}')], [(raw, "a reason")]
     outcome = q.finish("slow", "batch-1", 1, replies, retry=[retry], dead_jobs=dead_jobs)
     assert outcome == "swept"
@@ -206,7 +211,7 @@ def test_finish_retries_only_the_jobs_it_is_given_and_acknowledges_exactly_its_b
         q.enqueue(raw_job())
     good, poison, other = q.claim("w1", 2, 1) + [None]
     assert other is None and r.llen(q.keys.processing("w1")) == 2
-    retry = jobs.encode_job(dataclasses.replace(jobs.decode_job(poison), attempts=1))
+    retry = jobs.encode_header(dataclasses.replace(jobs.decode_job(poison), attempts=1))
     assert q.finish("w1", "b", 2, [Reply(jobs.decode_job(good).id, None, "{}")], retry=[retry]) == "done"
     assert r.llen(q.keys.processing("w1")) == 0
     assert jobs.decode_job(r.lindex(q.keys.queue, 0)).attempts == 1 and q.length() == 2
@@ -240,9 +245,9 @@ def test_a_claim_retried_again_and_again_never_holds_more_than_a_batch(r):
 
 def test_a_job_redis_cannot_write_back_does_not_break_the_sweep(real_redis):
     q, registry = worker_holding_a_job(real_redis, "doomed")
-    poison, pixels = jobs.split(raw_job())
+    poison = json.loads(raw_job().header)
     poison["deadline"] = 1e999  # cjson reads inf, and cannot encode it again
-    real_redis.rpush(q.keys.processing("doomed"), jobs.join(poison, bytes(pixels)).replace(b"Infinity", b"1e999"))
+    real_redis.rpush(q.keys.processing("doomed"), json.dumps(poison).replace("Infinity", "1e999"))
     real_redis.delete(q.keys.heartbeat("doomed"))
     assert registry.sweep() == ["doomed"]
     assert q.length() == 1 and not real_redis.exists(q.keys.processing("doomed"))
@@ -295,3 +300,147 @@ def test_stray_keys_under_the_processing_prefix_do_not_stop_the_sweep(real_redis
     real_redis.delete(q.keys.heartbeat("zz"))
     assert "zz" in registry.sweep()
     assert q.length() == 1
+
+
+# -- the pixels' keys: written beside the push, read once by the worker, deleted when the job is done ---------
+def marked_job(marker, deadline_in=30.0, **kwargs):
+    pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
+    pixels[0, 0, 0] = marker  # CountingClassifier's record of which images it saw
+    return jobs.encode_job(jobs.Job(pixels, time.time() + deadline_in, **kwargs))
+
+
+def pixel_keys(r, q):
+    return sorted(r.scan_iter(match=q.keys.pixels_prefix + "*"))
+
+
+def test_the_pixels_wait_in_their_own_key_until_the_deadline_and_a_grace(r):
+    q = JobQueue(r, Settings(heartbeat_ttl=15))
+    job = raw_job()
+    q.enqueue(job)
+    assert r.lrange(q.keys.queue, 0, -1) == [job.header]  # the queue holds the small header alone
+    assert r.get(q.keys.pixels(job.id)) == job.pixels
+    assert 30 + 75 - 5 < r.pttl(q.keys.pixels(job.id)) / 1000 <= 30 + 75  # deadline 30 s ahead, grace 15 + 60 s
+
+
+def test_a_refused_enqueue_leaves_no_pixels_behind(r):
+    q = JobQueue(r, Settings(max_queue_length=2))
+    kept = raw_job()
+    q.enqueue(kept)
+    with pytest.raises(QueueFull):
+        q.enqueue(raw_job(), raw_job())  # one too many: neither is queued, neither's pixels stay
+    assert pixel_keys(r, q) == [q.keys.pixels(kept.id).encode()] and q.length() == 1
+
+
+def test_an_enqueue_reloads_its_script_after_redis_forgot_it(r):
+    q = JobQueue(r, Settings())
+    q.enqueue(raw_job())
+    r.script_flush()  # a Redis restarted without its scripts
+    q.enqueue(raw_job())
+    assert q.length() == 2 and len(pixel_keys(r, q)) == 2
+
+
+def test_finish_deletes_the_pixels_of_jobs_done_for_good_and_keeps_those_retried(r):
+    q = JobQueue(r, Settings())
+    answered, retried, malformed = raw_job(), raw_job(), raw_job()
+    q.enqueue(answered, retried, malformed)
+    q.claim("w1", 3, 1)
+    again = jobs.encode_header(dataclasses.replace(jobs.decode_job(retried.header), attempts=1))
+    replies = [Reply(answered.id, None, "{}"), Reply(malformed.id, None, "{}")]
+    dead_jobs = [(malformed.header, "invalid job: a test")]
+    gone = [answered.id, malformed.id]
+    assert q.finish("w1", "b", 3, replies, retry=[again], dead_jobs=dead_jobs, gone=gone) == "done"
+    assert pixel_keys(r, q) == [q.keys.pixels(retried.id).encode()]
+    [letter] = [jobs.decode_dead_letter(entry) for entry in r.lrange(q.keys.dead, 0, -1)]
+    assert letter.id == malformed.id and letter.has_pixels  # moved into the dead letter, not lost
+
+
+def test_a_swept_batch_keeps_its_pixels_for_the_jobs_next_run(r):
+    q, registry = worker_holding_a_job(r, "slow")
+    [raw] = r.lrange(q.keys.processing("slow"), 0, -1)
+    job = jobs.decode_job(raw)
+    r.delete(q.keys.heartbeat("slow"))
+    assert registry.sweep() == ["slow"]
+    assert q.finish("slow", "b", 1, [Reply(job.id, None, "{}")], gone=[job.id]) == "swept"
+    assert r.exists(q.keys.pixels(job.id))
+
+
+def test_every_job_the_worker_is_done_with_leaves_no_pixels_behind(real_redis, config):
+    config = config.replace(block_timeout=0.2)
+    q = JobQueue(real_redis, config)
+    answered, cancelled, late = marked_job(1), marked_job(2), marked_job(3, deadline_in=-5)
+    malformed = json.loads(marked_job(4).header)
+    malformed["top_k"] = 0
+    q.enqueue(answered, cancelled, late)
+    real_redis.rpush(q.keys.queue, json.dumps(malformed))
+    real_redis.set(q.keys.pixels(malformed["id"]), b"\0" * 150528, ex=60)
+    real_redis.set(q.keys.cancelled(cancelled.id), "1", ex=60)
+    classifier = CountingClassifier()
+    assert Worker(classifier, config, name="tidy").run_once() == 4
+    assert classifier.seen == [1]
+    assert jobs.decode_result(real_redis.get(q.keys.result(answered.id)))["success"]
+    assert pixel_keys(real_redis, q) == []  # 147 KiB each would otherwise wait out deadline + grace
+
+
+class FailsOnce(CountingClassifier):
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    def predict(self, pixels):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a passing fault")
+        return super().predict(pixels)
+
+
+def test_a_retried_job_keeps_its_pixels_and_is_classified_with_them(real_redis, config):
+    config = config.replace(block_timeout=0.2, max_attempts=3)
+    q = JobQueue(real_redis, config)
+    job = marked_job(7)
+    q.enqueue(job)
+    classifier = FailsOnce()
+    worker = Worker(classifier, config, name="again")
+    assert worker.run_once() == 1  # the model fails: the job goes back with an attempt counted
+    assert jobs.decode_job(real_redis.lindex(q.keys.queue, 0)).attempts == 1
+    assert real_redis.get(q.keys.pixels(job.id)) == job.pixels
+    assert worker.run_once() == 1
+    assert classifier.seen == [7]  # its own image, the second time
+    assert jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+    assert pixel_keys(real_redis, q) == []
+
+
+def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redis, config):
+    config = config.replace(block_timeout=0.2)
+    q = JobQueue(real_redis, config)
+    lost, mate = marked_job(1, reply_to="image_queue:notify:web-1"), marked_job(2)
+    q.enqueue(lost, mate)
+    real_redis.delete(q.keys.pixels(lost.id))  # expired, or evicted by a Redis short of memory
+    pubsub = real_redis.pubsub()
+    pubsub.subscribe("image_queue:notify:web-1")
+    pubsub.get_message(timeout=1)
+    classifier = CountingClassifier()
+    worker = Worker(classifier, config, name="survivor")
+    assert worker.run_once() == 2
+    assert classifier.seen == [2]  # its batch-mate is answered
+    answer = jobs.decode_result(real_redis.get(q.keys.result(lost.id)))
+    assert (answer["success"], answer["status"]) == (False, 410) and "pixels are gone" in answer["error"]
+    assert pubsub.get_message(timeout=1)["data"] == lost.id.encode()  # told at once, not left to time out
+    [letter] = [jobs.decode_dead_letter(entry) for entry in real_redis.lrange(q.keys.dead, 0, -1)]
+    assert letter.id == lost.id and "pixels are gone" in letter.reason and not letter.has_pixels
+    assert not real_redis.exists(q.keys.processing("survivor"))
+    assert worker.run_once() == 0  # and the worker lives on
+
+
+def test_a_second_copy_of_an_answered_job_is_dropped_not_answered_410(real_redis, config):
+    """A push repeated after a lost reply, when a worker had claimed and finished the first copy meanwhile
+    (deleting its pixels), queues a second copy: it must not overwrite the answer with an error."""
+    config = config.replace(block_timeout=0.2)
+    q = JobQueue(real_redis, config)
+    job = marked_job(1)
+    q.enqueue(job)
+    worker = Worker(CountingClassifier(), config, name="first")
+    assert worker.run_once() == 1
+    real_redis.rpush(q.keys.queue, job.header)  # the repeated push: its pixels were deleted with the answer
+    assert worker.run_once() == 1
+    assert jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+    assert real_redis.llen(q.keys.dead) == 0 and pixel_keys(real_redis, q) == []

@@ -54,8 +54,10 @@ def table(text, header_start):
     return rows
 
 
-def make_job(deadline_in=30.0, **kwargs):
-    return jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + deadline_in, **kwargs)
+def make_job(deadline_in=30.0, marker=0, **kwargs):
+    pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
+    pixels[0, 0, 0] = marker  # CountingClassifier's record of which images it saw
+    return jobs.Job(pixels, time.time() + deadline_in, **kwargs)
 
 
 def dead_letter_by_sweep(connection, config, *job_list):
@@ -127,23 +129,28 @@ def test_info_reads_the_image_queue_namespace_it_is_given(real_redis, redis_serv
 
 def test_dead_list_shows_every_writers_reason_and_lists_garbage_raw(real_redis, redis_server, admin_config):
     queue = JobQueue(real_redis, admin_config)
-    malformed, pixels = jobs.split(jobs.encode_job(make_job(request_id="req-malformed")))
+    malformed = json.loads(jobs.encode_header(make_job(request_id="req-malformed")))
     malformed["shape"] = [2, 2, 3]
-    real_redis.rpush(KEYS.queue, b"\x00 not json", jobs.join(malformed, bytes(pixels)))
+    real_redis.rpush(KEYS.queue, b"\x00 not json", json.dumps(malformed))
+    real_redis.set(KEYS.pixels(malformed["id"]), b"\0" * 150528)
     assert Worker(CountingClassifier(), admin_config, name="triager").run_once() == 2  # finish.lua
     swept = make_job(request_id="req-swept")
     dead_letter_by_sweep(real_redis, admin_config, swept)  # requeue.lua, sweep
     broken = make_job()
     queue.enqueue(jobs.encode_job(broken))
     assert Worker(FailingClassifier(), admin_config.replace(max_attempts=1), name="w-broken").run_once() == 1
-    legacy = make_job()
-    real_redis.rpush(KEYS.dead, jobs.encode_job(legacy), b"\xff\xfe garbage " * 20)  # before envelopes; junk
+    lost = make_job()
+    queue.enqueue(jobs.encode_job(lost))
+    real_redis.delete(KEYS.pixels(lost.id))  # expired or evicted before a worker got to it
+    assert Worker(CountingClassifier(), admin_config, name="w-lost").run_once() == 1
+    legacy = make_job()  # an entry of the old format, the bare binary job (a header line, then the pixels)
+    real_redis.rpush(KEYS.dead, jobs.encode_header(legacy) + b"\n" + b"\0" * 150528, b"\xff\xfe garbage " * 20)
 
     result = admin(redis_server.url, "dead", "list")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("dead letters: 6\n")
+    assert result.stdout.startswith("dead letters: 7\n")
     rows = table(result.stdout, "ID ")
-    assert len(rows) == 6
+    assert len(rows) == 7
     by_id = {row["ID"]: row for row in rows}
     assert by_id[malformed["id"]]["REASON"] == "invalid job: job image shape must be [224, 224, 3]"
     assert by_id[malformed["id"]]["REQUEST ID"] == "req-malformed"
@@ -153,22 +160,41 @@ def test_dead_list_shows_every_writers_reason_and_lists_garbage_raw(real_redis, 
     assert by_id[broken.id]["REASON"] == (
         "out of attempts (1); the last: the model raised RuntimeError('the model is broken') on worker w-broken"
     )
-    assert by_id[legacy.id]["REASON"] == "unknown" and by_id[legacy.id]["ATTEMPTS"] == "0"
+    assert by_id[lost.id]["REASON"] == (
+        "the job's pixels are gone from Redis (expired or evicted); no pixels: cannot be requeued"
+    )
     no_id = [row for row in rows if row["ID"] == "-"]
-    assert no_id[0]["REASON"].startswith("invalid job: job is not a header line followed by pixels")
+    assert no_id[0]["REASON"].startswith("invalid job: job is not a JSON object")
     assert "raw b'\\x00 not json'" in no_id[0]["REASON"]
     assert no_id[0]["DEAD SINCE"] != "-"
-    assert no_id[1]["REASON"].startswith("unknown; raw b'\\xff\\xfe garbage") and "(220 bytes)" in no_id[1]["REASON"]
+    assert no_id[1]["REASON"].startswith('unknown; raw b\'{"id": "' + legacy.id) and "(150" in no_id[1]["REASON"]
+    assert no_id[2]["REASON"].startswith("unknown; raw b'\\xff\\xfe garbage") and "(220 bytes)" in no_id[2]["REASON"]
 
-    listing = json.loads(admin(redis_server.url, "dead", "list", "--json", "--limit", "2").stdout)
-    assert listing["dead"] == 6 and [e["id"] for e in listing["entries"]] == [legacy.id, None]
-    assert listing["entries"][1]["raw"].startswith("b'\\xff\\xfe garbage")
+    result = admin(redis_server.url, "dead", "requeue", lost.id)  # without its image it cannot run again
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"queue_admin: left dead, their pixels were gone when they died (send the images again): {lost.id}\n"
+    )
+    assert real_redis.llen(KEYS.queue) == 0 and lost.id in dead_ids(real_redis)
+
+    listing = json.loads(admin(redis_server.url, "dead", "list", "--json", "--limit", "3").stdout)
+    assert listing["dead"] == 7 and [e["id"] for e in listing["entries"]] == [lost.id, None, None]
+    assert [e["pixels"] for e in listing["entries"]] == [False, False, False]
+    assert listing["entries"][2]["raw"].startswith("b'\\xff\\xfe garbage")
+    assert all(
+        e["pixels"]
+        for e in json.loads(admin(redis_server.url, "dead", "list", "--json").stdout)["entries"]
+        if e["id"] in (malformed["id"], swept.id, broken.id)
+    )
 
 
 @pytest.fixture
 def three_dead(real_redis, admin_config):
     """Jobs A and B dead with their deadline ahead, C dead with its deadline passed; two entries with no job id."""
-    fresh_a, fresh_b = make_job(reply_to="image_queue:notify:gone"), make_job(reply_to="image_queue:notify:gone")
+    fresh_a, fresh_b = (
+        make_job(marker=1, reply_to="image_queue:notify:gone"),
+        make_job(reply_to="image_queue:notify:gone"),
+    )
     late = make_job(deadline_in=-60, reply_to="image_queue:notify:gone")
     dead_letter_by_sweep(real_redis, admin_config, fresh_a, fresh_b, late)
     real_redis.rpush(KEYS.dead, b"\x00 garbage", json.dumps({"no": "id"}))
@@ -197,10 +223,18 @@ def test_requeue_one_puts_it_at_the_tail_with_attempts_0_and_nobody_waiting(
     assert (job.id, job.attempts, job.reply_to) == (fresh_a.id, 0, None)
     assert job.deadline == pytest.approx(fresh_a.deadline, abs=0.001)  # kept (Lua's cjson: 14 digits)
     assert dead_ids(real_redis) == [late.id, fresh_b.id, None, None]
-    # Requeued to be re-run: a worker computes it and stores its result.
+    # Its pixels are back in their key, to expire a grace period after its deadline like a new job's.
+    grace = admin_config.heartbeat_ttl + 60
+    assert real_redis.pttl(KEYS.pixels(fresh_a.id)) / 1000 == pytest.approx(
+        fresh_a.deadline + grace - time.time(), abs=5
+    )
+    # Requeued to be re-run: a worker computes it, with its own image, and stores its result.
     real_redis.lpop(KEYS.queue)
-    assert Worker(CountingClassifier(), admin_config, name="rerun").run_once() == 1
+    classifier = CountingClassifier()
+    assert Worker(classifier, admin_config, name="rerun").run_once() == 1
+    assert classifier.seen == [1]
     assert jobs.decode_result(real_redis.get(KEYS.result(fresh_a.id)))["success"] is True
+    assert not real_redis.exists(KEYS.pixels(fresh_a.id))
 
 
 def test_requeue_refuses_a_job_whose_deadline_passed_unless_forced(real_redis, redis_server, three_dead):
@@ -216,6 +250,7 @@ def test_requeue_refuses_a_job_whose_deadline_passed_unless_forced(real_redis, r
     assert result.returncode == 0, result.stderr
     [job] = queued_after_the_waiting_one(real_redis)
     assert job.id == late.id and job.attempts == 0 and job.deadline > before + 29  # REQUEST_TIMEOUT 30 s from now
+    assert real_redis.pttl(KEYS.pixels(late.id)) / 1000 > 29 + 60  # by the new deadline, not the old one
     assert late.id not in dead_ids(real_redis)
 
 
@@ -223,7 +258,8 @@ def test_requeue_all_moves_every_job_and_reports_what_it_left(real_redis, redis_
     fresh_a, fresh_b, late = three_dead
     result = admin(redis_server.url, "dead", "requeue", "--all")
     assert result.returncode == 1  # C was left dead
-    assert "requeued 2 job(s)" in result.stdout and "left 2 entries that hold no job with an id" in result.stdout
+    assert "requeued 2 job(s)" in result.stdout
+    assert "left 2 entries that hold no job with an id" in result.stdout
     assert late.id in result.stderr
     requeued = queued_after_the_waiting_one(real_redis)
     assert sorted(j.id for j in requeued) == sorted([fresh_a.id, fresh_b.id])
@@ -272,12 +308,9 @@ def test_a_malformed_setting_exits_1_naming_it(redis_server):
 
 
 def test_dead_list_escapes_control_characters(real_redis, redis_server):
-    hostile, pixels = jobs.split(jobs.encode_job(make_job()))
+    hostile = json.loads(jobs.encode_header(make_job()))
     hostile["request_id"] = "\x1b]0;owned\x07\x1b[2J"
-    raw = jobs.join(hostile, bytes(pixels)).decode("utf-8", "surrogateescape")
-    real_redis.rpush(
-        KEYS.dead, json.dumps({"reason": "bad\x1b[31m", "dead_at": 1.0, "job": raw}).encode("utf-8", "surrogateescape")
-    )
+    real_redis.rpush(KEYS.dead, json.dumps({"reason": "bad\x1b[31m", "dead_at": 1.0, "job": json.dumps(hostile)}))
     result = admin(redis_server.url, "dead", "list")
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\\x1b" in result.stdout

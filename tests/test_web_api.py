@@ -88,6 +88,7 @@ def test_no_result_in_time_answers_504_with_the_job_id(make_client, fake_redis):
     assert_error(response, 504, "no result within 0.5 s")
     job_id = response.get_json()["id"]
     assert len(job_id) == 32 and jobs.header_of(fake_redis.lindex(QUEUE, 0))["id"] == job_id
+    assert len(fake_redis.get(f"{QUEUE}:pixels:{job_id}")) == 224 * 224 * 3  # written beside the push
 
 
 def test_redis_down_answers_503_quickly(make_client):
