@@ -184,7 +184,10 @@ def _is_int(value):
 
 
 def _is_number(value):
-    return type(value) in (int, float) and math.isfinite(value)
+    # An int beyond a float's range (10**400) is not a time either: math.isfinite would raise on it.
+    if type(value) is int:
+        return abs(value) < 2**53
+    return type(value) is float and math.isfinite(value)
 
 
 def success_result(
@@ -232,11 +235,14 @@ def decode_result(raw: bytes | str) -> dict:
 
 
 def address(raw: bytes | str) -> tuple[str | None, str | None]:
-    """(job id, reply channel) of a raw job, or (None, None) when it has no valid id."""
+    """(job id, reply channel) of a raw job, or (None, None) when it has no valid id; never raises (it names
+    jobs in the log lines of failures, which must not fail in turn)."""
     try:
         job = decode_job(raw)
     except JobError as exc:
         return exc.job_id, exc.reply_to
+    except Exception:  # noqa: BLE001 - see above
+        return None, None
     return job.id, job.reply_to
 
 

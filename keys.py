@@ -52,5 +52,6 @@ class Keys:
 
     def status(self, job_id: str) -> str:
         """STRING 'queued' or 'running' of an async job (POST /jobs) while it has no result: set when it is
-        queued, overwritten when a worker claims it; it expires after twice JOB_RESULT_TTL."""
+        queued, overwritten when a worker claims it, deleted when its answer is stored; at the latest it expires
+        twice JOB_RESULT_TTL after it was queued."""
         return self.status_prefix + job_id

@@ -192,6 +192,11 @@ def _enqueue(svc, batch, track_ttl=0):
             )
     except QueueFull as exc:
         raise _busy("queue_full", str(exc), 1) from None
+    except Refused:
+        # The push may have happened and only its reply been lost: nobody will wait for these jobs, so they are
+        # marked cancelled (if Redis lets us) rather than computed for nobody.
+        _cancel(svc, [job.id for job in batch])
+        raise
     metrics.ADMITTED.inc(len(batch))
     for job in batch:
         log("job_queued", id=job.id, top_k=job.top_k)

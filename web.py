@@ -196,7 +196,9 @@ def job_status(job_id):
     if not jobs.is_job_id(job_id):
         return _error("no such job", 404)
     try:
-        pipe = queue.redis.pipeline(transaction=False)
+        # One MULTI: finish.lua stores the result and deletes the status in one step, and two separate reads
+        # could fall either side of it and see neither.
+        pipe = queue.redis.pipeline(transaction=True)
         pipe.get(queue.keys.result(job_id))
         pipe.get(queue.keys.status(job_id))
         raw_result, state = pipe.execute()

@@ -46,8 +46,10 @@ class Throughput:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def seconds_for(self, images: int) -> float:
-        """How long `images` would take at the measured rate; 0.0 before anything was measured."""
-        return images / self.rate if self.rate > 0 else 0.0
+        """How long a batch of `images` would take: at the measured rate, but never longer than the average batch
+        has taken (a batch costs far less per image than a single one, and a rate measured on single images
+        would make a burst of 32 look 32 times as long). 0.0 before anything was measured."""
+        return min(images / self.rate, self.seconds) if self.rate > 0 else 0.0
 
 
 class Worker:

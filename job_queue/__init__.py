@@ -150,6 +150,7 @@ class JobQueue:
             len(replies),
             len(retry),
             self.keys.pixels_prefix,
+            self.keys.status_prefix,
         ]
         for reply in replies:
             args += [reply.reply_to or "", reply.job_id, reply.payload, reply.ttl]
@@ -196,6 +197,7 @@ class JobQueue:
             self.keys.result_prefix,
             self.result_ttl,
             self.keys.pixels_prefix,
+            self.keys.status_prefix,
         ]
         outcome = self._scripts["requeue"](keys=keys, args=args)
         if outcome is None:

@@ -18,7 +18,10 @@
 -- ARGV[5] n                number of replies
 -- ARGV[6] n_retry          number of jobs to retry
 -- ARGV[7] pixels_prefix    the pixels' keys' prefix (Keys.pixels_prefix): a dead job's are prefix .. its id
--- ARGV[8 .. 4n+7]          n replies, four values each: channel ('' for none), job id, result JSON,
+-- ARGV[8] status_prefix    the status keys' prefix (Keys.status_prefix): an answered async job's status key,
+--                          prefix .. its id, is deleted with the answer stored, so that once the answer expires
+--                          the job is unknown (404) rather than 'running' again
+-- ARGV[9 .. 4n+8]          n replies, four values each: channel ('' for none), job id, result JSON,
 --                          seconds the result is kept ('0': ttl)
 -- then n_retry jobs to retry, then the jobs to dead-letter, two values each: the job as claimed, reason
 -- (jobs.lua's bury() moves its pixels into jobs.DeadLetter's envelope).
@@ -27,7 +30,8 @@
 local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, batch_id, acknowledge = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local dead_max, n, n_retry, pixels_prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
-local first_retry = 4 * n + 8
+local status_prefix = ARGV[8]
+local first_retry = 4 * n + 9
 local first_dead = first_retry + n_retry
 
 if redis.call('GET', finished) == batch_id then
@@ -43,9 +47,10 @@ if acknowledge > 0 then
 end
 redis.call('SET', finished, batch_id, 'EX', ttl)
 for i = 1, n do
-  local at = 4 * i + 4
+  local at = 4 * i + 5
   local channel, job_id, result, keep = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   redis.call('SET', KEYS[i + 4], result, 'EX', keep ~= '0' and keep or ttl)
+  redis.call('DEL', status_prefix .. job_id)
   if channel ~= '' then
     redis.call('PUBLISH', channel, job_id)
   end

@@ -20,11 +20,14 @@
 -- ARGV[7] result_prefix the result keys' prefix (Keys.result_prefix): the answer goes to prefix .. job id
 -- ARGV[8] ttl           seconds an answer is kept, unless the job's header names its own result_ttl
 -- ARGV[9] pixels_prefix the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
+-- ARGV[10] status_prefix the status keys' prefix (Keys.status_prefix): a given-up async job's is deleted with
+--                       its answer stored, as finish.lua does
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
 -- out to be alive. Safe to repeat: a second call finds the processing list empty.
 local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local answer, result_prefix, ttl, pixels_prefix = cjson.decode(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
+local status_prefix = ARGV[10]
 
 -- The checks of jobs.py: a valid id (job_id); a reply channel of 1-200 safe characters; a result_ttl in range.
 local function answer_requester(job)
@@ -38,6 +41,7 @@ local function answer_requester(job)
   end
   answer.id = id
   redis.call('SET', result_prefix .. id, cjson.encode(answer), 'EX', keep)
+  redis.call('DEL', status_prefix .. id)
   if type(reply_to) == 'string' and #reply_to <= 200 and string.match(reply_to, '^[%w%._:%-]+$') then
     redis.call('PUBLISH', reply_to, id)
   end

@@ -131,6 +131,8 @@ def test_an_async_job_says_running_while_a_worker_holds_it(real_redis, config):
     assert states == [b"running"]
     result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
     assert result["success"] and 800 < real_redis.ttl(KEYS.result(job.id)) <= 900
+    # Answered: the status goes with it, so that once the answer expires the job is unknown, not 'running'.
+    assert not real_redis.exists(KEYS.status(job.id))
 
 
 def test_an_async_job_past_its_deadline_is_answered_504_not_forgotten(real_redis, config):
@@ -156,6 +158,7 @@ def test_an_async_job_given_up_by_a_sweep_keeps_its_answer_for_its_own_ttl(real_
     result = jobs.decode_result(real_redis.get(KEYS.result(job.id)))
     assert (result["success"], result["status"]) == (False, 500)
     assert 800 < real_redis.ttl(KEYS.result(job.id)) <= 900  # requeue.lua read the job's own result_ttl
+    assert not real_redis.exists(KEYS.status(job.id))
 
 
 @pytest.fixture

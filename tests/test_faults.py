@@ -108,6 +108,21 @@ def test_worker_skips_jobs_whose_deadline_passed(real_redis, config):
     assert worker.counts["expired"] == 1 and not real_redis.exists(KEYS.processing("punctual"))
 
 
+def test_a_burst_is_not_shed_on_a_rate_measured_one_image_at_a_time(real_redis, config):
+    """Single images took 0.1 s each: 10 images/s. A batch of 32 is not predicted to take 3.2 s, since a batch
+    costs far less per image; no more than the batches seen so far."""
+    config = config.replace(block_timeout=0.2)
+    queue = JobQueue(real_redis, config)
+    burst = [jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 2) for _ in range(32)]
+    queue.enqueue(*(jobs.encode_job(job) for job in burst))
+    classifier = CountingClassifier()
+    worker = Worker(classifier, config, name="quiet-then-busy")
+    for _ in range(5):
+        worker.throughput.add(1, 0.1)
+    assert worker.run_once() == 32
+    assert len(classifier.seen) == 32 and worker.counts["expired"] == 0
+
+
 def test_a_job_that_cannot_be_done_by_its_deadline_is_shed_at_once_not_computed(real_redis, config):
     """At the throughput measured so far, the batch would end after the first job's deadline: computing it
     would answer nobody, and delay the others."""

@@ -86,6 +86,7 @@ def test_request_id_defaults_to_job_id():
             (lambda d: d.update(deadline="soon"), "deadline"),
             (lambda d: d.update(deadline=float("nan")), "deadline"),
             (lambda d: d.update(enqueued_at="yesterday"), "enqueued_at"),
+            (lambda d: d.update(enqueued_at=10**400), "enqueued_at"),  # beyond a float: raised OverflowError
             (lambda d: d.pop("enqueued_at"), "enqueued_at"),
             (lambda d: d.update(request_id=5), "request_id"),
             (lambda d: d.update(request_id="x" * 500), "request_id"),
