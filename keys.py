@@ -50,6 +50,11 @@ class Keys:
         deadline passed); a worker that claims the job skips it."""
         return self.cancelled_prefix + job_id
 
+    def enqueued(self, job_id: str) -> str:
+        """STRING set when a request's jobs are pushed (named by its first job), until their pixels expire: a
+        push repeated after a lost reply finds it and changes nothing."""
+        return f"{self.queue}:enqueued:{job_id}"
+
     def status(self, job_id: str) -> str:
         """STRING 'queued' or 'running' of an async job (POST /jobs) while it has no result: set when it is
         queued, overwritten when a worker claims it, deleted when its answer is stored; at the latest it expires

@@ -195,7 +195,7 @@ def _enqueue(svc, batch, track_ttl=0):
     except Refused:
         # The push may have happened and only its reply been lost: nobody will wait for these jobs, so they are
         # marked cancelled (if Redis lets us) rather than computed for nobody.
-        _cancel(svc, [job.id for job in batch])
+        _cancel(svc, [job.id for job in batch], ttl=track_ttl or None)
         raise
     metrics.ADMITTED.inc(len(batch))
     for job in batch:
@@ -221,9 +221,10 @@ def _busy(reason, message, retry_after):
     return Refused(503, f"the service is busy ({message}); retry later", reason, retry_after)
 
 
-def _cancel(svc, job_ids):
-    """Mark the jobs so that a worker claiming one skips it; the mark outlives any deadline a job could have."""
-    ttl = math.ceil(svc.config.request_timeout) + 60
+def _cancel(svc, job_ids, ttl=None):
+    """Mark the jobs so that a worker claiming one skips it; the mark outlives the jobs' deadline (`ttl`: an
+    async job's, which is further off than any request's)."""
+    ttl = ttl or math.ceil(svc.config.request_timeout) + 60
     pipe = svc.queue.redis.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.set(svc.queue.keys.cancelled(job_id), "1", ex=ttl)

@@ -303,7 +303,7 @@ class Worker:
     def _triage(self, raws, now):
         """Split claimed jobs into those to run, replies for malformed ones and for jobs that cannot be done by
         their deadline, and jobs to dead-letter; with the ids of every claimed job that has one."""
-        valid, replies, dead, ids = [], [], [], []
+        valid, late, replies, dead, ids = [], [], [], [], []
         # When the batch would end, at the throughput measured so far (a batch of them all, the longest case):
         # a job due before then would be answered too late to be of use, and computing it would make its
         # batch-mates, and every job queued behind them, later still.
@@ -321,10 +321,17 @@ class Worker:
                     replies.append(Reply.of(exc.job_id, exc.reply_to, error))
                 continue
             ids.append(job.id)
-            if job.deadline < finish_by:
-                self._expire(job, now, replies)
-                continue
-            valid.append(job)
+            (valid if job.deadline >= finish_by else late).append(job)
+        hopeful = [job for job in late if job.deadline >= now]
+        if not valid and hopeful:
+            # Never shed a whole batch on a prediction alone: the prediction is only measured on batches that
+            # run, and one slow batch (a stall, a pause) would otherwise shed every batch after it, for good.
+            # The job with the most time left runs.
+            keep = max(hopeful, key=lambda job: job.deadline)
+            late.remove(keep)
+            valid.append(keep)
+        for job in late:
+            self._expire(job, now, replies)
         return valid, replies, dead, ids
 
     def _expire(self, job, now, replies):

@@ -71,12 +71,14 @@ class JobQueue:
         job's deadline, on Redis's clock like the deadline itself, so that no host's clock plays a part.
         """
         pixel_keys = [self.keys.pixels(job.id) for job in batch]
-        keys = [self.keys.queue, *pixel_keys, *(self.keys.status(job_id) for job_id in track)]
-        args = [self.max_length, track_ttl, *(job.header for job in batch)]
+        token = self.keys.enqueued(batch[0].id)
+        keys = [self.keys.queue, token, *pixel_keys, *(self.keys.status(job_id) for job_id in track)]
+        expires = [math.ceil((job.deadline + self.pixels_grace) * 1000) for job in batch]
+        args = [self.max_length, track_ttl, max(expires), *(job.header for job in batch)]
 
         def set_pixels(pipe):
-            for key, job in zip(pixel_keys, batch, strict=True):
-                pipe.set(key, job.pixels, pxat=math.ceil((job.deadline + self.pixels_grace) * 1000))
+            for key, job, at in zip(pixel_keys, batch, expires, strict=True):
+                pipe.set(key, job.pixels, pxat=at)
 
         if not self._pipelined(set_pixels, "enqueue", keys, args):
             raise QueueFull(f"the queue has no room for {len(batch)} more job(s) (at most {self.max_length})")

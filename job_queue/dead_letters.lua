@@ -53,8 +53,10 @@ for index, entry in ipairs(entries) do
         job.attempts = 0
         job.reply_to = cjson.null
         local encoded, requeued = pcall(cjson.encode, job)  -- 1e999 reads as inf and cannot be written
-        if encoded then
-          local expires_ms = math.floor((job.deadline + grace) * 1000)
+        local expires_ms = math.floor((job.deadline + grace) * 1000)
+        -- A deadline Redis cannot take as an expiry (1e300, NaN) would fail the SET after earlier entries were
+        -- already requeued, and a script is not rolled back: such an entry is left dead, before any write.
+        if encoded and expires_ms == expires_ms and expires_ms > 0 and expires_ms < 2 ^ 53 then
           redis.call('SET', pixels_prefix .. id, envelope.pixels, 'PXAT', expires_ms)
           redis.call('RPUSH', queue, requeued)
           redis.call('LSET', dead, index - 1, removed)

@@ -1,30 +1,35 @@
 -- Queue a request's jobs together, or none of them when the queue has no room for them all, in one step:
 -- pushed side by side, a request's images land in the same batch where it has room. Safe to repeat after
--- a lost reply: when the first job is already among the newest in the queue, the jobs were pushed and are
--- neither pushed again nor refused because their own first push filled the queue. (Comparing is cheap: two
--- jobs differ within their first bytes, the id.)
+-- a lost reply (redis-py sends the whole pipeline again): pushing records a token under the first job's id,
+-- and a repeat that finds it changes nothing and answers as the push did, whether the jobs still wait, are
+-- being computed or were answered long ago. (Looking for the job in the queue instead missed a job already
+-- claimed: it was pushed twice, or refused, and then its pixels deleted under the worker holding it.)
 -- The jobs' pixels were SET just before, in the same pipeline (JobQueue.enqueue); this script never reads
 -- them, and deletes them when it refuses the jobs: at a high rate of refusals, pixels left to expire would
--- hold 147 KiB each for their whole grace period.
--- KEYS[1] queue          the waiting jobs
--- KEYS[2 .. n+1]         each job's pixels' key
--- KEYS[n+2 .. 2n+1]      async jobs only: each job's status key, set to 'queued' (none for waited-for jobs)
--- ARGV[1] max_length     the cap
--- ARGV[2] status_ttl     seconds a status key is kept
--- ARGV[3 .. n+2]         the jobs' headers
--- Returns the queue's new length, or 0 when it was full.
-local queue = KEYS[1]
-local max_length, status_ttl = tonumber(ARGV[1]), ARGV[2]
-local n = #ARGV - 2
+-- hold 147 KiB each for their whole grace period. (A refusal is never a repeat of a push: that finds the token.)
+-- KEYS[1] queue            the waiting jobs
+-- KEYS[2] token            Keys.enqueued(first job's id), set when the jobs are pushed
+-- KEYS[3 .. n+2]           each job's pixels' key
+-- KEYS[n+3 .. 2n+2]        async jobs only: each job's status key, set to 'queued' (none for waited-for jobs)
+-- ARGV[1] max_length       the cap
+-- ARGV[2] status_ttl       seconds a status key is kept
+-- ARGV[3] token_expires    unix ms (PXAT) when the token may go: when the pixels do, after any repeat
+-- ARGV[4 .. n+3]           the jobs' headers
+-- Returns 1 when the jobs are queued (now or by the push this repeats), 0 when the queue was full.
+local queue, token = KEYS[1], KEYS[2]
+local max_length, status_ttl, token_expires = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local n = #ARGV - 3
 
-if redis.call('LPOS', queue, ARGV[3], 'RANK', -1, 'MAXLEN', 64 + n) then
-  return redis.call('LLEN', queue)
+if redis.call('EXISTS', token) == 1 then
+  return 1
 end
 if redis.call('LLEN', queue) + n > max_length then
-  redis.call('DEL', unpack(KEYS, 2, n + 1))
+  redis.call('DEL', unpack(KEYS, 3, n + 2))
   return 0
 end
-for i = n + 2, #KEYS do
+for i = n + 3, #KEYS do
   redis.call('SET', KEYS[i], 'queued', 'EX', status_ttl)
 end
-return redis.call('RPUSH', queue, unpack(ARGV, 3))
+redis.call('RPUSH', queue, unpack(ARGV, 4))
+redis.call('SET', token, '1', 'PXAT', token_expires)
+return 1

@@ -101,19 +101,38 @@ def test_the_local_backlog_is_shared_by_the_decoding_threads_and_timed_per_image
 
 
 def test_a_job_a_worker_sheds_is_refused_503_with_retry_after_not_left_to_time_out(real_redis, config):
-    """The worker measured that it could not finish the job by its deadline: the request is refused like one
-    admission refused, at once, and the job never reaches the model."""
+    """The worker measured that it could not finish the request's two jobs by their deadline: it runs one (a
+    batch is never shed whole, see below) and sheds the other, and the request is refused like one admission
+    refused, at once."""
     config = config.replace(wait_mode="poll", poll_interval=0.05, block_timeout=0.2, request_timeout=20)
     client = web.create_app(config, real_redis, ResultWaiter(real_redis, config)).test_client()
     worker = Worker(CountingClassifier(), config, name="swamped")
     worker.throughput.add(1, 60.0)  # a minute an image: nothing due within 20 s can be done in time
     shedder = threading.Thread(target=lambda: wait_for(lambda: worker.run_once(), 10, "a job to shed"))
     shedder.start()
-    response = client.post("/predict", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")})
+    images = [(io.BytesIO(CASTLE.read_bytes()), "a.jpg"), (io.BytesIO(CASTLE.read_bytes()), "b.jpg")]
+    response = client.post("/predict", data={"image": images})
     shedder.join()
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     assert response.get_json()["reason"] == "shed" and "deadline" in response.get_json()["error"]
-    assert worker.classifier.seen == [] and worker.counts["expired"] == 1
+    assert len(worker.classifier.seen) == 1 and worker.counts["expired"] == 1
+
+
+def test_one_slow_batch_does_not_make_a_worker_shed_everything_after_it(real_redis, config):
+    """A batch took 40 s once (a stall). Requests with 30 s to live keep coming: the worker runs at least one
+    job of each batch, so its measurement recovers, and it soon runs them all again."""
+    config = config.replace(block_timeout=0.2)
+    queue = JobQueue(real_redis, config)
+    worker = Worker(CountingClassifier(), config, name="stalled-once")
+    worker.throughput.add(4, 40.0)
+    ran = []
+    for _ in range(6):
+        before = len(worker.classifier.seen)
+        batch = [jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 30) for _ in range(4)]
+        queue.enqueue(*(jobs.encode_job(job) for job in batch))
+        assert worker.run_once() == 4
+        ran.append(len(worker.classifier.seen) - before)
+    assert min(ran) >= 1 and ran[-1] == 4, ran
 
 
 def test_predict_refuses_a_hopeless_request_at_once_and_queues_nothing(fake_redis):

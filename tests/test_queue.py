@@ -267,6 +267,23 @@ def test_an_enqueue_repeated_after_a_lost_reply_queues_the_job_once_and_is_not_r
         q.enqueue(raw_job())
 
 
+def test_a_repeat_after_a_worker_claimed_the_job_neither_pushes_it_again_nor_takes_its_pixels(r):
+    """The first push ran, its reply was lost, a worker claimed the job and the queue filled up before redis-py
+    sent the pipeline again: the repeat must not push a second copy, nor be refused and delete the pixels of
+    the copy the worker holds. After the job was answered, a repeat must not bring it back either."""
+    q, registry = queue_and_registry(r, max_queue_length=1)
+    job = raw_job()
+    q.enqueue(job)
+    [claimed] = q.claim("w1", max_jobs=1, timeout=1)
+    q.enqueue(raw_job())  # other traffic fills the queue
+    q.enqueue(job)  # the repeat: answered as the push was, and nothing changes
+    assert q.length() == 1 and r.exists(q.keys.pixels(job.id))
+    assert q.finish("w1", "batch", 1, [Reply(job.id, None, '{"ok": 1}')], gone=[job.id]) == "done"
+    assert not r.exists(q.keys.pixels(job.id))
+    q.enqueue(job)  # a repeat after the answer: still not pushed again
+    assert q.length() == 1
+
+
 def test_a_given_up_job_is_answered_by_the_same_step_that_dead_letters_it(r):
     q, registry = queue_and_registry(r, max_attempts=1)
     q.enqueue(raw_job(reply_to="image_queue:notify:web-1"))

@@ -314,3 +314,24 @@ def test_dead_list_escapes_control_characters(real_redis, redis_server):
     result = admin(redis_server.url, "dead", "list")
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout and "\\x1b" in result.stdout
+
+
+def test_a_dead_letter_with_a_deadline_redis_cannot_expire_is_left_dead_not_half_requeued(
+    real_redis, redis_server, admin_config
+):
+    """A script is not rolled back: an entry whose expiry Redis refuses must be skipped before any write, or
+    the entries before it are requeued while they stay in the list, again at every attempt."""
+    hostile, good = make_job(), make_job()
+    dead_letter_by_sweep(real_redis, admin_config, hostile, good)
+    for index, entry in enumerate(real_redis.lrange(KEYS.dead, 0, -1)):
+        envelope = json.loads(entry.decode("utf-8", "surrogateescape"))
+        header = json.loads(envelope["job"])
+        if header["id"] == hostile.id:
+            envelope["job"] = json.dumps({**header, "deadline": 1e300})
+            raw = json.dumps(envelope, ensure_ascii=False).encode("utf-8", "surrogateescape")
+            real_redis.lset(KEYS.dead, index, raw)
+    for _ in range(2):
+        result = admin(redis_server.url, "dead", "requeue", "--all")
+        assert "Error" not in result.stderr, result.stderr
+    assert dead_ids(real_redis) == [hostile.id]
+    assert [job.id for job in map(jobs.decode_job, real_redis.lrange(KEYS.queue, 0, -1))] == [good.id]
