@@ -163,9 +163,14 @@ def predict():
     if len(results) > 1:
         answers = [submission.answer(result) for result in results]
         return jsonify({"success": all(a["success"] for a in answers), "request_id": g.request_id, "results": answers})
-    result = results[0]
+    if not results[0]["success"]:
+        log("job_failed", level="ERROR", id=results[0]["id"], error=results[0]["error"])
+    return _answer(results[0])
+
+
+def _answer(result):
+    """One worker result as /predict has always answered it: its body, or its error with the error's status."""
     if not result["success"]:
-        log("job_failed", level="ERROR", id=result["id"], error=result["error"])
         return _error(result["error"], result.get("status", 500), id=result["id"])
     return jsonify(submission.answer(result))
 
@@ -206,10 +211,7 @@ def job_status(job_id):
         log("redis_unavailable", level="ERROR", error=str(exc))
         return _refused(Refused(503, "the job store is unavailable; retry later", "redis_unavailable", 1))
     if raw_result is not None:
-        result = jobs.decode_result(raw_result)
-        if not result["success"]:
-            return _error(result["error"], result.get("status", 500), id=job_id)
-        return jsonify(submission.answer(result))
+        return _answer(jobs.decode_result(raw_result))
     if state is None:
         return _error("no such job (unknown, or its result expired)", 404)
     return jsonify({"id": job_id, "status": state.decode()}), 202
