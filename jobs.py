@@ -26,8 +26,9 @@ MAX_TOP_K = 20
 MAX_ATTEMPTS_RECORDED = 1000
 MAX_RESULT_TTL = 10**7  # seconds; settings.py keeps RESULT_TTL and JOB_RESULT_TTL below it
 _IMAGE_BYTES = math.prod(IMAGE_SHAPE)
-_ID = re.compile(r"^[0-9a-f]{32}$")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")  # request ids, reply channels, worker names: safe in logs and keys
+# Used with fullmatch: "$" would let a trailing newline through.
+_ID = re.compile(r"[0-9a-f]{32}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # request ids, reply channels, worker names: safe in logs and keys
 
 
 class JobError(ValueError):
@@ -88,7 +89,7 @@ def encode_job(job: Job) -> EncodedJob:
 def encode_header(job: Job) -> bytes:
     """The job as the queue holds it (a retried job goes back as this, its pixels left in their key)."""
     header = {
-        "id": job.id,  # first: enqueue.lua compares jobs, and two jobs then differ within a few bytes
+        "id": job.id,
         "request_id": job.request_id,
         "shape": list(IMAGE_SHAPE),
         "dtype": "uint8",
@@ -124,9 +125,9 @@ def decode_job(raw: bytes | str) -> Job:
     if data is None:
         raise JobError("job is not a JSON object")
     job_id, reply_to = data.get("id"), data.get("reply_to")
-    if not isinstance(job_id, str) or not _ID.match(job_id):
+    if not isinstance(job_id, str) or not is_job_id(job_id):
         raise JobError("job has no valid id")
-    if not isinstance(reply_to, str) or not SAFE_NAME.match(reply_to):
+    if not isinstance(reply_to, str) or not SAFE_NAME.fullmatch(reply_to):
         reply_to = None  # nowhere safe to announce it; the requester still finds the result by polling
 
     def fail(message):
@@ -146,7 +147,7 @@ def decode_job(raw: bytes | str) -> Job:
         if not _is_number(value):
             raise fail(f"job {name} must be a finite number of seconds")
     request_id = data.get("request_id", job_id)
-    if not isinstance(request_id, str) or not SAFE_NAME.match(request_id):
+    if not isinstance(request_id, str) or not SAFE_NAME.fullmatch(request_id):
         raise fail("job request_id must be 1-200 characters of A-Z a-z 0-9 . _ : -")
     probabilities, result_ttl = data.get("probabilities", False), data.get("result_ttl", 0)
     if not isinstance(probabilities, bool):
@@ -266,7 +267,7 @@ class DeadLetter(NamedTuple):
     @property
     def id(self) -> str | None:
         job_id = (self.job or {}).get("id")
-        return job_id if isinstance(job_id, str) and _ID.match(job_id) else None
+        return job_id if isinstance(job_id, str) and is_job_id(job_id) else None
 
     def raw_bytes(self) -> bytes:
         return self.raw.encode("utf-8", "surrogateescape")

@@ -30,7 +30,7 @@ from settings import Settings
 from submission import Refused
 from worker_registration import WorkerRegistry
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # with fullmatch: "$" lets a trailing newline through
 
 bp = Blueprint("classifier", __name__)
 
@@ -67,7 +67,7 @@ def _error(message, status, **extra):
 def _identify_request():
     g.job_id = uuid.uuid4().hex
     offered = request.headers.get("X-Request-Id")
-    g.request_id = offered if offered and _REQUEST_ID.match(offered) else g.job_id
+    g.request_id = offered if offered and _REQUEST_ID.fullmatch(offered) else g.job_id
     bind(rid=g.request_id)
     if offered and offered != g.request_id:
         return _error("X-Request-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", 400)

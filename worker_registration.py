@@ -74,7 +74,7 @@ class WorkerRegistry:
         prefix = self.keys.processing_prefix
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"  # IMAGE_QUEUE may hold glob characters
         names = (_text(key)[len(prefix) :] for key in self.redis.scan_iter(match=pattern, count=1000, _type="list"))
-        return [name for name in names if jobs.SAFE_NAME.match(name)]
+        return [name for name in names if jobs.SAFE_NAME.fullmatch(name)]
 
     def _registered(self):
         return sorted(_text(n) for n in self.redis.smembers(self.keys.workers))

@@ -91,6 +91,7 @@ def test_request_id_defaults_to_job_id():
             (lambda d: d.update(request_id=5), "request_id"),
             (lambda d: d.update(request_id="x" * 500), "request_id"),
             (lambda d: d.update(request_id="line\nbreak"), "request_id"),
+            (lambda d: d.update(request_id="trailing\n"), "request_id"),  # "$" matches before a final newline
             (lambda d: d.update(probabilities="yes"), "probabilities"),
             (lambda d: d.update(result_ttl=-1), "result_ttl"),
             (lambda d: d.update(result_ttl=10**8), "result_ttl"),
@@ -129,6 +130,7 @@ def test_pixels_of_the_wrong_size_name_the_problem_and_keep_the_address(pixels, 
         b"not json",
         b"[1, 2]",
         b'{"id": "../etc"}',
+        json.dumps({"id": "a" * 32 + "\n"}).encode(),  # an id with a final newline
         b"{}",
         b"\xff\xfe",
         b'"a string"',
@@ -145,5 +147,6 @@ def test_job_without_identity_is_refused_without_address(raw):
 
 
 def test_an_unsafe_reply_channel_is_ignored_not_used():
-    raw = _with_header(lambda d: d.update(reply_to="chan\r\nPUBLISH other"))(jobs.encode_header(make_job()))
-    assert jobs.decode_job(raw).reply_to is None
+    for unsafe in ("chan\r\nPUBLISH other", "chan\n"):
+        raw = _with_header(lambda d, unsafe=unsafe: d.update(reply_to=unsafe))(jobs.encode_header(make_job()))
+        assert jobs.decode_job(raw).reply_to is None
