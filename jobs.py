@@ -227,6 +227,15 @@ def encode_result(result: dict) -> str:
     return json.dumps(result)
 
 
+def parse_notification(message: bytes) -> tuple[str, bytes | None]:
+    """(job id, result JSON or None) of a message on a web process's reply channel. finish.lua publishes the job
+    id, a newline and the result as stored, so that the waiting request reads nothing more; a bare job id (what
+    requeue.lua publishes for a job it gives up, a rare path, and workers of earlier versions) says only that the
+    result is stored. The parts are not checked here."""
+    job_id, _, result = message.partition(b"\n")
+    return job_id.decode(errors="replace"), result or None
+
+
 def decode_result(raw: bytes | str) -> dict:
     """The result as a dict; its probabilities, when it carries them, as a float32 array."""
     result = json.loads(raw)

@@ -1,9 +1,10 @@
 """How a web process waits for its jobs' results: one pub/sub subscription per process, polling as fallback.
 
 Every web process subscribes to its own channel before it pushes any job; workers PUBLISH a finished job's
-id there, and the listener thread wakes the request waiting for it. Pub/sub is at-most-once (a message sent
-while the listener is reconnecting is gone), so a waiting request also polls its result key with backoff,
-and after every (re)subscribe the listener wakes all waiting requests to re-check their keys.
+id and result there, and the listener thread hands the result to the request waiting for it, which then
+needs no Redis round trip of its own. Pub/sub is at-most-once (a message sent while the listener is
+reconnecting is gone), so a waiting request also polls its result key with backoff, and after every
+(re)subscribe the listener wakes all waiting requests to re-check their keys.
 """
 
 import os
@@ -28,6 +29,7 @@ class _Pending:
         self.job_id = job_id
         self.event = threading.Event()
         self.abandoned = False
+        self.delivered = None  # the result JSON a notification carried, until the request takes it
 
     def abandon(self):
         """Nobody waits for this result any more (the client went away): wake the request, which gives up."""
@@ -113,7 +115,7 @@ class ResultWaiter:
                         heard = now
                         if message["type"] == "message":
                             # A stray message from anyone with PUBLISH rights must not end the listener.
-                            self._wake(message["data"].decode(errors="replace"))
+                            self._wake(*jobs.parse_notification(message["data"]))
                     elif now - heard > 3 * self._ping_every:
                         raise redis.ConnectionError(f"no answer on the notification connection for {now - heard:.0f} s")
                     elif now - heard > self._ping_every and now - pinged > self._ping_every:
@@ -134,10 +136,11 @@ class ResultWaiter:
         """Stop listening (the listener thread ends within a second)."""
         self._closed.set()
 
-    def _wake(self, job_id):
+    def _wake(self, job_id, result=None):
         with self._lock:
             pending = self._pending.get(job_id)
         if pending:
+            pending.delivered = result
             pending.event.set()
 
     def _wake_all(self):
@@ -175,13 +178,14 @@ class ResultWaiter:
                 return None
             notified = pending.event.wait(min(interval, remaining))
             pending.event.clear()
-            try:
-                result = self.fetch(pending.job_id)
-            except redis.RedisError as exc:
-                # The job is queued: Redis may come back before the deadline, and the listener's resubscribe
-                # wakes us to look again. Giving up now could abandon an answer that is on its way.
-                log("result_check_failed", level="WARNING", id=pending.job_id, error=str(exc))
-                result = None
+            result = _delivered(pending) if notified else None
+            if result is None:
+                try:
+                    result = self.fetch(pending.job_id)
+                except redis.RedisError as exc:
+                    # The job is queued: Redis may come back before the deadline, and the listener's resubscribe
+                    # wakes us to look again. Giving up now could abandon an answer that is on its way.
+                    log("result_check_failed", level="WARNING", id=pending.job_id, error=str(exc))
             if result is not None:
                 via = "notification" if notified else "fallback_poll" if self.mode == "notify" else "poll"
                 metrics.WAKEUPS.labels(via).inc()
@@ -194,3 +198,16 @@ class ResultWaiter:
                 interval = min(interval * self._growth, self._longest_wait)
                 if self.mode == "notify":
                     log("fallback_poll", level="DEBUG", id=pending.job_id, next_in_s=interval)
+
+
+def _delivered(pending):
+    """The result its notification carried, or None (none came, or it is not this job's result: the result key,
+    which the worker stored in the same step, is then read instead)."""
+    raw, pending.delivered = pending.delivered, None
+    if raw is None:
+        return None
+    try:
+        result = jobs.decode_result(raw)
+    except (ValueError, TypeError):  # not JSON, or bad base64 (binascii.Error is a ValueError)
+        return None
+    return result if isinstance(result, dict) and result.get("id") == pending.job_id else None

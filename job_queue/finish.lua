@@ -23,6 +23,9 @@
 --                          the job is unknown (404) rather than 'running' again
 -- ARGV[9 .. 4n+8]          n replies, four values each: channel ('' for none), job id, result JSON,
 --                          seconds the result is kept ('0': ttl)
+-- The message published to a reply's channel is its job id, a newline, then the result JSON as stored
+-- (jobs.parse_notification): the waiting request needs no read of the result key, which stays for a request
+-- whose notification was lost (it polls).
 -- then n_retry jobs to retry, then the jobs to dead-letter, two values each: the job as claimed, reason
 -- (jobs.lua's bury() moves its pixels into jobs.DeadLetter's envelope).
 -- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
@@ -52,7 +55,7 @@ for i = 1, n do
   redis.call('SET', KEYS[i + 4], result, 'EX', keep ~= '0' and keep or ttl)
   redis.call('DEL', status_prefix .. job_id)
   if channel ~= '' then
-    redis.call('PUBLISH', channel, job_id)
+    redis.call('PUBLISH', channel, job_id .. '\n' .. result)
   end
 end
 local dropped = 0

@@ -69,6 +69,30 @@ def test_notification_wakes_exactly_the_right_request(real_redis, waiter_for):
     assert counted("imgclf_timeouts_total") == timeouts + 1
 
 
+def test_the_result_comes_with_its_notification_without_a_read(real_redis, waiter_for):
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=30)
+    channel = waiter.start()
+    out = {}
+    [thread] = start_waiting(waiter, ["9" * 32], 5, out)
+    # As finish.lua publishes it; no result key exists, so nothing but the message can have answered.
+    result = jobs.encode_result({"id": "9" * 32, "success": True, "predictions": []}).encode()
+    real_redis.publish(channel, b"9" * 32 + b"\n" + result)
+    thread.join(5)
+    assert out["9" * 32] == {"id": "9" * 32, "success": True, "predictions": []}
+
+
+@pytest.mark.parametrize("carried", [b"not json", b'{"id": "another job", "success": true}', b"[1, 2]"])
+def test_a_notification_carrying_no_valid_result_of_its_job_reads_the_key(real_redis, waiter_for, carried):
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=30)
+    channel = waiter.start()
+    out = {}
+    [thread] = start_waiting(waiter, ["8" * 32], 5, out)
+    real_redis.set(KEYS.result("8" * 32), jobs.encode_result({"id": "8" * 32, "success": True}), ex=60)
+    real_redis.publish(channel, b"8" * 32 + b"\n" + carried)
+    thread.join(5)
+    assert out["8" * 32] == {"id": "8" * 32, "success": True}
+
+
 def test_lost_notification_is_covered_by_the_fallback_poll(real_redis, waiter_for):
     waiter = waiter_for(wait_mode="notify", fallback_poll_after=0.3)
     waiter.start()

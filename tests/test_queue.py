@@ -74,7 +74,8 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
     [dead] = [jobs.decode_dead_letter(entry) for entry in r.lrange(q.keys.dead, 0, -1)]
     assert (dead.raw, dead.reason) == ("garbage", "invalid job: job is not JSON")
     message = pubsub.get_message(timeout=1)
-    assert message["type"] == "message" and message["data"] == job.id.encode()
+    # The result travels with the notification: the waiting request reads nothing more.
+    assert message["type"] == "message" and message["data"] == job.id.encode() + b'\n{"ok": 1}'
 
 
 def test_requeue_of_a_dead_worker_counts_attempts_then_dead_letters(r):
@@ -441,7 +442,7 @@ def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redi
     assert classifier.seen == [2]  # its batch-mate is answered
     answer = jobs.decode_result(real_redis.get(q.keys.result(lost.id)))
     assert (answer["success"], answer["status"]) == (False, 410) and "pixels are gone" in answer["error"]
-    assert pubsub.get_message(timeout=1)["data"] == lost.id.encode()  # told at once, not left to time out
+    assert jobs.parse_notification(pubsub.get_message(timeout=1)["data"])[0] == lost.id  # told at once
     [letter] = [jobs.decode_dead_letter(entry) for entry in real_redis.lrange(q.keys.dead, 0, -1)]
     assert letter.id == lost.id and "pixels are gone" in letter.reason and not letter.has_pixels
     assert not real_redis.exists(q.keys.processing("survivor"))
