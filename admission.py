@@ -14,9 +14,10 @@ expected wait = local wait + (jobs in flight + jobs queued + the request's image
   divided by those threads. On a busy machine the web tier, not the model, can be what falls behind.
 
 A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time (and
-refused outright when none is left). MAX_QUEUE_LENGTH stays a hard cap (job_queue.JobQueue.enqueue enforces
-it atomically too). With no throughput measured yet (no worker has finished a batch), the queue's part
-counts as nothing: the rule admits, up to the cap.
+refused outright when none is left). The queue's length is the one the last enqueue of this process saw,
+or read afresh when that is more than QUEUE_MAX_AGE old. MAX_QUEUE_LENGTH stays a hard cap
+(job_queue.JobQueue.enqueue enforces it atomically too). With no throughput measured yet (no worker has
+finished a batch), the queue's part counts as nothing: the rule admits, up to the cap.
 """
 
 import math
@@ -42,6 +43,10 @@ class Refusal(Exception):  # not frozen: raising sets __traceback__
 class Admission:
     # The throughput changes at most once per heartbeat; reading every worker's hash per request would not pay.
     THROUGHPUT_MAX_AGE = 1.0
+    # The queue's length is asked for (LLEN, a round trip) when the last one known is older than this. Every
+    # enqueue reports it (`queue_length`), so under load it is never asked: a tenth of a second of drift is
+    # nothing against a budget of seconds, and the cap itself is enforced by the enqueue in any case.
+    QUEUE_MAX_AGE = 0.1
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class Admission:
         self.queue, self.registry, self.wait_fraction, self.clock = job_queue, registry, wait_fraction, clock
         self.decoders = decoders  # preparations that run at once in this process
         self._throughput, self._batch, self._in_flight, self._read_at = 0.0, 1, 0, -math.inf
+        self._queued, self._queued_at = 0, -math.inf
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
         self.preparation_seconds = 0.0  # moving average of one image's decode and resize
@@ -74,6 +80,16 @@ class Admission:
         time spent waiting behind others is what `preparing` counts, and must not be counted twice."""
         average = self.preparation_seconds
         self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
+
+    def queue_length(self, length: int) -> None:
+        """Record the queue's length as an enqueue just saw it."""
+        self._queued, self._queued_at = length, self.clock()
+
+    def _queue_length(self):
+        now = self.clock()
+        if now - self._queued_at >= self.QUEUE_MAX_AGE:
+            self._queued, self._queued_at = self.queue.length(), now
+        return self._queued
 
     def throughput(self) -> float:
         """Images/s of all live workers together (0.0 when none has measured any), cached for a second."""
@@ -105,7 +121,7 @@ class Admission:
         """
         if remaining <= 0:
             raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
-        queued = self.queue.length()
+        queued = self._queue_length()
         throughput = self.throughput()
         ahead = self._in_flight + queued + images + min(self._batch - 1, queued)
         drain = ahead / throughput if throughput > 0 else 0.0

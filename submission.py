@@ -185,7 +185,7 @@ def _redis_or_busy():
 def _enqueue(svc, batch, track_ttl=0):
     try:
         with _redis_or_busy():
-            svc.queue.enqueue(
+            length = svc.queue.enqueue(
                 *(jobs.encode_job(job) for job in batch),
                 track=[job.id for job in batch] if track_ttl else (),
                 track_ttl=track_ttl,
@@ -197,6 +197,7 @@ def _enqueue(svc, batch, track_ttl=0):
         # marked cancelled (if Redis lets us) rather than computed for nobody.
         _cancel(svc, [job.id for job in batch], ttl=track_ttl or None)
         raise
+    svc.admission.queue_length(length)
     metrics.ADMITTED.inc(len(batch))
     for job in batch:
         log("job_queued", id=job.id, top_k=job.top_k)

@@ -61,10 +61,11 @@ class JobQueue:
         self.pixels_grace = pixels_grace(config)
         self._scripts = {name: script(connection, name) for name in ("enqueue", "claim", "finish", "requeue")}
 
-    def enqueue(self, *batch: jobs.EncodedJob, track: Sequence[str] = (), track_ttl: int = 0) -> None:
+    def enqueue(self, *batch: jobs.EncodedJob, track: Sequence[str] = (), track_ttl: int = 0) -> int:
         """Queue the jobs side by side, or none of them when `max_queue_length` leaves no room for them all
-        (then raise QueueFull). `track`: the ids of async jobs, whose status keys say 'queued' for `track_ttl`
-        seconds from now on (a worker that claims one says 'running').
+        (then raise QueueFull); returns the queue's length as the push left it. `track`: the ids of async jobs,
+        whose status keys say 'queued' for `track_ttl` seconds from now on (a worker that claims one says
+        'running').
 
         One round trip: each job's pixels are SET (a pipeline keeps the order), then enqueue.lua pushes the
         headers, or deletes the pixels when it refuses them. The pixels expire `pixels_grace` after the
@@ -80,8 +81,10 @@ class JobQueue:
             for key, job, at in zip(pixel_keys, batch, expires, strict=True):
                 pipe.set(key, job.pixels, pxat=at)
 
-        if not self._pipelined(set_pixels, "enqueue", keys, args):
+        queued, length = self._pipelined(set_pixels, "enqueue", keys, args)
+        if not queued:
             raise QueueFull(f"the queue has no room for {len(batch)} more job(s) (at most {self.max_length})")
+        return length
 
     def _pipelined(self, before, name, keys, args):
         """The answer of script `name`, run in one round trip after the commands `before(pipeline)` adds.

@@ -15,21 +15,22 @@
 -- ARGV[2] status_ttl       seconds a status key is kept
 -- ARGV[3] token_expires    unix ms (PXAT) when the token may go: when the pixels do, after any repeat
 -- ARGV[4 .. n+3]           the jobs' headers
--- Returns 1 when the jobs are queued (now or by the push this repeats), 0 when the queue was full.
+-- Returns {1, the queue's length} when the jobs are queued (now or by the push this repeats), {0, the queue's
+-- length} when the queue was full: the web server's admission counts on that length instead of asking.
 local queue, token = KEYS[1], KEYS[2]
 local max_length, status_ttl, token_expires = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local n = #ARGV - 3
 
+local length = redis.call('LLEN', queue)
 if redis.call('EXISTS', token) == 1 then
-  return 1
+  return {1, length}
 end
-if redis.call('LLEN', queue) + n > max_length then
+if length + n > max_length then
   redis.call('DEL', unpack(KEYS, 3, n + 2))
-  return 0
+  return {0, length}
 end
 for i = n + 3, #KEYS do
   redis.call('SET', KEYS[i], 'queued', 'EX', status_ttl)
 end
-redis.call('RPUSH', queue, unpack(ARGV, 4))
 redis.call('SET', token, '1', 'PXAT', token_expires)
-return 1
+return {1, redis.call('RPUSH', queue, unpack(ARGV, 4))}

@@ -29,7 +29,17 @@ from worker_registration import WorkerRegistry
 KEYS = Keys("image_queue")
 
 
-def admission_on(r, backlog, rates, **settings):
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def admission_on(r, backlog, rates, clock=time.monotonic, **settings):
     config = Settings(**settings)
     queue = JobQueue(r, config)
     registry = WorkerRegistry(r, queue, heartbeat_ttl=60)
@@ -37,17 +47,30 @@ def admission_on(r, backlog, rates, **settings):
         r.rpush(KEYS.queue, *["job"] * backlog)
     for i, rate in enumerate(rates):
         registry.beat(f"w{i}", {"ready": 1, **({} if rate is None else {"images_per_s": rate})})
-    return Admission(queue, registry, config.admission_wait_fraction)
+    return Admission(queue, registry, config.admission_wait_fraction, clock=clock)
 
 
 # -- the admission rule, on fakeredis ---------------------------------------------------------------------------
 def test_no_throughput_measured_yet_admits_up_to_the_cap(fake_redis):
-    admission = admission_on(fake_redis, 99, [None], max_queue_length=100)  # a worker that has not finished a batch
+    clock = Clock()
+    admission = admission_on(fake_redis, 99, [None], clock, max_queue_length=100)  # no batch finished yet
     assert admission.check(remaining=0.5) == (99, 0.0)  # however long the backlog, nothing says it is too long
     fake_redis.rpush(KEYS.queue, "job")
+    clock.now += Admission.QUEUE_MAX_AGE
     with pytest.raises(Refusal) as refused:
         admission.check(remaining=30)
     assert refused.value.reason == "queue_full" and refused.value.retry_after == 1
+
+
+def test_the_queue_length_an_enqueue_reports_spares_a_read_until_it_is_old(fake_redis):
+    clock = Clock()
+    admission = admission_on(fake_redis, 0, [None], clock, max_queue_length=100)
+    admission.queue_length(100)  # as an enqueue of this process just saw it; Redis's queue is empty by now
+    with pytest.raises(Refusal) as refused:
+        admission.check(remaining=30)
+    assert refused.value.reason == "queue_full"
+    clock.now += Admission.QUEUE_MAX_AGE  # too old to go on: the queue is asked again
+    assert admission.check(remaining=30) == (0, 0.0)
 
 
 def test_a_backlog_the_workers_cannot_clear_in_time_is_refused_with_retry_after(fake_redis):

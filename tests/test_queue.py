@@ -36,8 +36,7 @@ def queue_and_registry(r, **settings):
 
 def test_enqueue_refuses_when_full(r):
     q = JobQueue(r, Settings(max_queue_length=3))
-    for _ in range(3):
-        q.enqueue(raw_job())
+    assert [q.enqueue(raw_job()) for _ in range(3)] == [1, 2, 3]  # the length each push left, for admission
     with pytest.raises(QueueFull):
         q.enqueue(raw_job())
     assert q.length() == 3
