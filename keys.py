@@ -42,7 +42,7 @@ class Keys:
         return self.heartbeat_prefix + worker
 
     def channel(self, listener: str) -> str:
-        """Pub/sub channel of one web process: the worker PUBLISHes finished job ids there."""
+        """Pub/sub channel of one web process: the worker PUBLISHes finished jobs there (jobs.parse_notification)."""
         return self.channel_prefix + listener
 
     def cancelled(self, job_id: str) -> str:
