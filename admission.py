@@ -59,6 +59,7 @@ class Admission:
         self.queue, self.registry, self.wait_fraction, self.clock = job_queue, registry, wait_fraction, clock
         self.decoders = decoders  # preparations that run at once in this process
         self._throughput, self._batch, self._in_flight, self._read_at = 0.0, 1, 0, -math.inf
+        self._models = frozenset()
         self._queued, self._queued_at = 0, -math.inf
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
@@ -96,8 +97,15 @@ class Admission:
         self._read_workers()
         return self._throughput
 
+    def models(self) -> frozenset:
+        """The models that live workers with a loaded model serve, as seen at most a second ago: the Open
+        Inference Protocol's infer refuses a model nobody serves without three round trips of its own."""
+        self._read_workers()
+        return self._models
+
     def _read_workers(self):
-        """Throughput, the largest batch size and the jobs in flight of the live workers, read once a second."""
+        """Throughput, the largest batch size, the jobs in flight and the models of the live workers, read once
+        a second."""
         now = self.clock()
         if now - self._read_at < self.THROUGHPUT_MAX_AGE:
             return
@@ -106,12 +114,14 @@ class Admission:
         for worker in workers:
             total += _number(worker.get("images_per_s"))
             batch = max(batch, int(_number(worker.get("batch_size"))) or 1)
+        models = frozenset(worker.get("model") for worker in workers if worker.get("ready") == "1")
         pipe = self.queue.redis.pipeline(transaction=False)
         for worker in workers:
             pipe.llen(self.queue.keys.processing(worker.get("name", "")))
         in_flight = sum(pipe.execute()) if workers else 0
         with self._lock:
-            self._throughput, self._batch, self._in_flight, self._read_at = total, batch, in_flight, now
+            self._throughput, self._batch, self._in_flight, self._models = total, batch, in_flight, models
+            self._read_at = now
 
     def check(self, remaining: float, images: int = 1) -> tuple[int, float]:
         """Raise Refusal when a request of `images` jobs with `remaining` seconds to live should not be queued.

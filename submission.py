@@ -79,7 +79,7 @@ def admit(images: int = 1, budget: float | None = None) -> None:
     svc = service()
     remaining = budget or started() + svc.config.request_timeout - time.monotonic()
     try:
-        with _redis_or_busy():
+        with redis_or_busy():
             svc.admission.check(remaining, images)
     except Refusal as refusal:
         raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
@@ -115,7 +115,7 @@ def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) 
     worker computes them for nobody."""
     svc = service()
     begun, timeout = started(), svc.config.request_timeout
-    with _redis_or_busy():
+    with redis_or_busy():
         reply_to = svc.waiter.start()
         # The jobs' times are Redis's, which every worker reads too; this host's wall clock plays no part.
         now = svc.clock.now()
@@ -158,7 +158,7 @@ def detach(pixels: list[np.ndarray], top_k: int) -> list[str]:
     """Queue async jobs and return their ids at once; their results are kept JOB_RESULT_TTL seconds."""
     svc = service()
     keep = svc.config.job_result_ttl
-    with _redis_or_busy():
+    with redis_or_busy():
         now = svc.clock.now()
     # A job not even started within JOB_RESULT_TTL is answered 504 by the worker that finally claims it.
     batch = [_job(p, now + keep, top_k, None, now, result_ttl=keep) for p in pixels]
@@ -174,7 +174,8 @@ def _job(pixels, deadline, top_k, reply_to, now, **options):
 
 
 @contextmanager
-def _redis_or_busy():
+def redis_or_busy():
+    """Refused 503 (redis_unavailable) for a Redis error inside."""
     try:
         yield
     except redis.RedisError as exc:
@@ -184,7 +185,7 @@ def _redis_or_busy():
 
 def _enqueue(svc, batch, track_ttl=0):
     try:
-        with _redis_or_busy():
+        with redis_or_busy():
             length = svc.queue.enqueue(
                 *(jobs.encode_job(job) for job in batch),
                 track=[job.id for job in batch] if track_ttl else (),

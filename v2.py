@@ -130,11 +130,14 @@ def infer(name, version=None):
 
 
 def _check_ready(name):
-    """Refuse at once (503) a request for a model that no live worker serves: nothing would answer it."""
+    """Refuse at once (503) a request for a model that no live worker serves: nothing would answer it. The
+    workers are those admission read at most a second ago (the probes read them afresh, with readiness)."""
     service = submission.service()
-    reason = readiness.problem(service, name)
-    if reason:
+    with submission.redis_or_busy():
+        served = service.admission.models()
+    if name not in served:
         # A worker that comes up is seen at its first heartbeat.
+        reason = f"no worker with {name} loaded and a fresh heartbeat"
         raise Refused(
             503, f"model {name} is not ready: {reason}", retry_after=math.ceil(service.config.heartbeat_interval)
         )

@@ -73,6 +73,19 @@ def test_the_queue_length_an_enqueue_reports_spares_a_read_until_it_is_old(fake_
     assert admission.check(remaining=30) == (0, 0.0)
 
 
+def test_the_models_of_live_ready_workers_are_read_at_most_once_a_second(fake_redis):
+    clock = Clock()
+    admission = admission_on(fake_redis, 0, [], clock)
+    registry = WorkerRegistry(fake_redis, JobQueue(fake_redis, Settings()), heartbeat_ttl=60)
+    registry.beat("lite", {"model": "efficientnet_lite0", "ready": 1})
+    registry.beat("loading", {"model": "resnet50", "ready": 0})
+    assert admission.models() == {"efficientnet_lite0"}
+    registry.beat("loading", {"model": "resnet50", "ready": 1})
+    assert admission.models() == {"efficientnet_lite0"}  # no round trips for this one
+    clock.now += Admission.THROUGHPUT_MAX_AGE
+    assert admission.models() == {"efficientnet_lite0", "resnet50"}
+
+
 def test_a_backlog_the_workers_cannot_clear_in_time_is_refused_with_retry_after(fake_redis):
     # 39 queued + this one = 40 jobs at 5 + 5 images/s: 4 s of work.
     admission = admission_on(fake_redis, 39, [5.0, 5.0], admission_wait_fraction=0.8)
