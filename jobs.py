@@ -51,9 +51,13 @@ class Job:
     attempts: int = 0
     # The result also carries all class probabilities (the Open Inference Protocol's FP32 output).
     probabilities: bool = False
-    # Seconds the result is kept; 0: the queue's RESULT_TTL. Set for async jobs (/jobs), whose requester
-    # reads the result whenever it likes and learns the job's fate from the result key alone.
+    # Seconds the result is kept; 0: until the request's deadline and a grace (job_queue.result_grace), at most
+    # RESULT_TTL. Set for async jobs (/jobs), whose requester reads the result whenever it likes and learns the
+    # job's fate from the result key alone.
     result_ttl: int = 0
+    # The web process that waits can take the result from its notification (jobs.parse_notification); a job
+    # without it gets the bare id, which web processes of earlier versions expect.
+    notify_result: bool = False
 
     def __post_init__(self):
         self.request_id = self.request_id or self.id
@@ -66,10 +70,11 @@ class Reply(NamedTuple):
     reply_to: str | None  # the web process's notification channel, None when nobody listens
     payload: str  # the result JSON
     ttl: int = 0  # seconds the result is kept; 0: the queue's RESULT_TTL
+    with_result: bool = False  # the notification carries the result (the job's notify_result)
 
     @classmethod
-    def of(cls, job_id: str, reply_to: str | None, result: dict, ttl: int = 0) -> "Reply":
-        return cls(job_id, reply_to, encode_result(result), ttl)
+    def of(cls, job_id: str, reply_to: str | None, result: dict, ttl: int = 0, with_result: bool = False) -> "Reply":
+        return cls(job_id, reply_to, encode_result(result), ttl, with_result)
 
 
 class EncodedJob(NamedTuple):
@@ -103,6 +108,8 @@ def encode_header(job: Job) -> bytes:
         header["probabilities"] = True
     if job.result_ttl:
         header["result_ttl"] = job.result_ttl
+    if job.notify_result:
+        header["notify_result"] = True
     return json.dumps(header).encode()
 
 
@@ -154,6 +161,9 @@ def decode_job(raw: bytes | str) -> Job:
         raise fail("job probabilities must be true or false")
     if not _is_int(result_ttl) or not 0 <= result_ttl <= MAX_RESULT_TTL:
         raise fail(f"job result_ttl must be an integer from 0 to {MAX_RESULT_TTL}")
+    notify_result = data.get("notify_result", False)
+    if not isinstance(notify_result, bool):
+        raise fail("job notify_result must be true or false")
     return Job(
         pixels=None,
         deadline=float(data["deadline"]),
@@ -165,6 +175,7 @@ def decode_job(raw: bytes | str) -> Job:
         attempts=attempts,
         probabilities=probabilities,
         result_ttl=result_ttl,
+        notify_result=notify_result,
     )
 
 
@@ -228,12 +239,35 @@ def encode_result(result: dict) -> str:
 
 
 def parse_notification(message: bytes) -> tuple[str, bytes | None]:
-    """(job id, result JSON or None) of a message on a web process's reply channel. finish.lua publishes the job
-    id, a newline and the result as stored, so that the waiting request reads nothing more; a bare job id (what
-    requeue.lua publishes for a job it gives up, a rare path, and workers of earlier versions) says only that the
-    result is stored. The parts are not checked here."""
+    """(job id, result JSON or None) of a message on a web process's reply channel. For a job with notify_result,
+    finish.lua publishes the job id, a newline and the result as stored, so that the waiting request reads
+    nothing more; a bare job id (for other jobs, from requeue.lua's give-up, and from workers of earlier
+    versions) says only that the result is stored. The parts are not checked here: see `delivered_result`."""
     job_id, _, result = message.partition(b"\n")
     return job_id.decode(errors="replace"), result or None
+
+
+def delivered_result(raw: bytes, job_id: str) -> dict | None:
+    """The result a notification carried when it is one of job `job_id`, whole; else None (then the result key,
+    stored in the same step, is read). Anyone who may PUBLISH can send anything on a reply channel."""
+    try:
+        result = decode_result(raw)
+    except (ValueError, TypeError, RecursionError):  # not JSON (or nested too deep), bad base64
+        return None
+    if not isinstance(result, dict) or result.get("id") != job_id or not isinstance(result.get("success"), bool):
+        return None
+    fields = _SUCCESS_FIELDS if result["success"] else {"error": str}
+    return result if all(isinstance(result.get(name), kind) for name, kind in fields.items()) else None
+
+
+# What the web server reads of a success_result.
+_SUCCESS_FIELDS = {
+    "model": str,
+    "predictions": list,
+    "batch_size": int,
+    "inference_ms": (int, float),
+    "queue_ms": (int, float),
+}
 
 
 def decode_result(raw: bytes | str) -> dict:

@@ -19,6 +19,7 @@ import redis
 import jobs
 import metrics
 import redis_client
+from job_queue import result_grace
 from keys import Keys
 from logger import log
 from settings import Settings
@@ -42,8 +43,7 @@ class ResultWaiter:
         self.redis, self.keys, self.mode = connection, Keys(config.image_queue), config.wait_mode
         self._url = config.redis_url
         self._ping_every = config.listener_ping_interval
-        # Long enough for redis-py's retry, which comes after a socket timeout at the latest.
-        self._keep_read_results_ms = int((config.redis_socket_timeout + 5) * 1000)
+        self._keep_read_results_ms = int(result_grace(config) * 1000)
         if self.mode == "poll":
             self._first_wait, self._growth, self._longest_wait = config.poll_interval, 1.0, config.poll_interval
         else:
@@ -201,13 +201,6 @@ class ResultWaiter:
 
 
 def _delivered(pending):
-    """The result its notification carried, or None (none came, or it is not this job's result: the result key,
-    which the worker stored in the same step, is then read instead)."""
+    """The result its notification carried, or None (none came, or not a whole result of this job)."""
     raw, pending.delivered = pending.delivered, None
-    if raw is None:
-        return None
-    try:
-        result = jobs.decode_result(raw)
-    except (ValueError, TypeError):  # not JSON, or bad base64 (binascii.Error is a ValueError)
-        return None
-    return result if isinstance(result, dict) and result.get("id") == pending.job_id else None
+    return None if raw is None else jobs.delivered_result(raw, pending.job_id)

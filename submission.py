@@ -170,7 +170,17 @@ def _job(pixels, deadline, top_k, reply_to, now, **options):
     # The request's first job takes the id its log lines already carry (its request id, unless the client
     # sent one); the others get their own.
     job_id = g.pop("job_id", None) or uuid.uuid4().hex
-    return jobs.Job(pixels, deadline, top_k, reply_to, g.request_id, job_id, enqueued_at=now, **options)
+    return jobs.Job(
+        pixels,
+        deadline,
+        top_k,
+        reply_to,
+        g.request_id,
+        job_id,
+        enqueued_at=now,
+        notify_result=bool(reply_to),
+        **options,
+    )
 
 
 @contextmanager
@@ -192,6 +202,7 @@ def _enqueue(svc, batch, track_ttl=0):
                 track_ttl=track_ttl,
             )
     except QueueFull as exc:
+        svc.admission.queue_length(exc.length)  # the next requests are refused before they are decoded
         raise _busy("queue_full", str(exc), 1) from None
     except Refused:
         # The push may have happened and only its reply been lost: nobody will wait for these jobs, so they are

@@ -2,6 +2,7 @@
 
 import dataclasses
 import itertools
+import math
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import redis
 import jobs
 import redis_client
 from clock import RedisClock
-from job_queue import JobQueue
+from job_queue import JobQueue, result_grace
 from jobs import Reply
 from logger import bind, log
 from settings import Settings
@@ -61,6 +62,7 @@ class Worker:
         self.heartbeat_interval = config.heartbeat_interval
         self.heartbeat_ttl = config.heartbeat_ttl
         self.max_attempts = config.max_attempts
+        self.result_ttl, self.result_grace = config.result_ttl, result_grace(config)
         self.redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
         # BLMOVE blocks for BLOCK_TIMEOUT; its connection must wait longer than that before giving up.
         self.blocking_redis = redis_client.connect(config.redis_url, config.block_timeout + 5)
@@ -232,7 +234,7 @@ class Worker:
             top = self.classifier.top_k(outcome, job.top_k)
             queue_ms = (started - job.enqueued_at) * 1000
             result = jobs.success_result(job, outcome, top, self.classifier.name, len(valid), inference_ms, queue_ms)
-            replies.append(Reply.of(job.id, job.reply_to, result, job.result_ttl))
+            replies.append(self._reply(job, result))
             done.append(job)
         # Retried jobs keep their pixels for the next try; every other claimed job is done with them.
         retried = {job.id for job in retry}
@@ -284,7 +286,16 @@ class Worker:
         self.counts["errors"] += 1
         log("job_rejected", level="ERROR", id=job.id, rid=job.request_id, worker=self.name, error=error)
         dead.append((jobs.encode_header(job), error))
-        replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, error, status), job.result_ttl))
+        replies.append(self._reply(job, jobs.error_result(job.id, error, status)))
+
+    def _reply(self, job, result):
+        """What to store and announce for `job`. A result that a request waits for is kept until the request's
+        deadline and a grace for a retried read, at most RESULT_TTL: nobody reads it later, and a request that
+        took it from its notification never reads it at all (an async job's keeps its own result_ttl)."""
+        ttl = job.result_ttl or max(
+            1, min(self.result_ttl, math.ceil(job.deadline - self.clock.now() + self.result_grace))
+        )
+        return Reply.of(job.id, job.reply_to, result, ttl, with_result=job.notify_result)
 
     def _mark_running(self, valid):
         """Async jobs' status keys say 'running' from now on (only keys that exist: one left to expire stays
@@ -338,12 +349,12 @@ class Worker:
         self.counts["expired"] += 1
         if job.result_ttl:  # an async job's requester learns its fate from the result key alone
             error = jobs.error_result(job.id, "the job could not be done before its deadline", 504)
-            replies.append(Reply.of(job.id, job.reply_to, error, job.result_ttl))
+            replies.append(self._reply(job, error))
         elif job.deadline >= now:
             # Its request still waits: shed it now (the web answers 503 with Retry-After, as for a request it
             # refuses itself) rather than let it run into a 504 at its deadline.
             error = jobs.error_result(job.id, "the job could not be done before its deadline", 503)
-            replies.append(Reply.of(job.id, job.reply_to, error))
+            replies.append(self._reply(job, error))
         # Else the web server has already answered 504.
         log(
             "job_expired",
@@ -382,4 +393,4 @@ class Worker:
         message = f"job failed {job.attempts} times and was given up: the model raised {error!r}"
         reason = f"out of attempts ({job.attempts}); the last: the model raised {error!r} on worker {self.name}"
         dead.append((jobs.encode_header(job), reason))
-        replies.append(Reply.of(job.id, job.reply_to, jobs.error_result(job.id, message, 500), job.result_ttl))
+        replies.append(self._reply(job, jobs.error_result(job.id, message, 500)))

@@ -46,8 +46,16 @@ def pixels_grace(config: Settings) -> int:
     return math.ceil(config.heartbeat_ttl) + 60
 
 
+def result_grace(config: Settings) -> float:
+    """Seconds a result outlives the last moment its reader could ask for it: redis-py retries a read after a
+    socket timeout at the latest."""
+    return config.redis_socket_timeout + 5
+
+
 class QueueFull(Exception):
-    pass
+    def __init__(self, message: str, length: int):
+        super().__init__(message)
+        self.length = length  # the queue's length as the refusing enqueue saw it
 
 
 class JobQueue:
@@ -83,7 +91,7 @@ class JobQueue:
 
         queued, length = self._pipelined(set_pixels, "enqueue", keys, args)
         if not queued:
-            raise QueueFull(f"the queue has no room for {len(batch)} more job(s) (at most {self.max_length})")
+            raise QueueFull(f"the queue has no room for {len(batch)} more job(s) (at most {self.max_length})", length)
         return length
 
     def _pipelined(self, before, name, keys, args):
@@ -158,7 +166,7 @@ class JobQueue:
             self.keys.status_prefix,
         ]
         for reply in replies:
-            args += [reply.reply_to or "", reply.job_id, reply.payload, reply.ttl]
+            args += [reply.reply_to or "", reply.job_id, reply.payload, reply.ttl, int(reply.with_result)]
         args += [*retry]
         for raw, reason in dead_jobs:
             args += [raw, reason]

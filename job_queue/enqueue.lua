@@ -16,7 +16,8 @@
 -- ARGV[3] token_expires    unix ms (PXAT) when the token may go: when the pixels do, after any repeat
 -- ARGV[4 .. n+3]           the jobs' headers
 -- Returns {1, the queue's length} when the jobs are queued (now or by the push this repeats), {0, the queue's
--- length} when the queue was full: the web server's admission counts on that length instead of asking.
+-- length} when the queue was full: the web server's admission counts on that length instead of asking
+-- (JobQueue.enqueue returns it, or raises QueueFull carrying it).
 local queue, token = KEYS[1], KEYS[2]
 local max_length, status_ttl, token_expires = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local n = #ARGV - 3

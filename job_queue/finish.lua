@@ -21,11 +21,12 @@
 -- ARGV[8] status_prefix    the status keys' prefix (Keys.status_prefix): an answered async job's status key,
 --                          prefix .. its id, is deleted with the answer stored, so that once the answer expires
 --                          the job is unknown (404) rather than 'running' again
--- ARGV[9 .. 4n+8]          n replies, four values each: channel ('' for none), job id, result JSON,
---                          seconds the result is kept ('0': ttl)
--- The message published to a reply's channel is its job id, a newline, then the result JSON as stored
--- (jobs.parse_notification): the waiting request needs no read of the result key, which stays for a request
--- whose notification was lost (it polls).
+-- ARGV[9 .. 5n+8]          n replies, five values each: channel ('' for none), job id, result JSON,
+--                          seconds the result is kept ('0': ttl), with_result ('1': the job's notify_result)
+-- The message published to a reply's channel is its job id, then for with_result a newline and the result
+-- JSON as stored (jobs.parse_notification): the waiting request needs no read of the result key, which stays
+-- for a request whose notification was lost (it polls). Without with_result (a web process of an earlier
+-- version waits, and reads only a bare id), the job id alone.
 -- then n_retry jobs to retry, then the jobs to dead-letter, two values each: the job as claimed, reason
 -- (jobs.lua's bury() moves its pixels into jobs.DeadLetter's envelope).
 -- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
@@ -34,7 +35,7 @@ local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, batch_id, acknowledge = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local dead_max, n, n_retry, pixels_prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local status_prefix = ARGV[8]
-local first_retry = 4 * n + 9
+local first_retry = 5 * n + 9
 local first_dead = first_retry + n_retry
 
 if redis.call('GET', finished) == batch_id then
@@ -50,12 +51,13 @@ if acknowledge > 0 then
 end
 redis.call('SET', finished, batch_id, 'EX', ttl)
 for i = 1, n do
-  local at = 4 * i + 5
+  local at = 5 * i + 4
   local channel, job_id, result, keep = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local with_result = ARGV[at + 4] == '1'
   redis.call('SET', KEYS[i + 4], result, 'EX', keep ~= '0' and keep or ttl)
   redis.call('DEL', status_prefix .. job_id)
   if channel ~= '' then
-    redis.call('PUBLISH', channel, job_id .. '\n' .. result)
+    redis.call('PUBLISH', channel, with_result and (job_id .. '\n' .. result) or job_id)
   end
 end
 local dropped = 0

@@ -227,15 +227,15 @@ def test_redis_outage_under_load_then_full_service_without_restarts(service, rea
 @pytest.mark.slow
 def test_result_keys_do_not_pile_up_after_load(service, real_redis):
     service.start_worker()
-    service.start_web()
+    service.start_web(REQUEST_TIMEOUT="5")  # results are kept until their request's deadline and 10 s
     assert post(service.url).status_code == 200
     transient = (KEYS.result_prefix.encode(), KEYS.enqueued("").encode())
     baseline = {key for key in real_redis.keys() if not key.startswith(transient)}
     pool, futures = fire(service.url, 32)
     assert [f.result().status_code for f in futures] == [200] * 32
     pool.shutdown()
-    # Read results expire seconds after they were read; the enqueue tokens (a few bytes each) when the jobs'
-    # pixels would have; every other key is one that was there before.
+    # Results expire 10 s after their request's deadline (job_queue.result_grace); the enqueue tokens (a few
+    # bytes each) when the jobs' pixels would have; every other key is one that was there before.
     wait_for(lambda: not real_redis.keys(KEYS.result_prefix + "*"), 30, "the read results to expire")
     tokens = real_redis.keys(KEYS.enqueued("*"))
     assert len(tokens) == 33 and all(0 < real_redis.pttl(token) for token in tokens)

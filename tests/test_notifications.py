@@ -8,9 +8,11 @@ from prometheus_client import REGISTRY
 
 import jobs
 import redis_client
+import web
+from job_queue import JobQueue
 from keys import Keys
 from notifications import ResultWaiter
-from support import wait_for
+from support import CASTLE, wait_for
 
 KEYS = Keys("image_queue")
 
@@ -75,13 +77,25 @@ def test_the_result_comes_with_its_notification_without_a_read(real_redis, waite
     out = {}
     [thread] = start_waiting(waiter, ["9" * 32], 5, out)
     # As finish.lua publishes it; no result key exists, so nothing but the message can have answered.
-    result = jobs.encode_result({"id": "9" * 32, "success": True, "predictions": []}).encode()
-    real_redis.publish(channel, b"9" * 32 + b"\n" + result)
+    answer = {"id": "9" * 32, "success": True, "model": "m", "predictions": [{"label": "castle", "probability": 0.9}]}
+    answer.update(batch_size=1, inference_ms=5.0, queue_ms=1.0)
+    real_redis.publish(channel, b"9" * 32 + b"\n" + jobs.encode_result(answer).encode())
     thread.join(5)
-    assert out["9" * 32] == {"id": "9" * 32, "success": True, "predictions": []}
+    assert out["9" * 32] == answer
 
 
-@pytest.mark.parametrize("carried", [b"not json", b'{"id": "another job", "success": true}', b"[1, 2]"])
+@pytest.mark.parametrize(
+    "carried",
+    [
+        b"not json",
+        b'{"id": "another job", "success": true, "model": "m", "predictions": []}',
+        b"[1, 2]",
+        b"[" * 100_000,  # json raises RecursionError
+        b'{"id": "' + b"8" * 32 + b'", "success": true}',  # its id, but no answer in it
+        b'{"id": "' + b"8" * 32 + b'", "success": false}',
+    ],
+    ids=["garbage", "another-job", "a-list", "deep", "no-predictions", "no-error"],
+)
 def test_a_notification_carrying_no_valid_result_of_its_job_reads_the_key(real_redis, waiter_for, carried):
     waiter = waiter_for(wait_mode="notify", fallback_poll_after=30)
     channel = waiter.start()
@@ -146,3 +160,28 @@ def test_a_stray_binary_message_does_not_end_the_listener(real_redis, waiter_for
     store(real_redis, KEYS, "f" * 32, channel)
     thread.join(10)
     assert out["f" * 32]["id"] == "f" * 32  # woken by its notification, not the 60 s poll
+
+
+@pytest.mark.parametrize("stray", [b"[" * 100_000, b'{"id": "%s", "success": true}'], ids=["deep", "no-answer"])
+def test_a_stray_message_before_the_answer_does_not_spoil_a_predict(real_redis, config, stray):
+    """Anyone who can read the queue and PUBLISH can send a request's job id with anything after it; the
+    request still gets the worker's answer (found by the hostile review: a RecursionError or a KeyError
+    escaped and the request was answered 500)."""
+    settings = config.replace(wait_mode="notify", fallback_poll_after=30, request_timeout=10)
+    client = web.create_app(settings, redis_client.connect(settings.redis_url, 5)).test_client()
+    out = {}
+    request = threading.Thread(
+        target=lambda: out.update(response=client.post("/predict", data={"image": (CASTLE.open("rb"), "c.jpg")}))
+    )
+    request.start()
+    wait_for(lambda: real_redis.llen(KEYS.queue), 5, "the job to be queued")
+    job = jobs.decode_job(real_redis.lindex(KEYS.queue, 0))
+    assert job.notify_result and job.reply_to  # a web process of this version takes results from notifications
+    real_redis.publish(job.reply_to, job.id.encode() + b"\n" + stray.replace(b"%s", job.id.encode()))
+    predictions = [{"label": "castle", "probability": 0.9}]
+    answer = jobs.success_result(job, None, predictions, "m", batch_size=1, inference_ms=5.0, queue_ms=1.0)
+    reply = jobs.Reply.of(job.id, job.reply_to, answer, with_result=True)
+    JobQueue(real_redis, settings).finish("w", "batch-1", 0, [reply])
+    request.join(10)
+    assert out["response"].status_code == 200, out["response"].get_data(as_text=True)
+    assert out["response"].get_json()["predictions"] == answer["predictions"]

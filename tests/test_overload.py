@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 import jobs
 import stress_test
+import submission
 import web
 from admission import Admission, Refusal
 from job_queue import JobQueue
@@ -84,6 +85,25 @@ def test_the_models_of_live_ready_workers_are_read_at_most_once_a_second(fake_re
     assert admission.models() == {"efficientnet_lite0"}  # no round trips for this one
     clock.now += Admission.THROUGHPUT_MAX_AGE
     assert admission.models() == {"efficientnet_lite0", "resnet50"}
+
+
+def test_once_an_enqueue_finds_the_queue_full_the_next_request_is_refused_before_its_decode(fake_redis):
+    """The length a refused enqueue saw replaces the one cached from the last success (found by the hostile
+    review: requests went on being admitted and decoded, to be refused at their enqueue)."""
+    config = Settings(wait_mode="poll", max_queue_length=3)
+    app = web.create_app(config, fake_redis, ResultWaiter(fake_redis, config))
+    service = app.extensions["image_classifier"]
+    service.admission.clock = Clock()  # no time passes: a cached length would stay fresh
+    job = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 30)
+    with app.test_request_context("/predict", method="POST"):
+        service.admission.queue_length(0)  # as this process's last enqueue saw it
+        fake_redis.rpush(KEYS.queue, "a", "b", "c")  # other web processes fill the queue since
+        with pytest.raises(submission.Refused) as refused:
+            submission._enqueue(service, [job])
+        assert refused.value.reason == "queue_full"
+        with pytest.raises(Refusal) as next_one:
+            service.admission.check(remaining=30)
+    assert next_one.value.reason == "queue_full"
 
 
 def test_a_backlog_the_workers_cannot_clear_in_time_is_refused_with_retry_after(fake_redis):

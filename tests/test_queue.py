@@ -37,8 +37,9 @@ def queue_and_registry(r, **settings):
 def test_enqueue_refuses_when_full(r):
     q = JobQueue(r, Settings(max_queue_length=3))
     assert [q.enqueue(raw_job()) for _ in range(3)] == [1, 2, 3]  # the length each push left, for admission
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull) as full:
         q.enqueue(raw_job())
+    assert full.value.length == 3
     assert q.length() == 3
 
 
@@ -66,7 +67,8 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
     dead_jobs = [(b"garbage", "invalid job: job is not JSON")]
-    assert q.finish("w1", "batch-1", 1, [Reply(job.id, "chan", '{"ok": 1}')], dead_jobs=dead_jobs) == "done"
+    replies = [Reply(job.id, "chan", '{"ok": 1}', with_result=True)]
+    assert q.finish("w1", "batch-1", 1, replies, dead_jobs=dead_jobs) == "done"
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
     assert 0 < r.ttl(q.keys.result(job.id)) <= 60
     assert r.exists(q.keys.processing("w1")) == 0
@@ -75,6 +77,18 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
     message = pubsub.get_message(timeout=1)
     # The result travels with the notification: the waiting request reads nothing more.
     assert message["type"] == "message" and message["data"] == job.id.encode() + b'\n{"ok": 1}'
+
+
+def test_a_job_without_notify_result_is_announced_by_its_bare_id(r):
+    """What web processes of earlier versions understand: they send no notify_result and read the key."""
+    q = JobQueue(r, Settings())
+    job = jobs.decode_job(raw_job().header)
+    assert not job.notify_result
+    pubsub = r.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    q.finish("w1", "batch-1", 0, [Reply(job.id, "chan", '{"ok": 1}')])
+    assert pubsub.get_message(timeout=1)["data"] == job.id.encode()
 
 
 def test_requeue_of_a_dead_worker_counts_attempts_then_dead_letters(r):
@@ -446,6 +460,30 @@ def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redi
     assert letter.id == lost.id and "pixels are gone" in letter.reason and not letter.has_pixels
     assert not real_redis.exists(q.keys.processing("survivor"))
     assert worker.run_once() == 0  # and the worker lives on
+
+
+def test_a_waited_for_result_is_kept_until_its_deadline_and_announced_as_its_job_asks(real_redis, config):
+    """A request waits until its deadline at most: its result is kept that long and a grace for a retried read
+    (job_queue.result_grace), not RESULT_TTL; an async job's, its own result_ttl. A job with notify_result gets
+    its result in the notification, one without (from a web process of an earlier version) its bare id."""
+    config = config.replace(block_timeout=0.2, result_ttl=600)
+    q = JobQueue(real_redis, config)
+    pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
+    waited = jobs.Job(pixels, time.time() + 20, reply_to="chan", notify_result=True)
+    older_web = jobs.Job(pixels, time.time() + 20, reply_to="chan")
+    detached = jobs.Job(pixels, time.time() + 900, result_ttl=900)
+    q.enqueue(*(jobs.encode_job(job) for job in (waited, older_web, detached)))
+    pubsub = real_redis.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    assert Worker(CountingClassifier(), config, name="keeper").run_once() == 3
+    grace = config.redis_socket_timeout + 5
+    for job in (waited, older_web):
+        assert 15_000 < real_redis.pttl(q.keys.result(job.id)) <= (20 + grace + 1) * 1000
+    assert 890_000 < real_redis.pttl(q.keys.result(detached.id)) <= 900_000
+    first, second = (pubsub.get_message(timeout=1)["data"] for _ in range(2))
+    assert jobs.parse_notification(first) == (waited.id, real_redis.get(q.keys.result(waited.id)))
+    assert second == older_web.id.encode()
 
 
 def test_a_second_copy_of_an_answered_job_is_dropped_not_answered_410(real_redis, config):
