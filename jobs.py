@@ -248,19 +248,27 @@ def parse_notification(message: bytes) -> tuple[str, bytes | None]:
 
 
 def delivered_result(raw: bytes, job_id: str) -> dict | None:
-    """The result a notification carried when it is one of job `job_id`, whole; else None (then the result key,
-    stored in the same step, is read). Anyone who may PUBLISH can send anything on a reply channel."""
+    """The result a notification carried when it is one of job `job_id` and has every field the web server reads,
+    in its type; else None (then the result key, stored in the same step, is read). Anyone who may PUBLISH can
+    send anything on a reply channel. Such a result never has probabilities: a job that asks for them is not
+    sent its result in the notification (submission._job), and its request takes none from one."""
     try:
-        result = decode_result(raw)
-    except (ValueError, TypeError, RecursionError):  # not JSON (or nested too deep), bad base64
+        result = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):  # not JSON (or nested too deep), not UTF-8
         return None
-    if not isinstance(result, dict) or result.get("id") != job_id or not isinstance(result.get("success"), bool):
+    if not isinstance(result, dict) or result.get("id") != job_id or "probabilities" in result:
         return None
-    fields = _SUCCESS_FIELDS if result["success"] else {"error": str}
-    return result if all(isinstance(result.get(name), kind) for name, kind in fields.items()) else None
+    if result.get("success") is True:
+        fields = _SUCCESS_FIELDS
+    elif result.get("success") is False:
+        status = result.get("status", 500)
+        fields = {"error": str} if _is_int(status) and 400 <= status <= 599 else None
+    else:
+        fields = None
+    return result if fields and all(isinstance(result.get(k), kind) for k, kind in fields.items()) else None
 
 
-# What the web server reads of a success_result.
+# What the web server reads of a success_result, and in which type.
 _SUCCESS_FIELDS = {
     "model": str,
     "predictions": list,

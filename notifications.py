@@ -26,8 +26,9 @@ from settings import Settings
 
 
 class _Pending:
-    def __init__(self, job_id):
+    def __init__(self, job_id, notify_result):
         self.job_id = job_id
+        self.notify_result = notify_result  # the job asked for its result in the notification
         self.event = threading.Event()
         self.abandoned = False
         self.delivered = None  # the result JSON a notification carried, until the request takes it
@@ -151,9 +152,10 @@ class ResultWaiter:
 
     # -- waiting -----------------------------------------------------------------------------------------
     @contextmanager
-    def expect(self, job_id: str) -> Iterator[_Pending]:
-        """Register interest in a job before it is pushed; the notification may come at once."""
-        pending = _Pending(job_id)
+    def expect(self, job_id: str, notify_result: bool = True) -> Iterator[_Pending]:
+        """Register interest in a job before it is pushed; the notification may come at once. Without
+        `notify_result` (the job's), a result in a notification is not taken: the key is read."""
+        pending = _Pending(job_id, notify_result)
         with self._lock:
             self._pending[job_id] = pending
         try:
@@ -201,6 +203,7 @@ class ResultWaiter:
 
 
 def _delivered(pending):
-    """The result its notification carried, or None (none came, or not a whole result of this job)."""
+    """The result its notification carried, or None (none came, the job did not ask for one, or not a whole
+    result of this job)."""
     raw, pending.delivered = pending.delivered, None
-    return None if raw is None else jobs.delivered_result(raw, pending.job_id)
+    return None if raw is None or not pending.notify_result else jobs.delivered_result(raw, pending.job_id)

@@ -123,7 +123,7 @@ def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) 
     batch = [_job(p, deadline, top_k, reply_to, now, probabilities=probabilities) for p in pixels]
     ids = [job.id for job in batch]
     with ExitStack() as stack:
-        waiting = [stack.enter_context(svc.waiter.expect(job_id)) for job_id in ids]
+        waiting = [stack.enter_context(svc.waiter.expect(job.id, job.notify_result)) for job in batch]
         _enqueue(svc, batch)
         watch = request.environ.get(WATCH_DISCONNECT)
         stop_watching = watch(lambda: [pending.abandon() for pending in waiting]) if watch else None
@@ -170,6 +170,9 @@ def _job(pixels, deadline, top_k, reply_to, now, **options):
     # The request's first job takes the id its log lines already carry (its request id, unless the client
     # sent one); the others get their own.
     job_id = g.pop("job_id", None) or uuid.uuid4().hex
+    # The result rides on the notification unless it carries probabilities (4 KB, and checked nowhere on the
+    # way: the Open Inference Protocol reads them from the key the worker wrote).
+    notify_result = bool(reply_to) and not options.get("probabilities")
     return jobs.Job(
         pixels,
         deadline,
@@ -178,7 +181,7 @@ def _job(pixels, deadline, top_k, reply_to, now, **options):
         g.request_id,
         job_id,
         enqueued_at=now,
-        notify_result=bool(reply_to),
+        notify_result=notify_result,
         **options,
     )
 

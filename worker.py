@@ -289,12 +289,13 @@ class Worker:
         replies.append(self._reply(job, jobs.error_result(job.id, error, status)))
 
     def _reply(self, job, result):
-        """What to store and announce for `job`. A result that a request waits for is kept until the request's
-        deadline and a grace for a retried read, at most RESULT_TTL: nobody reads it later, and a request that
-        took it from its notification never reads it at all (an async job's keeps its own result_ttl)."""
-        ttl = job.result_ttl or max(
-            1, min(self.result_ttl, math.ceil(job.deadline - self.clock.now() + self.result_grace))
-        )
+        """What to store and announce for `job`. A result that a request waits for on a reply channel is kept
+        until the request's deadline and a grace for a retried read, at most RESULT_TTL: nobody reads it later,
+        and a request that took it from its notification never reads it at all. An async job's keeps its own
+        result_ttl; any other (a polling request's, a dead letter an operator requeued) RESULT_TTL."""
+        ttl = job.result_ttl
+        if not ttl and job.reply_to:
+            ttl = max(1, min(self.result_ttl, math.ceil(job.deadline - self.clock.now() + self.result_grace)))
         return Reply.of(job.id, job.reply_to, result, ttl, with_result=job.notify_result)
 
     def _mark_running(self, valid):

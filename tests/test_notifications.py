@@ -3,8 +3,10 @@
 import threading
 import time
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
+from test_open_inference import triton_request
 
 import jobs
 import redis_client
@@ -12,7 +14,9 @@ import web
 from job_queue import JobQueue
 from keys import Keys
 from notifications import ResultWaiter
+from open_inference import HEADER_LENGTH
 from support import CASTLE, wait_for
+from worker_registration import WorkerRegistry
 
 KEYS = Keys("image_queue")
 
@@ -93,8 +97,22 @@ def test_the_result_comes_with_its_notification_without_a_read(real_redis, waite
         b"[" * 100_000,  # json raises RecursionError
         b'{"id": "' + b"8" * 32 + b'", "success": true}',  # its id, but no answer in it
         b'{"id": "' + b"8" * 32 + b'", "success": false}',
+        b'{"id": "' + b"8" * 32 + b'", "success": false, "error": "x", "status": "503 oops"}',
+        b'{"id": "' + b"8" * 32 + b'", "success": false, "error": "x", "status": 1000}',
+        b'{"id": "' + b"8" * 32 + b'", "success": true, "model": "m", "predictions": [], "batch_size": 1, '
+        b'"inference_ms": 1, "queue_ms": 1, "probabilities": "AAAA"}',  # its kind is never sent one
     ],
-    ids=["garbage", "another-job", "a-list", "deep", "no-predictions", "no-error"],
+    ids=[
+        "garbage",
+        "another-job",
+        "a-list",
+        "deep",
+        "no-predictions",
+        "no-error",
+        "status-text",
+        "status-1000",
+        "probs",
+    ],
 )
 def test_a_notification_carrying_no_valid_result_of_its_job_reads_the_key(real_redis, waiter_for, carried):
     waiter = waiter_for(wait_mode="notify", fallback_poll_after=30)
@@ -185,3 +203,55 @@ def test_a_stray_message_before_the_answer_does_not_spoil_a_predict(real_redis, 
     request.join(10)
     assert out["response"].status_code == 200, out["response"].get_data(as_text=True)
     assert out["response"].get_json()["predictions"] == answer["predictions"]
+
+
+def test_a_job_that_did_not_ask_for_its_result_in_the_notification_takes_none_from_one(real_redis, waiter_for):
+    """The Open Inference Protocol's jobs ask for probabilities and read them from the key: a result without
+    them on the channel, whole as a /predict result (found by the second review: the infer answered 500)."""
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=30)
+    channel = waiter.start()
+    stored = {"id": "7" * 32, "success": True, "model": "m", "predictions": [], "probabilities": "AACAPw=="}
+    stray = {**stored, "batch_size": 1, "inference_ms": 1.0, "queue_ms": 1.0}
+    del stray["probabilities"]
+    out = {}
+
+    def wait():
+        with waiter.expect("7" * 32, notify_result=False) as pending:
+            out["result"] = waiter.wait(pending, time.monotonic() + 5)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    wait_for(lambda: "7" * 32 in waiter._pending, 5, "the request to wait")
+    real_redis.set(KEYS.result("7" * 32), jobs.encode_result(stored), ex=60)
+    real_redis.publish(channel, b"7" * 32 + b"\n" + jobs.encode_result(stray).encode())
+    thread.join(5)
+    assert out["result"]["probabilities"].tolist() == [1.0]  # what the worker stored, from the key
+
+
+def test_a_stray_result_without_probabilities_does_not_spoil_an_open_inference_request(real_redis, config):
+    """End to end through the V2 route: its job does not ask for its result in the notification, so a stray
+    message with a /predict-shaped result is not taken, and the worker's stored answer is."""
+
+    settings = config.replace(wait_mode="notify", fallback_poll_after=30, request_timeout=10)
+    WorkerRegistry(real_redis, JobQueue(real_redis, settings), 60).beat(
+        "w", {"model": "efficientnet_lite0", "ready": 1}
+    )
+    client = web.create_app(settings, redis_client.connect(settings.redis_url, 5)).test_client()
+    body, length = triton_request(images=[CASTLE.read_bytes()])
+    out = {}
+    request = threading.Thread(
+        target=lambda: out.update(
+            response=client.post("/v2/models/efficientnet_lite0/infer", data=body, headers={HEADER_LENGTH: str(length)})
+        )
+    )
+    request.start()
+    wait_for(lambda: real_redis.llen(KEYS.queue), 5, "the job to be queued")
+    job = jobs.decode_job(real_redis.lindex(KEYS.queue, 0))
+    assert job.probabilities and not job.notify_result
+    stray = jobs.success_result(job, None, [], "efficientnet_lite0", batch_size=1, inference_ms=1.0, queue_ms=1.0)
+    del stray["probabilities"]
+    real_redis.publish(job.reply_to, job.id.encode() + b"\n" + jobs.encode_result(stray).encode())
+    answer = jobs.success_result(job, np.full(1000, 1e-3, np.float32), [], "efficientnet_lite0", 1, 5.0, 1.0)
+    JobQueue(real_redis, settings).finish("w", "batch-1", 0, [jobs.Reply.of(job.id, job.reply_to, answer)])
+    request.join(10)
+    assert out["response"].status_code == 200, out["response"].get_data(as_text=True)

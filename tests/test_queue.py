@@ -472,15 +472,17 @@ def test_a_waited_for_result_is_kept_until_its_deadline_and_announced_as_its_job
     waited = jobs.Job(pixels, time.time() + 20, reply_to="chan", notify_result=True)
     older_web = jobs.Job(pixels, time.time() + 20, reply_to="chan")
     detached = jobs.Job(pixels, time.time() + 900, result_ttl=900)
-    q.enqueue(*(jobs.encode_job(job) for job in (waited, older_web, detached)))
+    polled = jobs.Job(pixels, time.time() + 20)  # WAIT_MODE=poll, or a dead letter an operator requeued
+    q.enqueue(*(jobs.encode_job(job) for job in (waited, older_web, detached, polled)))
     pubsub = real_redis.pubsub()
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
-    assert Worker(CountingClassifier(), config, name="keeper").run_once() == 3
+    assert Worker(CountingClassifier(), config, name="keeper").run_once() == 4
     grace = config.redis_socket_timeout + 5
     for job in (waited, older_web):
         assert 15_000 < real_redis.pttl(q.keys.result(job.id)) <= (20 + grace + 1) * 1000
     assert 890_000 < real_redis.pttl(q.keys.result(detached.id)) <= 900_000
+    assert 590_000 < real_redis.pttl(q.keys.result(polled.id)) <= 600_000  # RESULT_TTL
     first, second = (pubsub.get_message(timeout=1)["data"] for _ in range(2))
     assert jobs.parse_notification(first) == (waited.id, real_redis.get(q.keys.result(waited.id)))
     assert second == older_web.id.encode()

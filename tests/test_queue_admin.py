@@ -234,6 +234,8 @@ def test_requeue_one_puts_it_at_the_tail_with_attempts_0_and_nobody_waiting(
     assert Worker(classifier, admin_config, name="rerun").run_once() == 1
     assert classifier.seen == [1]
     assert jobs.decode_result(real_redis.get(KEYS.result(fresh_a.id)))["success"] is True
+    # For the operator, RESULT_TTL: nobody waits on a reply channel, so its request's deadline does not bound it.
+    assert real_redis.pttl(KEYS.result(fresh_a.id)) > (admin_config.result_ttl - 5) * 1000
     assert not real_redis.exists(KEYS.pixels(fresh_a.id))
 
 
