@@ -51,9 +51,9 @@ class Job:
     attempts: int = 0
     # The result also carries all class probabilities (the Open Inference Protocol's FP32 output).
     probabilities: bool = False
-    # Seconds the result is kept; 0: until the request's deadline and a grace (job_queue.result_grace), at most
-    # RESULT_TTL. Set for async jobs (/jobs), whose requester reads the result whenever it likes and learns the
-    # job's fate from the result key alone.
+    # Seconds the result is kept; 0: with a reply_to, until the request's deadline and a grace
+    # (job_queue.result_grace), at most RESULT_TTL; without, RESULT_TTL. Set for async jobs (/jobs), whose
+    # requester reads the result whenever it likes and learns the job's fate from the result key alone.
     result_ttl: int = 0
     # The web process that waits can take the result from its notification (jobs.parse_notification); a job
     # without it gets the bare id, which web processes of earlier versions expect.
@@ -259,7 +259,9 @@ def delivered_result(raw: bytes, job_id: str) -> dict | None:
     if not isinstance(result, dict) or result.get("id") != job_id or "probabilities" in result:
         return None
     if result.get("success") is True:
-        fields = _SUCCESS_FIELDS
+        # Numbers the metrics take as floats: an int like 10**400 is JSON, and would raise there.
+        numbers = [result.get(name) for name in ("batch_size", "inference_ms", "queue_ms")]
+        fields = _SUCCESS_FIELDS if _is_int(numbers[0]) and all(_is_number(n) for n in numbers) else None
     elif result.get("success") is False:
         status = result.get("status", 500)
         fields = {"error": str} if _is_int(status) and 400 <= status <= 599 else None
@@ -268,14 +270,8 @@ def delivered_result(raw: bytes, job_id: str) -> dict | None:
     return result if fields and all(isinstance(result.get(k), kind) for k, kind in fields.items()) else None
 
 
-# What the web server reads of a success_result, and in which type.
-_SUCCESS_FIELDS = {
-    "model": str,
-    "predictions": list,
-    "batch_size": int,
-    "inference_ms": (int, float),
-    "queue_ms": (int, float),
-}
+# What the web server reads of a success_result besides its numbers, and in which type.
+_SUCCESS_FIELDS = {"model": str, "predictions": list}
 
 
 def decode_result(raw: bytes | str) -> dict:

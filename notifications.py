@@ -1,8 +1,9 @@
 """How a web process waits for its jobs' results: one pub/sub subscription per process, polling as fallback.
 
 Every web process subscribes to its own channel before it pushes any job; workers PUBLISH a finished job's
-id and result there, and the listener thread hands the result to the request waiting for it, which then
-needs no Redis round trip of its own. Pub/sub is at-most-once (a message sent while the listener is
+id there, with its result for a job that asked (notify_result: /predict's), and the listener thread hands
+the result to the request waiting for it, which then needs no Redis round trip of its own (without one, it
+reads the result key). Pub/sub is at-most-once (a message sent while the listener is
 reconnecting is gone), so a waiting request also polls its result key with backoff, and after every
 (re)subscribe the listener wakes all waiting requests to re-check their keys.
 """
@@ -31,7 +32,7 @@ class _Pending:
         self.notify_result = notify_result  # the job asked for its result in the notification
         self.event = threading.Event()
         self.abandoned = False
-        self.delivered = None  # the result JSON a notification carried, until the request takes it
+        self.delivered = None  # the whole result a notification carried (jobs.delivered_result), until taken
 
     def abandon(self):
         """Nobody waits for this result any more (the client went away): wake the request, which gives up."""
@@ -141,7 +142,10 @@ class ResultWaiter:
         with self._lock:
             pending = self._pending.get(job_id)
         if pending:
-            pending.delivered = result
+            # Checked here, so that a later message for the job (a bare id, a stray one) cannot take the place
+            # of a whole result already delivered; the first one is kept.
+            if result is not None and pending.notify_result and pending.delivered is None:
+                pending.delivered = jobs.delivered_result(result, job_id)
             pending.event.set()
 
     def _wake_all(self):
@@ -205,5 +209,5 @@ class ResultWaiter:
 def _delivered(pending):
     """The result its notification carried, or None (none came, the job did not ask for one, or not a whole
     result of this job)."""
-    raw, pending.delivered = pending.delivered, None
-    return None if raw is None or not pending.notify_result else jobs.delivered_result(raw, pending.job_id)
+    result, pending.delivered = pending.delivered, None
+    return result

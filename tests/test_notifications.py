@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 from prometheus_client import REGISTRY
 from test_open_inference import triton_request
 
@@ -101,6 +102,8 @@ def test_the_result_comes_with_its_notification_without_a_read(real_redis, waite
         b'{"id": "' + b"8" * 32 + b'", "success": false, "error": "x", "status": 1000}',
         b'{"id": "' + b"8" * 32 + b'", "success": true, "model": "m", "predictions": [], "batch_size": 1, '
         b'"inference_ms": 1, "queue_ms": 1, "probabilities": "AAAA"}',  # its kind is never sent one
+        b'{"id": "' + b"8" * 32 + b'", "success": true, "model": "m", "predictions": [], "batch_size": 1, '
+        b'"inference_ms": 1' + b"0" * 400 + b', "queue_ms": 1}',  # an int no float holds: metrics would raise
     ],
     ids=[
         "garbage",
@@ -112,6 +115,7 @@ def test_the_result_comes_with_its_notification_without_a_read(real_redis, waite
         "status-text",
         "status-1000",
         "probs",
+        "huge",
     ],
 )
 def test_a_notification_carrying_no_valid_result_of_its_job_reads_the_key(real_redis, waiter_for, carried):
@@ -255,3 +259,26 @@ def test_a_stray_result_without_probabilities_does_not_spoil_an_open_inference_r
     JobQueue(real_redis, settings).finish("w", "batch-1", 0, [jobs.Reply.of(job.id, job.reply_to, answer)])
     request.join(10)
     assert out["response"].status_code == 200, out["response"].get_data(as_text=True)
+
+
+@pytest.mark.parametrize("second", [b"", b"\ngarbage"], ids=["bare-id", "garbage"])
+def test_a_later_message_for_the_job_does_not_take_the_place_of_its_delivered_result(real_redis, waiter_for, second):
+    """A bare id (an earlier version's worker finishing a swept copy) or a stray message after the worker's
+    whole result: the request keeps the result, and needs no read, which could fail (found by the third
+    review: the request waited for Redis until its deadline with the answer in memory)."""
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=0.5)
+    channel = waiter.start()
+    woken, wake = [], waiter._wake
+    waiter._wake = lambda *args: (wake(*args), woken.append(args))
+
+    def fetch(job_id):
+        raise redis.ConnectionError("the data connection is down")
+
+    waiter.fetch = fetch
+    answer = {"id": "6" * 32, "success": True, "model": "m", "predictions": []}
+    answer.update(batch_size=1, inference_ms=1.0, queue_ms=1.0)
+    with waiter.expect("6" * 32) as pending:
+        real_redis.publish(channel, b"6" * 32 + b"\n" + jobs.encode_result(answer).encode())
+        real_redis.publish(channel, b"6" * 32 + second)
+        wait_for(lambda: len(woken) == 2, 5, "both messages to reach the listener")
+        assert waiter.wait(pending, time.monotonic() + 2) == answer
