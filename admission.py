@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from job_queue import JobQueue
-from worker_registration import WorkerRegistry
+from worker_registration import WorkerRegistry, models_served
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Admission:
         """Record the queue's length as an enqueue just saw it."""
         self._queued, self._queued_at = length, self.clock()
 
-    def _queue_length(self):
+    def _queued_jobs(self):
         now = self.clock()
         if now - self._queued_at >= self.QUEUE_MAX_AGE:
             self._queued, self._queued_at = self.queue.length(), now
@@ -114,7 +114,7 @@ class Admission:
         for worker in workers:
             total += _number(worker.get("images_per_s"))
             batch = max(batch, int(_number(worker.get("batch_size"))) or 1)
-        models = frozenset(worker.get("model") for worker in workers if worker.get("ready") == "1")
+        models = models_served(workers)
         pipe = self.queue.redis.pipeline(transaction=False)
         for worker in workers:
             pipe.llen(self.queue.keys.processing(worker.get("name", "")))
@@ -131,7 +131,7 @@ class Admission:
         """
         if remaining <= 0:
             raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
-        queued = self._queue_length()
+        queued = self._queued_jobs()
         throughput = self.throughput()
         ahead = self._in_flight + queued + images + min(self._batch - 1, queued)
         drain = ahead / throughput if throughput > 0 else 0.0

@@ -4,6 +4,7 @@ import redis
 
 from logger import log
 from submission import Service
+from worker_registration import models_served
 
 
 def problem(service: Service, model: str | None = None) -> str | None:
@@ -24,7 +25,8 @@ def problem(service: Service, model: str | None = None) -> str | None:
     if not service.waiter.listening():
         return _logged("the result notification channel is reconnecting")
     # A heartbeat hash exists only while it is fresh: it expires HEARTBEAT_TTL after the last beat.
-    if not any(w.get("ready") == "1" and model in (None, w.get("model")) for w in workers):
+    served = models_served(workers)
+    if not (served if model is None else served & {model}):
         return _logged(f"no worker with {f'{model} loaded' if model else 'a loaded model'} and a fresh heartbeat")
     return None
 

@@ -14,6 +14,12 @@ from job_queue import JobQueue
 from logger import log
 
 
+def models_served(workers: list[dict]) -> frozenset:
+    """The models of the workers (heartbeat hashes, as WorkerRegistry.workers gives them) that have loaded
+    theirs and warmed it up: what the readiness probes and the Open Inference Protocol's infer count."""
+    return frozenset(worker.get("model") for worker in workers if worker.get("ready") == "1")
+
+
 class WorkerRegistry:
     def __init__(self, connection: redis.Redis, job_queue: JobQueue, heartbeat_ttl: float):
         self.redis = connection
