@@ -259,19 +259,16 @@ def delivered_result(raw: bytes, job_id: str) -> dict | None:
     if not isinstance(result, dict) or result.get("id") != job_id or "probabilities" in result:
         return None
     if result.get("success") is True:
-        # Numbers the metrics take as floats: an int like 10**400 is JSON, and would raise there.
+        # The numbers the metrics take as floats: an int like 10**400 is JSON, and would raise there.
         numbers = [result.get(name) for name in ("batch_size", "inference_ms", "queue_ms")]
-        fields = _SUCCESS_FIELDS if _is_int(numbers[0]) and all(_is_number(n) for n in numbers) else None
+        whole = isinstance(result.get("model"), str) and isinstance(result.get("predictions"), list)
+        whole = whole and _is_int(numbers[0]) and all(_is_number(n) for n in numbers)
     elif result.get("success") is False:
         status = result.get("status", 500)
-        fields = {"error": str} if _is_int(status) and 400 <= status <= 599 else None
+        whole = isinstance(result.get("error"), str) and _is_int(status) and 400 <= status <= 599
     else:
-        fields = None
-    return result if fields and all(isinstance(result.get(k), kind) for k, kind in fields.items()) else None
-
-
-# What the web server reads of a success_result besides its numbers, and in which type.
-_SUCCESS_FIELDS = {"model": str, "predictions": list}
+        whole = False
+    return result if whole else None
 
 
 def decode_result(raw: bytes | str) -> dict:

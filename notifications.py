@@ -34,6 +34,11 @@ class _Pending:
         self.abandoned = False
         self.delivered = None  # the whole result a notification carried (jobs.delivered_result), until taken
 
+    def take_delivered(self):
+        """The whole result a notification carried (checked by the listener, see ResultWaiter._wake), once."""
+        result, self.delivered = self.delivered, None
+        return result
+
     def abandon(self):
         """Nobody waits for this result any more (the client went away): wake the request, which gives up."""
         self.abandoned = True
@@ -184,7 +189,7 @@ class ResultWaiter:
                 return None
             notified = pending.event.wait(min(interval, remaining))
             pending.event.clear()
-            result = _delivered(pending) if notified else None
+            result = pending.take_delivered() if notified else None
             if result is None:
                 try:
                     result = self.fetch(pending.job_id)
@@ -204,10 +209,3 @@ class ResultWaiter:
                 interval = min(interval * self._growth, self._longest_wait)
                 if self.mode == "notify":
                     log("fallback_poll", level="DEBUG", id=pending.job_id, next_in_s=interval)
-
-
-def _delivered(pending):
-    """The result its notification carried, or None (none came, the job did not ask for one, or not a whole
-    result of this job)."""
-    result, pending.delivered = pending.delivered, None
-    return result
