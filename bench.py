@@ -10,6 +10,8 @@ f32 and bf16):
 then plain polling (WAIT_MODE=poll) on TensorFlow for comparison, Redis commands per idle second, and, on
 OpenVINO f32: the same service fed 12-megapixel JPEGs instead of the castle, and an open-loop overload row at
 twice the capacity just measured (REQUEST_TIMEOUT=10, 40 s), with how latency recovers once the load is gone.
+Last, with EfficientNet-Lite0, how far OpenVINO f32's and bf16's answers are from TensorFlow's on real photos
+(measure_precision.py).
 The castle image is sent. Ratios are what matter on a shared machine; the JSON goes to bench-results/.
 """
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import launcher
+import measure_precision
 import models
 import stress_test
 from jobs import IMAGE_SHAPE
@@ -278,6 +281,9 @@ def main(argv=None):
             after = bare_runtimes(model, cache_dir, args.seconds)
             report[model] = {"bare_before": before, "bare_after": after, "service": service}
             print_tables(model, before, after, service)
+        if "efficientnet_lite0" in args.models:  # the model with real weights: its answers can be compared
+            report["precision"] = measure_precision.measure(cache_dir)
+            measure_precision.print_report(report["precision"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten to {args.out}")

@@ -15,8 +15,9 @@ import numpy as np
 RUNTIMES = ("openvino", "tensorflow")
 PRECISIONS = ("f32", "bf16")
 # f32 differs from TensorFlow by ~1e-6 (summation order only). bf16 keeps 8 bits of mantissa: it moved probabilities
-# by 0.018 on the fixed input and by up to 0.027 on 20 photos; 0.05 still refuses a 5% error in one layer's weights
-# (0.07) or scrambled classes (0.16), though not a 1% error (0.015), which is as big as bf16's own rounding.
+# by 0.018 on the fixed input and by up to 0.031 on 20 photos (measure_precision.py); 0.05 still refuses a 5% error
+# in one layer's weights (0.07) or scrambled classes (0.16), though not a 1% error (0.015), which is as big as bf16's
+# own rounding.
 TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
 # One synchronous request per batch: LATENCY gives it one stream with both cores. THROUGHPUT's two streams get a
 # core each, so a single request ran at half speed, and splitting batches across requests gained nothing measurable.
