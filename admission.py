@@ -9,9 +9,9 @@ expected wait = local wait + (jobs in flight + jobs queued + the request's image
   progress has to end before the new job's can start;
 - batch-mates after it: a job is answered when its whole batch is; with jobs queued ahead, the batch it lands in
   fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued));
-- local wait: the web process's own backlog, the requests it has admitted and not yet prepared (decode and
-  resize: CPU work done by a few threads per process) times the moving average of one image's preparation,
-  divided by those threads. On a busy machine the web tier, not the model, can be what falls behind.
+- local wait: the web process's own backlog, the images of the requests it has admitted and not yet prepared
+  (decode and resize: CPU work done by a few threads per process) times the moving average of one image's
+  preparation, divided by those threads. On a busy machine the web tier, not the model, can be what falls behind.
 
 A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time (and
 refused outright when none is left). The queue's length is the one the last enqueue of this process saw,
@@ -62,19 +62,28 @@ class Admission:
         self._models = frozenset()
         self._queued, self._queued_at = 0, -math.inf
         self._lock = threading.Lock()
-        self.preparing = 0  # requests admitted and not yet prepared, in this process
+        self.preparing = 0  # images of requests admitted and not yet prepared, in this process
         self.preparation_seconds = 0.0  # moving average of one image's decode and resize
 
     @contextmanager
-    def preparation(self):
-        """Wrap the work of a request `check` admitted: it leaves the local backlog when this ends.
+    def preparation(self, images: int = 1):
+        """Wrap the work of a request `check` admitted with `images`: its images leave the local backlog when this
+        ends. Yields `recount(n)`, to say how many images the request turned out to have once its body was read
+        (a form's images are counted after the admission, which took them for one).
 
         An admitted request is counted from the admission on, not from here: under gevent it waits for its
         turn on the CPU after the admission's Redis round trip, and that wait is the backlog."""
+        counted = images
+
+        def recount(n: int) -> None:
+            nonlocal counted
+            self.preparing += n - counted
+            counted = n
+
         try:
-            yield
+            yield recount
         finally:
-            self.preparing -= 1
+            self.preparing -= counted
 
     def prepared(self, seconds: float) -> None:
         """Record how long one image took to decode and resize, from its start, not from its admission: the
@@ -127,7 +136,8 @@ class Admission:
         """Raise Refusal when a request of `images` jobs with `remaining` seconds to live should not be queued.
 
         Returns (jobs queued, throughput) as seen. Raises redis.RedisError when Redis cannot be asked. An
-        admitted request counts in the local backlog until its `preparation()` ends: use both, one after the other.
+        admitted request's images count in the local backlog until its `preparation(images)` ends: use both, one
+        after the other.
         """
         if remaining <= 0:
             raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
@@ -146,9 +156,9 @@ class Admission:
                 _seconds(expected - remaining * self.wait_fraction),
                 f"about {expected:.1f} s of work ahead ({queued} jobs queued, {self._in_flight} in flight, at "
                 f"{throughput:.1f} images/s, "
-                f"{self.preparing} being prepared here), more than this request's {remaining:.1f} s allow",
+                f"{self.preparing} images being prepared here), more than this request's {remaining:.1f} s allow",
             )
-        self.preparing += 1
+        self.preparing += images
         return queued, throughput
 
 

@@ -85,18 +85,20 @@ def admit(images: int = 1, budget: float | None = None) -> None:
         raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
 
 
-def prepare(read_uploads: Callable[[], list[bytes]]) -> list[np.ndarray]:
+def prepare(read_uploads: Callable[[], list[bytes]], admitted: int = 1) -> list[np.ndarray]:
     """Read the uploads (`read_uploads` parses the protocol's body; it may raise Refused or an HTTPException)
-    and decode and resize each one. Call it once after `admit`: the request leaves the admission's local
-    backlog when this ends, however it ends. Refused 400/413 names the first bad image."""
+    and decode and resize each one. Call it once after `admit`, with the number of images `admit` was given:
+    the request's images leave the admission's local backlog when this ends, however it ends. Refused 400/413
+    names the first bad image."""
     svc = service()
-    with svc.admission.preparation():
+    with svc.admission.preparation(admitted) as recount:
         uploads = read_uploads()
         if not uploads:
             raise Refused(400, "no image was sent")
         if len(uploads) > svc.config.max_images_per_request:
             limit = svc.config.max_images_per_request
             raise Refused(413, f"{len(uploads)} images sent, at most {limit} per request")
+        recount(len(uploads))
         pixels = []
         for number, data in enumerate(uploads, 1):
             try:

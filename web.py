@@ -135,7 +135,8 @@ def _uploads(budget=None):
     except ValueError as exc:
         raise Refused(400, str(exc)) from None
     # Admission before the form is parsed and the images decoded: refusing must cost next to nothing. A
-    # request with several images counts as one here; the queue's cap still takes them all or none.
+    # request with several images counts as one here (the local backlog recounts them once the form is read);
+    # the queue's cap still takes them all or none.
     submission.admit(budget=budget)
     return submission.prepare(_form_images), top_k
 

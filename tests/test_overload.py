@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import requests
 from prometheus_client import REGISTRY
+from test_open_inference import triton_request
 
+import helpers
 import jobs
 import stress_test
 import submission
@@ -143,6 +145,56 @@ def test_the_web_process_own_backlog_counts_and_a_spent_budget_is_refused(fake_r
     assert admission.preparing == 0 and admission.check(remaining=2) == (0, 0.0)
     with pytest.raises(Refusal):
         admission.check(remaining=0)
+
+
+def test_the_local_backlog_counts_images_not_requests(fake_redis):
+    # Two V2 requests of 8 images each, none prepared yet: 16 images of 0.1 s ahead of the next request, 1.6 s.
+    admission = admission_on(fake_redis, 0, [None])
+    admission.preparation_seconds = 0.1
+    admission.check(remaining=30, images=8)
+    admission.check(remaining=30, images=8)
+    assert admission.preparing == 16
+    with pytest.raises(Refusal) as refused:
+        admission.check(remaining=1.9)  # 1.6 s > 0.8 * 1.9 s; counted as 2 requests it would be 0.2 s
+    assert "16 images being prepared here" in str(refused.value)
+    with admission.preparation(8):
+        pass
+    assert admission.preparing == 8
+
+
+def test_a_form_s_images_are_recounted_once_it_is_read(fake_redis):
+    # /predict admits before the form is parsed, as one image; reading the form says how many it holds.
+    admission = admission_on(fake_redis, 0, [None])
+    admission.check(remaining=30)
+    with admission.preparation() as recount:
+        recount(5)
+        assert admission.preparing == 5
+    assert admission.preparing == 0
+
+
+@pytest.mark.parametrize("route", ["/predict", "/v2/models/efficientnet_lite0/infer"])
+def test_while_a_request_s_images_are_decoded_all_of_them_are_in_the_backlog(fake_redis, monkeypatch, route):
+    config = Settings(wait_mode="poll")
+    client = web.create_app(config, fake_redis, ResultWaiter(fake_redis, config)).test_client()
+    WorkerRegistry(fake_redis, JobQueue(fake_redis, config), config.heartbeat_ttl).beat(
+        "w", {"model": "efficientnet_lite0", "ready": 1}
+    )
+    seen = []
+
+    def refuse(data, max_pixels):  # the backlog as the first image is decoded; then a 400 ends the request
+        seen.append(submission.service().admission.preparing)
+        raise helpers.ImageError("not today")
+
+    monkeypatch.setattr(helpers, "prepare_image", refuse)
+    images = [CASTLE.read_bytes()] * 3
+    if route == "/predict":
+        response = client.post(route, data={"image": [(io.BytesIO(i), "x.jpg") for i in images]})
+    else:
+        body, length = triton_request(images)
+        response = client.post(route, data=body, headers={"Inference-Header-Content-Length": str(length)})
+    assert response.status_code == 400 and "not today" in response.get_data(as_text=True)
+    assert seen == [3]
+    assert client.application.extensions["image_classifier"].admission.preparing == 0
 
 
 def test_the_local_backlog_is_shared_by_the_decoding_threads_and_timed_per_image(fake_redis):
