@@ -153,7 +153,10 @@ def _buffer_body(environ, deadline):
     stream, limit, parts, size = environ["wsgi.input"], config.max_upload_bytes + 1, [], 0
     with gevent.Timeout(max(0.001, deadline - time.monotonic())):
         while size < limit:
-            chunk = stream.read(min(1 << 16, limit - size))
+            # All that may come, in one call: gunicorn then receives up to 1 MiB at a time and copies each piece
+            # a few times, where reads of 64 KiB made it copy what it had buffered again on every read: a 1 MB
+            # upload cost 2.7 ms of CPU that way, 1.1 ms this way (the castle's 77 KB: 42 against 37 us).
+            chunk = stream.read(limit - size)
             if not chunk:
                 break
             parts.append(chunk)

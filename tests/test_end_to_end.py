@@ -58,6 +58,15 @@ def test_castle_through_the_whole_service(service, real_redis):
     )
     assert '"label":"beagle"' in curl.stdout.replace(" ", "")
 
+    # A body sent in chunks (no Content-Length) is read whole as well.
+    chunked = subprocess.run(
+        ["curl", "-s", "-H", "Transfer-Encoding: chunked", "-F", f"image=@{CASTLE}", f"{service.url}/predict?top_k=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert '"label":"castle"' in chunked.stdout.replace(" ", ""), chunked.stdout
+
 
 def test_simple_request_says_clearly_when_the_server_is_down():
     printed = subprocess.run(
