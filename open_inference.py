@@ -6,7 +6,9 @@ gives one output, `probabilities`: FP32 [n, classes]. Tensors travel either in t
 binary tensor data extension, as raw bytes after it (Inference-Header-Content-Length gives the JSON's length
 and each tensor's `binary_data_size` its share of the rest; a BYTES element is a 4-byte little-endian length
 and then its bytes). JSON has no bytes type, so an image inside the JSON is a base64 string. The
-classification extension turns an output into BYTES [n, k] of "score:index:label", best first.
+classification extension turns an output into BYTES [n, k] of "score:index:label", best first. A request body
+may come compressed (Content-Encoding gzip or deflate), as tritonclient sends it when asked
+(`request_compression_algorithm`) and Triton accepts it; Inference-Header-Content-Length counts the inflated body.
 """
 
 import base64
@@ -14,6 +16,7 @@ import binascii
 import json
 import re
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +28,8 @@ _LENGTH = re.compile(r"[0-9]{1,12}")
 # Parameters that ask for memory shared with the client, which a server on another host cannot have.
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _ELEMENT_LENGTH = struct.Struct("<I")
+# zlib's window bits for each Content-Encoding: gzip's header and trailer, or HTTP's "deflate" (the zlib format).
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 class ProtocolError(ValueError):
@@ -58,6 +63,27 @@ def model_metadata(name: str, classes: int) -> dict:
         "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
     }
+
+
+def inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
+    """The request body as sent before its Content-Encoding (none, identity, gzip or deflate). Inflates at most
+    `limit` + 1 bytes, so a small body that would inflate to gigabytes is refused (413) having cost that much and
+    no more; any other encoding is refused with 415, a body that is not what it says with 400."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in _ENCODINGS:
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or identity", 415)
+    inflater = zlib.decompressobj(_ENCODINGS[encoding])
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"the body is not valid {encoding}: {exc}") from None
+    if len(inflated) > limit:
+        raise ProtocolError(f"the body inflates to more than the {limit} bytes a request may carry", 413)
+    if not inflater.eof:
+        raise ProtocolError(f"the {encoding} body ends before its compressed data does")
+    return inflated
 
 
 def parse_request(body: bytes, header_length: str | None, classes: int, max_images: int) -> InferRequest:

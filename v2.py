@@ -93,11 +93,14 @@ def _probe(reason, **body):
 def infer(name, version=None):
     _known(name, version)
     try:
+        config = submission.service().config
+        encoding = request.headers.get("Content-Encoding")
+        body = open_inference.inflate(request.get_data(), encoding, config.max_upload_bytes)
         inference = open_inference.parse_request(
-            request.get_data(),
+            body,
             request.headers.get(HEADER_LENGTH),
             len(LABELS),
-            submission.service().config.max_images_per_request,
+            config.max_images_per_request,
         )
     except ProtocolError as exc:
         return _error(str(exc), exc.status)

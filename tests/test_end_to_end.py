@@ -127,3 +127,17 @@ def test_run_script_serves_and_stops_everything_on_ctrl_c(redis_server, real_red
     finally:
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)
+
+
+def test_an_upload_over_the_limit_is_413_with_or_without_a_length(service):
+    service.start_web(MAX_UPLOAD_BYTES="20000")  # the castle is 77 KB; no worker: nothing gets that far
+    assert post(service.url).status_code == 413
+    # In chunks there is no length to refuse by: the web counts what it reads (up to the limit) as the length.
+    chunked = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Transfer-Encoding: chunked"]
+        + ["-F", f"image=@{CASTLE}", f"{service.url}/predict"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert chunked.stdout == "413"

@@ -1,8 +1,10 @@
 """The Open Inference Protocol's wire format, read and written against NVIDIA's own client (tritonclient)."""
 
 import base64
+import gzip
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -189,3 +191,55 @@ def test_more_images_than_a_request_may_carry_is_413_before_any_is_read():
     with pytest.raises(ProtocolError) as refused:
         parse(huge, None)  # the data holds one element: the count is refused before the elements are read
     assert refused.value.status == 413 and "at most 32" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress), (" GZip ", gzip.compress)]
+)
+def test_a_compressed_body_is_read_as_sent_before_compression(encoding, compress):
+    body, header_length = triton_request()
+    inflated = open_inference.inflate(compress(body), encoding, 10 << 20)
+    assert inflated == body and parse(inflated, header_length).images == IMAGES
+
+
+def test_no_encoding_or_identity_is_the_body_itself():
+    body, _ = triton_request()
+    assert open_inference.inflate(body, None, 10) is body and open_inference.inflate(body, "identity", 10) is body
+
+
+def test_an_encoding_we_do_not_speak_is_415():
+    with pytest.raises(ProtocolError) as refused:
+        open_inference.inflate(b"...", "br", 10 << 20)
+    assert refused.value.status == 415 and "'br'" in str(refused.value) and "gzip" in str(refused.value)
+
+
+def test_a_body_that_would_inflate_past_the_limit_is_413_without_inflating_it_all():
+    bomb = gzip.compress(bytes(64 << 20))  # 64 MiB of zeros in ~64 KB
+    inflated = []
+    real = zlib.decompressobj
+
+    class Counting:  # how much inflating was asked for
+        def __init__(self, wbits):
+            self._inflater = real(wbits)
+            self.eof = False
+
+        def decompress(self, data, max_length):
+            out = self._inflater.decompress(data, max_length)
+            inflated.append(len(out))
+            self.eof = self._inflater.eof
+            return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(open_inference.zlib, "decompressobj", Counting)
+        with pytest.raises(ProtocolError) as refused:
+            open_inference.inflate(bomb, "gzip", 1 << 20)
+    assert refused.value.status == 413 and sum(inflated) == (1 << 20) + 1
+
+
+@pytest.mark.parametrize(
+    "data, text", [(b"not gzip at all", "not valid gzip"), (gzip.compress(b"x" * 1000)[:-12], "ends before")]
+)
+def test_a_body_that_is_not_what_its_encoding_says_is_400(data, text):
+    with pytest.raises(ProtocolError) as refused:
+        open_inference.inflate(data, "gzip", 10 << 20)
+    assert refused.value.status == 400 and text in str(refused.value)

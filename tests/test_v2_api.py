@@ -1,5 +1,6 @@
 """The Open Inference Protocol's routes on Flask's test client: metadata, probes, and every refusal of infer."""
 
+import gzip
 import json
 
 import numpy as np
@@ -112,6 +113,19 @@ def test_malformed_requests_are_400_and_queue_nothing(client, fake_redis, body_a
 def test_a_bad_image_is_400_naming_it_and_queues_nothing(client, fake_redis):
     serve(fake_redis)
     assert_error(infer(client, triton_request([CASTLE.read_bytes(), b"just text"])), 400, "image 2 of 2")
+    assert fake_redis.llen(QUEUE) == 0
+
+
+def test_a_compressed_request_is_inflated_before_it_is_read(make_client, fake_redis):
+    serve(fake_redis)
+    body, length = triton_request([CASTLE.read_bytes(), b"just text"])
+    packed = gzip.compress(body)
+    # Read whole: it gets as far as the images, the second of which is not one.
+    assert_error(infer(make_client(), (packed, length), headers={"Content-Encoding": "gzip"}), 400, "image 2 of 2")
+    # The limit holds for what it inflates to, not for what came.
+    small = make_client(max_upload_bytes=len(body) - 1)
+    assert_error(infer(small, (packed, length), headers={"Content-Encoding": "gzip"}), 413, "inflates to more")
+    assert_error(infer(make_client(), (packed, length), headers={"Content-Encoding": "br"}), 415, "gzip, deflate")
     assert fake_redis.llen(QUEUE) == 0
 
 

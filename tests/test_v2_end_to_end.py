@@ -96,6 +96,22 @@ def test_a_batch_of_two_classified_in_binary_and_in_json(client):
     assert [[(i, label) for _, i, label in row] for row in classifications(json_classified)] == [[(162, "beagle")]]
 
 
+@pytest.mark.parametrize("compression", ["gzip", "deflate"])
+def test_tritonclient_s_compressed_requests_are_answered(client, compression):
+    wait_for(client.is_server_ready, 10, "readiness")
+    result = client.infer(
+        MODEL,
+        [images(CASTLE, JEMMA)],
+        outputs=[triton.InferRequestedOutput("probabilities", class_count=1)],
+        request_compression_algorithm=compression,
+        response_compression_algorithm=compression,  # asked for, not given: the answer comes uncompressed
+    )
+    assert [[(i, label) for _, i, label in row] for row in classifications(result)] == [
+        [(CASTLE_INDEX, "castle")],
+        [(BEAGLE_INDEX, "beagle")],
+    ]
+
+
 def test_refusals_reach_tritonclient_with_their_status(client):
     wait_for(client.is_server_ready, 10, "readiness")
     for model, inputs, status, text in [
