@@ -28,8 +28,13 @@ _LENGTH = re.compile(r"[0-9]{1,12}")
 # Parameters that ask for memory shared with the client, which a server on another host cannot have.
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _ELEMENT_LENGTH = struct.Struct("<I")
-# zlib's window bits for each Content-Encoding: gzip's header and trailer, or HTTP's "deflate" (the zlib format).
-_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# zlib's window bits for each Content-Encoding: gzip's header and trailer (x-gzip is its old name, RFC 9110
+# 8.4.1.3), or HTTP's "deflate" (the zlib format).
+_GZIP = 16 + zlib.MAX_WBITS
+_ENCODINGS = {"gzip": _GZIP, "x-gzip": _GZIP, "deflate": zlib.MAX_WBITS}
+# A gzip body may be several members one after another (RFC 1952); clients send one. The bound keeps a body of
+# thousands of empty members from costing a loop turn each.
+_MAX_GZIP_MEMBERS = 64
 
 
 class ProtocolError(ValueError):
@@ -66,24 +71,34 @@ def model_metadata(name: str, classes: int) -> dict:
 
 
 def inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
-    """The request body as sent before its Content-Encoding (none, identity, gzip or deflate). Inflates at most
-    `limit` + 1 bytes, so a small body that would inflate to gigabytes is refused (413) having cost that much and
-    no more; any other encoding is refused with 415, a body that is not what it says with 400."""
+    """The request body as sent before its Content-Encoding (none, identity, gzip, x-gzip or deflate). Inflates at
+    most `limit` + 1 bytes, all gzip members together, so a small body that would inflate to gigabytes is refused
+    (413) having cost that much and no more; any other encoding is refused with 415, a body that is not what it
+    says (corrupt, cut short, or followed by bytes that are not another gzip member) with 400."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding == "identity":
         return body
     if encoding not in _ENCODINGS:
         raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or identity", 415)
-    inflater = zlib.decompressobj(_ENCODINGS[encoding])
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise ProtocolError(f"the body is not valid {encoding}: {exc}") from None
-    if len(inflated) > limit:
-        raise ProtocolError(f"the body inflates to more than the {limit} bytes a request may carry", 413)
-    if not inflater.eof:
-        raise ProtocolError(f"the {encoding} body ends before its compressed data does")
-    return inflated
+    parts, size, rest = [], 0, body
+    for _ in range(_MAX_GZIP_MEMBERS):
+        inflater = zlib.decompressobj(_ENCODINGS[encoding])
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)  # size <= limit here, so never 0 (no limit)
+        except zlib.error as exc:
+            raise ProtocolError(f"the body is not valid {encoding}: {exc}") from None
+        parts.append(part)
+        size += len(part)
+        if size > limit:
+            raise ProtocolError(f"the body inflates to more than the {limit} bytes a request may carry", 413)
+        if not inflater.eof:
+            raise ProtocolError(f"the {encoding} body ends before its compressed data does")
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
+        if _ENCODINGS[encoding] != _GZIP:
+            raise ProtocolError(f"{len(rest)} bytes follow the end of the {encoding} data")
+    raise ProtocolError(f"the gzip body has more than {_MAX_GZIP_MEMBERS} members")
 
 
 def parse_request(body: bytes, header_length: str | None, classes: int, max_images: int) -> InferRequest:

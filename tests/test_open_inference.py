@@ -243,3 +243,27 @@ def test_a_body_that_is_not_what_its_encoding_says_is_400(data, text):
     with pytest.raises(ProtocolError) as refused:
         open_inference.inflate(data, "gzip", 10 << 20)
     assert refused.value.status == 400 and text in str(refused.value)
+
+
+def test_every_gzip_member_is_read_and_the_limit_counts_them_all():
+    # RFC 1952: a gzip body is a series of members, and what it holds is all of them in order.
+    first, second = b'{"inputs": [', b"]}"
+    assert open_inference.inflate(gzip.compress(first) + gzip.compress(second), "gzip", 10 << 20) == first + second
+    halves = gzip.compress(bytes(600_000)) * 2
+    with pytest.raises(ProtocolError) as refused:
+        open_inference.inflate(halves, "gzip", 1_000_000)
+    assert refused.value.status == 413
+    with pytest.raises(ProtocolError) as refused:  # a loop turn for each is what the bound spares
+        open_inference.inflate(gzip.compress(b"") * 65, "gzip", 10 << 20)
+    assert refused.value.status == 400 and "more than 64 members" in str(refused.value)
+
+
+@pytest.mark.parametrize("encoding, compress", [("gzip", gzip.compress), ("deflate", zlib.compress)])
+def test_bytes_after_the_compressed_data_are_400_not_dropped(encoding, compress):
+    with pytest.raises(ProtocolError) as refused:
+        open_inference.inflate(compress(b'{"inputs": []}') + b"trailing garbage", encoding, 10 << 20)
+    assert refused.value.status == 400
+
+
+def test_x_gzip_is_gzip():  # RFC 9110 8.4.1.3
+    assert open_inference.inflate(gzip.compress(b"{}"), "x-gzip", 10 << 20) == b"{}"

@@ -129,6 +129,18 @@ def test_a_compressed_request_is_inflated_before_it_is_read(make_client, fake_re
     assert fake_redis.llen(QUEUE) == 0
 
 
+def test_a_request_in_two_gzip_members_is_read_whole_and_trailing_bytes_are_refused_first(make_client, fake_redis):
+    body, length = triton_request([CASTLE.read_bytes(), b"just text"])
+    half = len(body) // 2
+    two_members = gzip.compress(body[:half]) + gzip.compress(body[half:])
+    garbage = gzip.compress(body) + b"\x00neither gzip nor part of the request"
+    # No worker serves the model: a request read as valid would be answered 503 "not ready".
+    assert_error(infer(make_client(), (garbage, length), headers={"Content-Encoding": "gzip"}), 400, "not valid gzip")
+    serve(fake_redis)
+    assert_error(infer(make_client(), (two_members, length), headers={"Content-Encoding": "gzip"}), 400, "image 2 of 2")
+    assert fake_redis.llen(QUEUE) == 0
+
+
 def test_a_model_no_worker_serves_is_503_at_once(client, fake_redis):
     serve(fake_redis, "resnet50")
     response = infer(client, triton_request())
