@@ -10,8 +10,11 @@ expected wait = local wait + (jobs in flight + jobs queued + the request's image
 - batch-mates after it: a job is answered when its whole batch is; with jobs queued ahead, the batch it lands in
   fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued));
 - local wait: the web process's own backlog, the images of the requests it has admitted and not yet prepared
-  (decode and resize: CPU work done by a few threads per process) times the moving average of one image's
-  preparation, divided by those threads. On a busy machine the web tier, not the model, can be what falls behind.
+  (decode and resize: CPU work done by a few threads per process) that come before the new request's, times the
+  moving average of one image's preparation, divided by those threads. A request's images are prepared one after
+  another, so the threads take the requests in turn: a request of n images waits behind at most n images of each
+  request being prepared, estimated as min(their images, their number x n). On a busy machine the web tier, not
+  the model, can be what falls behind.
 
 A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time (and
 refused outright when none is left). The queue's length is the one the last enqueue of this process saw,
@@ -62,28 +65,24 @@ class Admission:
         self._models = frozenset()
         self._queued, self._queued_at = 0, -math.inf
         self._lock = threading.Lock()
-        self.preparing = 0  # images of requests admitted and not yet prepared, in this process
+        self.preparing = 0  # requests admitted and not yet prepared, in this process
+        self.preparing_images = 0  # their images not yet prepared
         self.preparation_seconds = 0.0  # moving average of one image's decode and resize
 
     @contextmanager
     def preparation(self, images: int = 1):
-        """Wrap the work of a request `check` admitted with `images`: its images leave the local backlog when this
-        ends. Yields `recount(n)`, to say how many images the request turned out to have once its body was read
-        (a form's images are counted after the admission, which took them for one).
+        """Wrap the work of a request `check` admitted with `images`: it leaves the local backlog when this ends.
+        Yields its `_Progress`: say how many images the request turned out to have once its body was read (a
+        form is admitted as one image, before it is parsed), and each one prepared.
 
         An admitted request is counted from the admission on, not from here: under gevent it waits for its
         turn on the CPU after the admission's Redis round trip, and that wait is the backlog."""
-        counted = images
-
-        def recount(n: int) -> None:
-            nonlocal counted
-            self.preparing += n - counted
-            counted = n
-
+        progress = _Progress(self, images)
         try:
-            yield recount
+            yield progress
         finally:
-            self.preparing -= counted
+            self.preparing -= 1
+            self.preparing_images -= progress.left
 
     def prepared(self, seconds: float) -> None:
         """Record how long one image took to decode and resize, from its start, not from its admission: the
@@ -136,8 +135,8 @@ class Admission:
         """Raise Refusal when a request of `images` jobs with `remaining` seconds to live should not be queued.
 
         Returns (jobs queued, throughput) as seen. Raises redis.RedisError when Redis cannot be asked. An
-        admitted request's images count in the local backlog until its `preparation(images)` ends: use both, one
-        after the other.
+        admitted request counts in the local backlog until its `preparation(images)` ends: use both, one after
+        the other.
         """
         if remaining <= 0:
             raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
@@ -147,7 +146,8 @@ class Admission:
         drain = ahead / throughput if throughput > 0 else 0.0
         if queued + images > self.queue.max_length:
             raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
-        local = self.preparing * self.preparation_seconds / self.decoders
+        local_images = min(self.preparing_images, self.preparing * images)
+        local = local_images * self.preparation_seconds / self.decoders
         expected = local + drain
         if expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
@@ -156,10 +156,28 @@ class Admission:
                 _seconds(expected - remaining * self.wait_fraction),
                 f"about {expected:.1f} s of work ahead ({queued} jobs queued, {self._in_flight} in flight, at "
                 f"{throughput:.1f} images/s, "
-                f"{self.preparing} images being prepared here), more than this request's {remaining:.1f} s allow",
+                f"{self.preparing_images} images of {self.preparing} requests being prepared here), more than this "
+                f"request's {remaining:.1f} s allow",
             )
-        self.preparing += images
+        self.preparing += 1
+        self.preparing_images += images
         return queued, throughput
+
+
+class _Progress:
+    """One admitted request's images not yet prepared, kept in its admission's count as they go."""
+
+    def __init__(self, admission: Admission, images: int) -> None:
+        self._admission, self.left = admission, images
+
+    def recount(self, images: int) -> None:
+        """The request has `images` in all, none prepared yet."""
+        self._admission.preparing_images += images - self.left
+        self.left = images
+
+    def prepared_one(self) -> None:
+        self.left -= 1
+        self._admission.preparing_images -= 1
 
 
 def _number(text) -> float:

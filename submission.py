@@ -91,14 +91,14 @@ def prepare(read_uploads: Callable[[], list[bytes]], admitted: int = 1) -> list[
     the request's images leave the admission's local backlog when this ends, however it ends. Refused 400/413
     names the first bad image."""
     svc = service()
-    with svc.admission.preparation(admitted) as recount:
+    with svc.admission.preparation(admitted) as progress:
         uploads = read_uploads()
         if not uploads:
             raise Refused(400, "no image was sent")
         if len(uploads) > svc.config.max_images_per_request:
             limit = svc.config.max_images_per_request
             raise Refused(413, f"{len(uploads)} images sent, at most {limit} per request")
-        recount(len(uploads))
+        progress.recount(len(uploads))
         pixels = []
         for number, data in enumerate(uploads, 1):
             try:
@@ -107,6 +107,7 @@ def prepare(read_uploads: Callable[[], list[bytes]], admitted: int = 1) -> list[
                 which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
                 log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
                 raise Refused(exc.status, which + str(exc)) from None
+            progress.prepared_one()
     return pixels
 
 

@@ -147,33 +147,41 @@ def test_the_web_process_own_backlog_counts_and_a_spent_budget_is_refused(fake_r
         admission.check(remaining=0)
 
 
-def test_the_local_backlog_counts_images_not_requests(fake_redis):
-    # Two V2 requests of 8 images each, none prepared yet: 16 images of 0.1 s ahead of the next request, 1.6 s.
+def test_a_newcomer_waits_behind_as_many_images_of_each_request_as_it_has(fake_redis):
+    # Two V2 requests of 8 images each, none prepared yet, 0.1 s an image, one decoding thread. Each request's
+    # images go to the thread one after another, so the requests take turns: a one-image request waits behind
+    # one image of each (0.2 s), an eight-image one behind all 16 (1.6 s).
     admission = admission_on(fake_redis, 0, [None])
     admission.preparation_seconds = 0.1
     admission.check(remaining=30, images=8)
     admission.check(remaining=30, images=8)
-    assert admission.preparing == 16
+    assert (admission.preparing, admission.preparing_images) == (2, 16)
     with pytest.raises(Refusal) as refused:
-        admission.check(remaining=1.9)  # 1.6 s > 0.8 * 1.9 s; counted as 2 requests it would be 0.2 s
-    assert "16 images being prepared here" in str(refused.value)
-    with admission.preparation(8):
-        pass
-    assert admission.preparing == 8
+        admission.check(remaining=1.9, images=8)  # 1.6 s > 0.8 * 1.9 s
+    assert "16 images of 2 requests being prepared here" in str(refused.value)
+    admission.check(remaining=0.3)  # 0.2 s <= 0.8 * 0.3 s
+    with admission.preparation() as one:
+        one.prepared_one()
+    with admission.preparation(8) as batch:
+        for _ in range(3):
+            batch.prepared_one()
+        assert admission.preparing_images == 13  # an image leaves the backlog as soon as it is prepared
+    assert (admission.preparing, admission.preparing_images) == (1, 8)
 
 
 def test_a_form_s_images_are_recounted_once_it_is_read(fake_redis):
     # /predict admits before the form is parsed, as one image; reading the form says how many it holds.
     admission = admission_on(fake_redis, 0, [None])
     admission.check(remaining=30)
-    with admission.preparation() as recount:
-        recount(5)
-        assert admission.preparing == 5
-    assert admission.preparing == 0
+    with admission.preparation() as progress:
+        progress.recount(5)
+        assert (admission.preparing, admission.preparing_images) == (1, 5)
+        progress.prepared_one()
+    assert (admission.preparing, admission.preparing_images) == (0, 0)
 
 
 @pytest.mark.parametrize("route", ["/predict", "/v2/models/efficientnet_lite0/infer"])
-def test_while_a_request_s_images_are_decoded_all_of_them_are_in_the_backlog(fake_redis, monkeypatch, route):
+def test_a_request_s_images_are_in_the_backlog_until_each_is_prepared(fake_redis, monkeypatch, route):
     config = Settings(wait_mode="poll")
     client = web.create_app(config, fake_redis, ResultWaiter(fake_redis, config)).test_client()
     WorkerRegistry(fake_redis, JobQueue(fake_redis, config), config.heartbeat_ttl).beat(
@@ -181,9 +189,11 @@ def test_while_a_request_s_images_are_decoded_all_of_them_are_in_the_backlog(fak
     )
     seen = []
 
-    def refuse(data, max_pixels):  # the backlog as the first image is decoded; then a 400 ends the request
-        seen.append(submission.service().admission.preparing)
-        raise helpers.ImageError("not today")
+    def refuse(data, max_pixels):  # the backlog as each image is decoded; the third one's 400 ends the request
+        seen.append(submission.service().admission.preparing_images)
+        if len(seen) == 3:
+            raise helpers.ImageError("not today")
+        return np.zeros((224, 224, 3), np.uint8)
 
     monkeypatch.setattr(helpers, "prepare_image", refuse)
     images = [CASTLE.read_bytes()] * 3
@@ -193,8 +203,9 @@ def test_while_a_request_s_images_are_decoded_all_of_them_are_in_the_backlog(fak
         body, length = triton_request(images)
         response = client.post(route, data=body, headers={"Inference-Header-Content-Length": str(length)})
     assert response.status_code == 400 and "not today" in response.get_data(as_text=True)
-    assert seen == [3]
-    assert client.application.extensions["image_classifier"].admission.preparing == 0
+    assert seen == [3, 2, 1]  # all of them from the start (the form's once it is read), then one fewer each
+    admission = client.application.extensions["image_classifier"].admission
+    assert (admission.preparing, admission.preparing_images) == (0, 0)
 
 
 def test_the_local_backlog_is_shared_by_the_decoding_threads_and_timed_per_image(fake_redis):
@@ -407,3 +418,54 @@ def test_the_deadline_counts_from_the_connection_not_from_when_the_app_sees_the_
     assert status.split()[1] == b"504", status
     # Counted from when the app got the body, the answer would come about 2 s + 3 s after connecting.
     assert answered_after < deadline + 1, answered_after
+
+
+# Under gevent's patching, as gunicorn's worker runs (the decoding threads are used only then): a V2 batch of 16
+# images, 50 ms each, is being prepared, and a one-image /predict with 0.45 s to live comes in.
+_BATCH_AND_NEWCOMER = r"""
+from gevent import monkey
+monkey.patch_all()
+import io, json, sys, time
+sys.path[:0] = [sys.argv[1] + "/tests", sys.argv[1]]
+import fakeredis, gevent, numpy as np
+import helpers, submission, web
+from job_queue import JobQueue
+from notifications import ResultWaiter
+from settings import Settings
+from test_open_inference import triton_request
+from worker_registration import WorkerRegistry
+
+sleep = monkey.get_original("time", "sleep")
+def prepare_image(data, max_pixels):  # 50 ms in a decoding thread, the GIL let go as Pillow does
+    sleep(0.05)
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
+r = fakeredis.FakeRedis()
+config = Settings(wait_mode="poll", request_timeout=0.45)
+app = web.create_app(config, r, ResultWaiter(r, config))
+WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
+admission = app.extensions["image_classifier"].admission
+body, length = triton_request([b"x"] * 16)
+batch = gevent.spawn(lambda: app.test_client().post(
+    "/v2/models/efficientnet_lite0/infer", data=body, headers={"Inference-Header-Content-Length": str(length)}))
+gevent.sleep(0.07)  # its first image is done, so one image's time is known
+began = time.monotonic()
+submission._decode(b"x", 10**8, admission)  # what a newcomer's image waits for: the other thread is free
+waited = time.monotonic() - began
+response = app.test_client().post("/predict", data={"image": [(io.BytesIO(b"x"), "x.jpg")]})
+batch.join()
+print(json.dumps({"threads": admission.decoders, "waited": waited, "status": response.status_code,
+                  "body": response.get_json()}))
+"""
+
+
+def test_a_one_image_request_is_not_refused_behind_a_batch_whose_images_it_does_not_wait_for():
+    run = subprocess.run(
+        [sys.executable, "-c", _BATCH_AND_NEWCOMER, str(ROOT)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["threads"] == 2 and seen["waited"] < 0.15, seen  # decoded at once, beside the batch's image
+    # Counting all 16 of the batch's images ahead of it (0.4 s against 0.8 x 0.45 s) refused it with 503.
+    # With no worker it ends in 504 at its deadline: what matters is that it was admitted.
+    assert seen["status"] != 503, seen
