@@ -9,12 +9,10 @@ expected wait = local wait + (jobs in flight + jobs queued + the request's image
   progress has to end before the new job's can start;
 - batch-mates after it: a job is answered when its whole batch is; with jobs queued ahead, the batch it lands in
   fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued));
-- local wait: the web process's own backlog, the images of the requests it has admitted and not yet prepared
-  (decode and resize: CPU work done by a few threads per process) that come before the new request's, times the
-  moving average of one image's preparation, divided by those threads. A request's images are prepared one after
-  another, so the threads take the requests in turn: a request of n images waits behind at most n images of each
-  request being prepared, estimated as min(their images, their number x n). On a busy machine the web tier, not
-  the model, can be what falls behind.
+- local wait: the web process's own backlog, the images it has admitted and not yet prepared (decode and resize:
+  CPU work done by a few threads per process, which take the images in the order they were handed over, so all
+  of those come first) and the request's own, times the moving average of one image's preparation, divided by
+  those threads. On a busy machine the web tier, not the model, can be what falls behind.
 
 A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time (and
 refused outright when none is left). The queue's length is the one the last enqueue of this process saw,
@@ -70,19 +68,24 @@ class Admission:
         self.preparation_seconds = 0.0  # moving average of one image's decode and resize
 
     @contextmanager
-    def preparation(self, images: int = 1):
-        """Wrap the work of a request `check` admitted with `images`: it leaves the local backlog when this ends.
-        Yields its `_Progress`: say how many images the request turned out to have once its body was read (a
-        form is admitted as one image, before it is parsed), and each one prepared.
+    def preparation(self, images: int):
+        """Wrap the preparation of a request `check` admitted with `images`; yields a function to call as each
+        image is prepared. The images still left leave the local backlog when this ends.
 
         An admitted request is counted from the admission on, not from here: under gevent it waits for its
         turn on the CPU after the admission's Redis round trip, and that wait is the backlog."""
-        progress = _Progress(self, images)
+        left = images
+
+        def prepared_one() -> None:
+            nonlocal left
+            left -= 1
+            self.preparing_images -= 1
+
         try:
-            yield progress
+            yield prepared_one
         finally:
             self.preparing -= 1
-            self.preparing_images -= progress.left
+            self.preparing_images -= left
 
     def prepared(self, seconds: float) -> None:
         """Record how long one image took to decode and resize, from its start, not from its admission: the
@@ -146,8 +149,7 @@ class Admission:
         drain = ahead / throughput if throughput > 0 else 0.0
         if queued + images > self.queue.max_length:
             raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
-        local_images = min(self.preparing_images, self.preparing * images)
-        local = local_images * self.preparation_seconds / self.decoders
+        local = (self.preparing_images + images) * self.preparation_seconds / self.decoders
         expected = local + drain
         if expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
@@ -162,22 +164,6 @@ class Admission:
         self.preparing += 1
         self.preparing_images += images
         return queued, throughput
-
-
-class _Progress:
-    """One admitted request's images not yet prepared, kept in its admission's count as they go."""
-
-    def __init__(self, admission: Admission, images: int) -> None:
-        self._admission, self.left = admission, images
-
-    def recount(self, images: int) -> None:
-        """The request has `images` in all, none prepared yet."""
-        self._admission.preparing_images += images - self.left
-        self.left = images
-
-    def prepared_one(self) -> None:
-        self.left -= 1
-        self._admission.preparing_images -= 1
 
 
 def _number(text) -> float:

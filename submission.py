@@ -10,11 +10,12 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 
 import gevent
+import gevent.event
+import gevent.queue
 import gevent.threadpool
 import numpy as np
 import redis
@@ -72,11 +73,16 @@ def started() -> float:
     return request.environ.get(ARRIVED) or time.monotonic()
 
 
-def admit(images: int = 1, budget: float | None = None) -> None:
-    """Refuse (503) a request whose `images` jobs could not be served within its remaining time (or within
-    `budget` seconds: an async job's). Call it before the body is parsed and decoded, so that refusing costs
-    next to nothing; then `prepare` once."""
+def admit(images: int, budget: float | None = None) -> None:
+    """Refuse a request of `images` images that is empty (400), has more than a request may carry (413), or
+    whose jobs could not be served within its remaining time (503; or within `budget` seconds: an async job's).
+    Call it once the body is read and its images counted, before any is decoded, so that refusing costs next to
+    nothing; then `prepare` them."""
     svc = service()
+    if images < 1:
+        raise Refused(400, "no image was sent")
+    if images > svc.config.max_images_per_request:
+        raise Refused(413, f"{images} images sent, at most {svc.config.max_images_per_request} per request")
     remaining = budget or started() + svc.config.request_timeout - time.monotonic()
     try:
         with redis_or_busy():
@@ -85,29 +91,22 @@ def admit(images: int = 1, budget: float | None = None) -> None:
         raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
 
 
-def prepare(read_uploads: Callable[[], list[bytes]], admitted: int = 1) -> list[np.ndarray]:
-    """Read the uploads (`read_uploads` parses the protocol's body; it may raise Refused or an HTTPException)
-    and decode and resize each one. Call it once after `admit`, with the number of images `admit` was given:
-    the request's images leave the admission's local backlog when this ends, however it ends. Refused 400/413
-    names the first bad image."""
+def prepare(uploads: list[bytes]) -> list[np.ndarray]:
+    """Decode and resize each upload, after `admit(len(uploads))`: each image leaves the admission's local backlog
+    once it is prepared, the rest when this ends, however it ends. Refused 400/413 names the first bad image."""
     svc = service()
-    with svc.admission.preparation(admitted) as progress:
-        uploads = read_uploads()
-        if not uploads:
-            raise Refused(400, "no image was sent")
-        if len(uploads) > svc.config.max_images_per_request:
-            limit = svc.config.max_images_per_request
-            raise Refused(413, f"{len(uploads)} images sent, at most {limit} per request")
-        progress.recount(len(uploads))
-        pixels = []
-        for number, data in enumerate(uploads, 1):
-            try:
-                pixels.append(_decode(data, svc.config.max_image_pixels, svc.admission))
-            except helpers.ImageError as exc:
+    pixels = []
+    outcomes = _decoder().prepare(uploads, svc.config.max_image_pixels, svc.admission)
+    with svc.admission.preparation(len(uploads)) as prepared_one, closing(outcomes):  # closed: the rest skipped
+        for number, outcome in enumerate(outcomes, 1):
+            if isinstance(outcome, helpers.ImageError):
                 which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
-                log("image_rejected", level="WARNING", error=str(exc), status=exc.status)
-                raise Refused(exc.status, which + str(exc)) from None
-            progress.prepared_one()
+                log("image_rejected", level="WARNING", error=str(outcome), status=outcome.status)
+                raise Refused(outcome.status, which + str(outcome))
+            if isinstance(outcome, BaseException):
+                raise outcome  # in this greenlet, where the caller handles it
+            pixels.append(outcome)
+            prepared_one()
     return pixels
 
 
@@ -256,23 +255,69 @@ def _cancel(svc, job_ids, ttl=None):
 # Decoding threads per web process: few, as each may hold a large image's pixels, and never more than the
 # cores this process may run on.
 DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
-_decoding_pool = None  # (pid, pool): made in the process that uses it, after gunicorn's fork
+_decoders = None  # (pid, _Decoder): made in the process that uses it, after gunicorn's fork
 
 
-def _decode(data, max_pixels, admission):
-    """Decode and resize one upload. Under gevent this runs in a small thread pool of its own: Pillow lets go
-    of the GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a CPU second) cannot
-    stall every other request of the process, and their deadlines, while it is decoded. (Not the hub's pool:
-    gevent resolves host names there, and a Redis reconnect must not wait behind decodes.)"""
-    global _decoding_pool
+class _Decoder:
+    """Decodes and resizes uploads in a small pool of native threads of its own, in the order they came.
+
+    Threads: Pillow lets go of the GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a
+    CPU second) cannot stall every other request of the process, and their deadlines, while it is decoded. (Not
+    the hub's pool: gevent resolves host names there, and a Redis reconnect must not wait behind decodes.)
+    In order: a request hands over all its images at once and they queue behind every image handed over before
+    them, so a request admitted later never delays one admitted earlier, and the images ahead of a new request are
+    those the admission's local backlog counts. (gevent's pool alone takes whoever asks first when a thread comes
+    free: a request that handed over one image at a time fell behind every request that came after it.)"""
+
+    def __init__(self, threads):
+        self._pool = gevent.threadpool.ThreadPool(threads)
+        self._queue = gevent.queue.Queue()
+        for _ in range(threads):
+            gevent.spawn(self._serve)
+
+    def _serve(self):
+        while True:
+            request, function, args, result = self._queue.get()
+            try:
+                result.set(None if request.abandoned else self._pool.apply(_caught, (function, *args)))
+            except Exception as exc:  # noqa: BLE001 - the pool itself failed: its request hears of it, we go on
+                result.set(exc)
+
+    def prepare(self, uploads, max_pixels, admission):
+        """Each upload's pixels, or the exception it raised, in order; images not yet started when the caller stops
+        reading are skipped."""
+        request = _Abandonable()
+        results = []
+        for data in uploads:
+            results.append(gevent.event.AsyncResult())
+            self._queue.put((request, _timed, (admission, data, max_pixels), results[-1]))
+        try:
+            for result in results:
+                yield result.get()
+        finally:
+            request.abandoned = True
+
+
+class _Abandonable:
+    abandoned = False
+
+
+class _Inline:
+    """Without gevent (Flask's test client, tests): in the caller's thread."""
+
+    @staticmethod
+    def prepare(uploads, max_pixels, admission):
+        for data in uploads:
+            yield _caught(_timed, admission, data, max_pixels)
+
+
+def _decoder():
+    global _decoders
     if not monkey.is_module_patched("threading"):
-        return _timed(admission, data, max_pixels)
-    if _decoding_pool is None or _decoding_pool[0] != os.getpid():
-        _decoding_pool = (os.getpid(), gevent.threadpool.ThreadPool(DECODING_THREADS))
-    outcome = _decoding_pool[1].apply(_caught, (_timed, admission, data, max_pixels))
-    if isinstance(outcome, BaseException):
-        raise outcome  # in this greenlet, where the caller handles it; raised in the pool, gevent prints it
-    return outcome
+        return _Inline
+    if _decoders is None or _decoders[0] != os.getpid():
+        _decoders = (os.getpid(), _Decoder(DECODING_THREADS))
+    return _decoders[1]
 
 
 def _timed(admission, data, max_pixels):
@@ -286,5 +331,5 @@ def _timed(admission, data, max_pixels):
 def _caught(function, *args):
     try:
         return function(*args)
-    except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see _decode
+    except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see prepare
         return exc

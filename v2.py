@@ -109,7 +109,7 @@ def infer(name, version=None):
         # The body is read and parsed already (that costs little); admission counts its images before any
         # is decoded, which is what costs.
         submission.admit(len(inference.images))
-        pixels = submission.prepare(lambda: inference.images, admitted=len(inference.images))
+        pixels = submission.prepare(inference.images)
         # The classification is made here, from all the probabilities: it needs the classes' indices, which
         # the worker's labelled top k does not give (ImageNet has two "crane"s). So top_k is the least.
         results = submission.classify(pixels, top_k=1, probabilities=True)

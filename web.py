@@ -134,11 +134,11 @@ def _uploads(budget=None):
         top_k = _parse_top_k(request.args.get("top_k"))
     except ValueError as exc:
         raise Refused(400, str(exc)) from None
-    # Admission before the form is parsed and the images decoded: refusing must cost next to nothing. A
-    # request with several images counts as one here (the local backlog recounts them once the form is read);
-    # the queue's cap still takes them all or none.
-    submission.admit(budget=budget)
-    return submission.prepare(_form_images), top_k
+    # The form is split before admission (the body is in memory already, and splitting it costs little), so that
+    # admission counts the images it holds; decoding them is what costs, and comes after.
+    images = _form_images()
+    submission.admit(len(images), budget=budget)
+    return submission.prepare(images), top_k
 
 
 def _form_images():
