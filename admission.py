@@ -10,7 +10,7 @@ expected wait = local wait + (jobs in flight + jobs queued + the request's image
 - batch-mates after it: a job is answered when its whole batch is; with jobs queued ahead, the batch it lands in
   fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued));
 - local wait: the web process's own backlog, the images it has admitted and not yet prepared (decode and resize:
-  CPU work done by a few threads per process, which take the images in the order they were handed over, so all
+  CPU work done by a few threads per process, which start the images in the order they were handed over, so all
   of those come first) and the request's own, times the moving average of one image's preparation, divided by
   those threads. On a busy machine the web tier, not the model, can be what falls behind.
 
@@ -78,14 +78,16 @@ class Admission:
 
         def prepared_one() -> None:
             nonlocal left
-            left -= 1
-            self.preparing_images -= 1
+            if left > 0:  # an image that ends after its request did was taken off with the rest
+                left -= 1
+                self.preparing_images -= 1
 
         try:
             yield prepared_one
         finally:
             self.preparing -= 1
             self.preparing_images -= left
+            left = 0
 
     def prepared(self, seconds: float) -> None:
         """Record how long one image took to decode and resize, from its start, not from its admission: the
@@ -134,8 +136,10 @@ class Admission:
             self._throughput, self._batch, self._in_flight, self._models = total, batch, in_flight, models
             self._read_at = now
 
-    def check(self, remaining: float, images: int = 1) -> tuple[int, float]:
+    def check(self, remaining: float, images: int = 1, prepare_within: float | None = None) -> tuple[int, float]:
         """Raise Refusal when a request of `images` jobs with `remaining` seconds to live should not be queued.
+        `prepare_within`: the seconds the request's own HTTP exchange has left, when its jobs may take longer (an
+        async job's): its images are prepared within that exchange, so the local part must fit in it as well.
 
         Returns (jobs queued, throughput) as seen. Raises redis.RedisError when Redis cannot be asked. An
         admitted request counts in the local backlog until its `preparation(images)` ends: use both, one after
@@ -151,6 +155,8 @@ class Admission:
             raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
         local = (self.preparing_images + images) * self.preparation_seconds / self.decoders
         expected = local + drain
+        if prepare_within is not None and local > prepare_within * self.wait_fraction:
+            remaining, expected = prepare_within, local  # what is refused, and said, is the preparation
         if expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
             raise Refusal(

@@ -10,7 +10,8 @@ import math
 import os
 import time
 import uuid
-from contextlib import ExitStack, closing, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import gevent
@@ -83,30 +84,43 @@ def admit(images: int, budget: float | None = None) -> None:
         raise Refused(400, "no image was sent")
     if images > svc.config.max_images_per_request:
         raise Refused(413, f"{images} images sent, at most {svc.config.max_images_per_request} per request")
-    remaining = budget or started() + svc.config.request_timeout - time.monotonic()
+    exchange = started() + svc.config.request_timeout - time.monotonic()  # the images are prepared within it
     try:
         with redis_or_busy():
-            svc.admission.check(remaining, images)
+            if budget:
+                svc.admission.check(budget, images, prepare_within=exchange)
+            else:
+                svc.admission.check(exchange, images)
     except Refusal as refusal:
         raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
 
 
 def prepare(uploads: list[bytes]) -> list[np.ndarray]:
     """Decode and resize each upload, after `admit(len(uploads))`: each image leaves the admission's local backlog
-    once it is prepared, the rest when this ends, however it ends. Refused 400/413 names the first bad image."""
+    once it is prepared, the rest when this ends, however it ends. Refused 400/413 names the first bad image; 499
+    if the client hangs up meanwhile (its images not yet started are then skipped)."""
     svc = service()
     pixels = []
-    outcomes = _decoder().prepare(uploads, svc.config.max_image_pixels, svc.admission)
-    with svc.admission.preparation(len(uploads)) as prepared_one, closing(outcomes):  # closed: the rest skipped
-        for number, outcome in enumerate(outcomes, 1):
-            if isinstance(outcome, helpers.ImageError):
-                which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
-                log("image_rejected", level="WARNING", error=str(outcome), status=outcome.status)
-                raise Refused(outcome.status, which + str(outcome))
-            if isinstance(outcome, BaseException):
-                raise outcome  # in this greenlet, where the caller handles it
-            pixels.append(outcome)
-            prepared_one()
+    with svc.admission.preparation(len(uploads)) as prepared_one:
+        batch = _decoder().submit(uploads, svc.config.max_image_pixels, svc.admission, prepared_one)
+        watch = request.environ.get(WATCH_DISCONNECT)
+        stop_watching = watch(batch.abandon) if watch else None
+        try:
+            for number, outcome in enumerate(batch.outcomes(), 1):
+                if outcome is _GONE:
+                    log("client_gone", level="WARNING", ms=(time.monotonic() - started()) * 1000, images=len(uploads))
+                    raise Refused(499, "the client went away")  # nginx's code; nobody reads it
+                if isinstance(outcome, helpers.ImageError):
+                    which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
+                    log("image_rejected", level="WARNING", error=str(outcome), status=outcome.status)
+                    raise Refused(outcome.status, which + str(outcome))
+                if isinstance(outcome, BaseException):
+                    raise outcome  # in this greenlet, where the caller handles it
+                pixels.append(outcome)
+        finally:
+            batch.abandon()  # whatever is not started yet is skipped
+            if stop_watching:
+                stop_watching()
     return pixels
 
 
@@ -264,10 +278,10 @@ class _Decoder:
     Threads: Pillow lets go of the GIL while it decodes, so one expensive image (a 40-megapixel PNG costs most of a
     CPU second) cannot stall every other request of the process, and their deadlines, while it is decoded. (Not
     the hub's pool: gevent resolves host names there, and a Redis reconnect must not wait behind decodes.)
-    In order: a request hands over all its images at once and they queue behind every image handed over before
-    them, so a request admitted later never delays one admitted earlier, and the images ahead of a new request are
-    those the admission's local backlog counts. (gevent's pool alone takes whoever asks first when a thread comes
-    free: a request that handed over one image at a time fell behind every request that came after it.)"""
+    In order: a request hands over all its images at once and they are started after every image handed over
+    before them, so a request admitted later never delays one admitted earlier, and the images ahead of a new
+    request are those the admission's local backlog counts. (gevent's pool alone takes whoever asks first when a
+    thread comes free: a request that handed over one image at a time fell behind every request after it.)"""
 
     def __init__(self, threads):
         self._pool = gevent.threadpool.ThreadPool(threads)
@@ -277,38 +291,71 @@ class _Decoder:
 
     def _serve(self):
         while True:
-            request, function, args, result = self._queue.get()
+            batch, data, result = self._queue.get()
+            if batch.abandoned:
+                continue  # nobody waits for it
             try:
-                result.set(None if request.abandoned else self._pool.apply(_caught, (function, *args)))
+                outcome = self._pool.apply(_caught, (_timed, batch.admission, data, batch.max_pixels))
             except Exception as exc:  # noqa: BLE001 - the pool itself failed: its request hears of it, we go on
-                result.set(exc)
+                outcome = exc
+            batch.prepared_one()  # out of the backlog as soon as it is done, whatever order the reader reads in
+            result.set(outcome)
 
-    def prepare(self, uploads, max_pixels, admission):
-        """Each upload's pixels, or the exception it raised, in order; images not yet started when the caller stops
-        reading are skipped."""
-        request = _Abandonable()
-        results = []
-        for data in uploads:
-            results.append(gevent.event.AsyncResult())
-            self._queue.put((request, _timed, (admission, data, max_pixels), results[-1]))
-        try:
-            for result in results:
-                yield result.get()
-        finally:
-            request.abandoned = True
+    def submit(self, uploads, max_pixels, admission, prepared_one):
+        batch = _Batch(max_pixels, admission, prepared_one, [gevent.event.AsyncResult() for _ in uploads])
+        for data, result in zip(uploads, batch.results, strict=True):
+            self._queue.put((batch, data, result))
+        return batch
 
 
-class _Abandonable:
-    abandoned = False
+_GONE = object()  # what an image of a request whose client hung up reads as
+
+
+@dataclass
+class _Batch:
+    """One request's images in the decoder."""
+
+    max_pixels: int
+    admission: Admission
+    prepared_one: Callable[[], None]
+    results: list
+    abandoned: bool = False
+
+    def outcomes(self):
+        """Each image's pixels, or the exception it raised, in order (_GONE once abandoned)."""
+        return (result.get() for result in self.results)
+
+    def abandon(self):
+        """Skip the images not started yet; a reader waiting for one reads _GONE."""
+        self.abandoned = True
+        for result in self.results:
+            if not result.ready():
+                result.set(_GONE)
 
 
 class _Inline:
-    """Without gevent (Flask's test client, tests): in the caller's thread."""
+    """Without gevent (Flask's test client, tests): in the caller's thread, when it reads."""
 
-    @staticmethod
-    def prepare(uploads, max_pixels, admission):
-        for data in uploads:
-            yield _caught(_timed, admission, data, max_pixels)
+    def __init__(self, uploads, max_pixels, admission, prepared_one):
+        self._uploads, self._max_pixels, self._admission, self._prepared_one = (
+            uploads,
+            max_pixels,
+            admission,
+            prepared_one,
+        )
+
+    @classmethod
+    def submit(cls, uploads, max_pixels, admission, prepared_one):
+        return cls(uploads, max_pixels, admission, prepared_one)
+
+    def outcomes(self):
+        for data in self._uploads:
+            outcome = _caught(_timed, self._admission, data, self._max_pixels)
+            self._prepared_one()
+            yield outcome
+
+    def abandon(self):
+        pass
 
 
 def _decoder():

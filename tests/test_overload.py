@@ -508,3 +508,124 @@ def test_requests_admitted_later_never_push_an_admitted_one_past_its_deadline():
     admitted = [waited for status, waited in seen["newcomers"] if status != 503]
     assert admitted and all(waited < 1.5 for waited in admitted), seen  # each admitted one prepared in its time
     assert any(status == 503 for status, _ in seen["newcomers"]), seen  # and those that would not be, refused
+
+
+_SLOW_FIRST_IMAGE = r"""
+from gevent import monkey
+monkey.patch_all()
+import io, json, sys, time
+sys.path[:0] = [sys.argv[1] + "/tests", sys.argv[1]]
+import fakeredis, gevent, numpy as np
+import helpers, submission, web
+from job_queue import JobQueue
+from notifications import ResultWaiter
+from settings import Settings
+from test_open_inference import triton_request
+from worker_registration import WorkerRegistry
+
+sleep = monkey.get_original("time", "sleep")
+prepared = set()
+def prepare_image(data, max_pixels):  # the batch's first image is slow, the rest ordinary
+    sleep(1.5 if data == b"A00" else 0.06)
+    prepared.add(data)
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
+r = fakeredis.FakeRedis()
+config = Settings(wait_mode="poll", request_timeout=1.0)
+app = web.create_app(config, r, ResultWaiter(r, config))
+WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
+admission = app.extensions["image_classifier"].admission
+admission.preparation_seconds = 0.01  # measured on small images: the batch is admitted
+body, length = triton_request([b"A%02d" % i for i in range(16)])
+batch = gevent.spawn(lambda: app.test_client().post(
+    "/v2/models/efficientnet_lite0/infer", data=body, environ_base={submission.ARRIVED: time.monotonic()},
+    headers={"Inference-Header-Content-Length": str(length)}))
+gevent.sleep(1.2)  # the other thread has prepared A01..A15 by ~0.9 s; A00 is still being decoded
+admission.preparation_seconds, admission.prepared = 0.1, lambda seconds: None  # pinned from here on
+counted, done = admission.preparing_images, len(prepared)
+newcomer = app.test_client().post("/predict", data={"image": [(io.BytesIO(b"n"), "n.jpg")]},
+                                  environ_base={submission.ARRIVED: time.monotonic()})
+print(json.dumps({"done": done, "counted": counted, "newcomer": newcomer.status_code}))
+batch.kill()
+"""
+
+
+def test_an_image_prepared_before_those_ahead_of_it_in_its_request_leaves_the_backlog_at_once():
+    """Found by the third hostile review: images left the count in the order their request read them."""
+    run = subprocess.run(
+        [sys.executable, "-c", _SLOW_FIRST_IMAGE, str(ROOT)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["done"] == 15 and seen["counted"] == 1, seen
+    # So a newcomer is not refused on (16 + 1) x 0.1 s / 2 = 0.85 s "ahead" against 0.8 x 1 s.
+    assert seen["newcomer"] != 503, seen
+
+
+_CLIENT_GONE = r"""
+from gevent import monkey
+monkey.patch_all()
+import io, json, sys, time
+sys.path[:0] = [sys.argv[1] + "/tests", sys.argv[1]]
+import fakeredis, gevent, numpy as np
+import helpers, submission, web
+from job_queue import JobQueue
+from notifications import ResultWaiter
+from settings import Settings
+from test_open_inference import triton_request
+from worker_registration import WorkerRegistry
+
+sleep = monkey.get_original("time", "sleep")
+prepared = {}
+def prepare_image(data, max_pixels):
+    sleep(0.1)
+    prepared[data] = time.monotonic()
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
+r = fakeredis.FakeRedis()
+config = Settings(wait_mode="poll", request_timeout=2.0)
+app = web.create_app(config, r, ResultWaiter(r, config))
+WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
+app.extensions["image_classifier"].admission.preparation_seconds = 0.1
+
+def hung_up(callback):  # as run_web_server's watch does for a client whose socket already reads end-of-file
+    watcher = gevent.spawn(callback)
+    return lambda: watcher.kill(block=True)
+
+body, length = triton_request([b"A%02d" % i for i in range(16)])
+batch = gevent.spawn(lambda: app.test_client().post(
+    "/v2/models/efficientnet_lite0/infer", data=body, headers={"Inference-Header-Content-Length": str(length)},
+    environ_base={submission.ARRIVED: time.monotonic(), submission.WATCH_DISCONNECT: hung_up}))
+gevent.sleep(0.05)
+arrived = time.monotonic()
+later = app.test_client().post("/predict", data={"image": [(io.BytesIO(b"n"), "n.jpg")]},
+                               environ_base={submission.ARRIVED: arrived})
+batch.join()
+a = app.extensions["image_classifier"].admission
+print(json.dumps({"for_nobody": sum(d.startswith(b"A") for d in prepared), "status": batch.value.status_code,
+                  "later_waited": prepared[b"n"] - arrived, "counts": [a.preparing, a.preparing_images]}))
+"""
+
+
+def test_the_images_of_a_client_that_hung_up_are_skipped():
+    """Found by the third hostile review: the hang-up was watched only once the images were prepared."""
+    run = subprocess.run(
+        [sys.executable, "-c", _CLIENT_GONE, str(ROOT)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["status"] == 499 and seen["counts"] == [0, 0], seen
+    assert seen["for_nobody"] <= 2, seen  # at most one per decoding thread was under way
+    assert seen["later_waited"] < 0.5, seen  # not behind 16 images decoded for nobody (0.8 s)
+
+
+def test_an_async_request_whose_images_cannot_be_prepared_before_its_own_deadline_is_refused(fake_redis, monkeypatch):
+    """Found by the third hostile review: /jobs weighed its preparation against JOB_RESULT_TTL, but its images are
+    prepared within its HTTP exchange (REQUEST_TIMEOUT)."""
+    client, admission = _client_with_a_worker(fake_redis, request_timeout=3.0)
+    admission.decoders, admission.preparation_seconds = 2, 1.0  # 16 images on 2 threads: 8 s
+    monkeypatch.setattr(helpers, "prepare_image", lambda data, max_pixels: pytest.fail("decoded, so admitted"))
+    form = {"image": [(io.BytesIO(b"img%d" % i), "x.jpg") for i in range(16)]}
+    response = client.post("/jobs", data=form, environ_base={submission.ARRIVED: time.monotonic()})
+    assert response.status_code == 503 and response.get_json()["reason"] == "expected_wait"
+    assert (admission.preparing, admission.preparing_images) == (0, 0)
