@@ -69,25 +69,18 @@ class Admission:
 
     @contextmanager
     def preparation(self, images: int):
-        """Wrap the preparation of a request `check` admitted with `images`; yields a function to call as each
-        image is prepared. The images still left leave the local backlog when this ends.
+        """Wrap the preparation of a request `check` admitted with `images`; yields its `BacklogImages`, told as a
+        thread starts each image and is done with it. When this ends, the images no thread has started leave the
+        local backlog; those being prepared stay until their thread is done with them.
 
         An admitted request is counted from the admission on, not from here: under gevent it waits for its
         turn on the CPU after the admission's Redis round trip, and that wait is the backlog."""
-        left = images
-
-        def prepared_one() -> None:
-            nonlocal left
-            if left > 0:  # an image that ends after its request did was taken off with the rest
-                left -= 1
-                self.preparing_images -= 1
-
+        counted = BacklogImages(self, images)
         try:
-            yield prepared_one
+            yield counted
         finally:
             self.preparing -= 1
-            self.preparing_images -= left
-            left = 0
+            counted.end()
 
     def prepared(self, seconds: float) -> None:
         """Record how long one image took to decode and resize, from its start, not from its admission: the
@@ -170,6 +163,26 @@ class Admission:
         self.preparing += 1
         self.preparing_images += images
         return queued, throughput
+
+
+class BacklogImages:
+    """One admitted request's images in its admission's local backlog: each leaves it when a decoding thread is done
+    with it, in whatever order; at the request's end, those no thread has started leave with it."""
+
+    def __init__(self, admission: Admission, images: int) -> None:
+        self._admission, self._left, self._started = admission, images, 0
+
+    def started(self) -> None:
+        self._started += 1
+
+    def prepared(self) -> None:
+        self._started -= 1
+        self._left -= 1
+        self._admission.preparing_images -= 1
+
+    def end(self) -> None:
+        self._admission.preparing_images -= self._left - self._started
+        self._left = self._started
 
 
 def _number(text) -> float:

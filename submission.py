@@ -10,7 +10,6 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from gevent import monkey
 import helpers
 import jobs
 import metrics
-from admission import Admission, Refusal
+from admission import Admission, BacklogImages, Refusal
 from clock import RedisClock
 from job_queue import JobQueue, QueueFull
 from logger import log
@@ -101,8 +100,8 @@ def prepare(uploads: list[bytes]) -> list[np.ndarray]:
     if the client hangs up meanwhile (its images not yet started are then skipped)."""
     svc = service()
     pixels = []
-    with svc.admission.preparation(len(uploads)) as prepared_one:
-        batch = _decoder().submit(uploads, svc.config.max_image_pixels, svc.admission, prepared_one)
+    with svc.admission.preparation(len(uploads)) as counted:
+        batch = _decoder().submit(uploads, svc.config.max_image_pixels, svc.admission, counted)
         watch = request.environ.get(WATCH_DISCONNECT)
         stop_watching = watch(batch.abandon) if watch else None
         try:
@@ -294,15 +293,16 @@ class _Decoder:
             batch, data, result = self._queue.get()
             if batch.abandoned:
                 continue  # nobody waits for it
+            batch.counted.started()
             try:
                 outcome = self._pool.apply(_caught, (_timed, batch.admission, data, batch.max_pixels))
             except Exception as exc:  # noqa: BLE001 - the pool itself failed: its request hears of it, we go on
                 outcome = exc
-            batch.prepared_one()  # out of the backlog as soon as it is done, whatever order the reader reads in
+            batch.counted.prepared()  # out of the backlog once done, whatever order, even if its request has ended
             result.set(outcome)
 
-    def submit(self, uploads, max_pixels, admission, prepared_one):
-        batch = _Batch(max_pixels, admission, prepared_one, [gevent.event.AsyncResult() for _ in uploads])
+    def submit(self, uploads, max_pixels, admission, counted):
+        batch = _Batch(max_pixels, admission, counted, [gevent.event.AsyncResult() for _ in uploads])
         for data, result in zip(uploads, batch.results, strict=True):
             self._queue.put((batch, data, result))
         return batch
@@ -317,7 +317,7 @@ class _Batch:
 
     max_pixels: int
     admission: Admission
-    prepared_one: Callable[[], None]
+    counted: BacklogImages  # the admission's count of its images
     results: list
     abandoned: bool = False
 
@@ -333,25 +333,24 @@ class _Batch:
                 result.set(_GONE)
 
 
+@dataclass
 class _Inline:
-    """Without gevent (Flask's test client, tests): in the caller's thread, when it reads."""
+    """Without gevent (Flask's test client, tests): each image in the caller's thread, when it reads it."""
 
-    def __init__(self, uploads, max_pixels, admission, prepared_one):
-        self._uploads, self._max_pixels, self._admission, self._prepared_one = (
-            uploads,
-            max_pixels,
-            admission,
-            prepared_one,
-        )
+    uploads: list
+    max_pixels: int
+    admission: Admission
+    counted: BacklogImages
 
     @classmethod
-    def submit(cls, uploads, max_pixels, admission, prepared_one):
-        return cls(uploads, max_pixels, admission, prepared_one)
+    def submit(cls, uploads, max_pixels, admission, counted):
+        return cls(uploads, max_pixels, admission, counted)
 
     def outcomes(self):
-        for data in self._uploads:
-            outcome = _caught(_timed, self._admission, data, self._max_pixels)
-            self._prepared_one()
+        for data in self.uploads:
+            self.counted.started()
+            outcome = _caught(_timed, self.admission, data, self.max_pixels)
+            self.counted.prepared()
             yield outcome
 
     def abandon(self):

@@ -159,10 +159,14 @@ def test_the_local_backlog_counts_every_image_ahead_and_the_request_s_own(fake_r
     with pytest.raises(Refusal) as refused:
         admission.check(remaining=2.9, images=8)  # 1 more ahead now: 2.5 s > 0.8 * 2.9 s
     assert "17 images of 3 requests being prepared here" in str(refused.value)
-    with admission.preparation(8) as prepared_one:
+    with admission.preparation(8) as counted:
         for _ in range(3):
-            prepared_one()
+            counted.started()
+            counted.prepared()
+        counted.started()  # a thread is on the fourth when the request ends
         assert admission.preparing_images == 14  # an image leaves the backlog as soon as it is prepared
+    assert (admission.preparing, admission.preparing_images) == (2, 10)  # the one being prepared stays counted
+    counted.prepared()  # until its thread is done with it
     assert (admission.preparing, admission.preparing_images) == (2, 9)
 
 
@@ -629,3 +633,78 @@ def test_an_async_request_whose_images_cannot_be_prepared_before_its_own_deadlin
     response = client.post("/jobs", data=form, environ_base={submission.ARRIVED: time.monotonic()})
     assert response.status_code == 503 and response.get_json()["reason"] == "expected_wait"
     assert (admission.preparing, admission.preparing_images) == (0, 0)
+
+
+_EARLY_END = r"""
+from gevent import monkey
+monkey.patch_all()
+import io, json, sys, time
+sys.path[:0] = [sys.argv[1] + "/tests", sys.argv[1]]
+import fakeredis, gevent, numpy as np
+import helpers, submission, web
+from job_queue import JobQueue
+from notifications import ResultWaiter
+from settings import Settings
+from test_open_inference import triton_request
+from worker_registration import WorkerRegistry
+
+how = sys.argv[2]
+sleep = monkey.get_original("time", "sleep")
+prepared, started = {}, set()
+def prepare_image(data, max_pixels):
+    started.add(data)
+    if data == b"BAD":
+        raise helpers.ImageError("not an image")
+    sleep(0.05 if data == b"n" else 1.5)  # the batch's images are large ones
+    prepared[data] = time.monotonic()
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
+r = fakeredis.FakeRedis()
+config = Settings(wait_mode="poll", request_timeout=1.0)
+app = web.create_app(config, r, ResultWaiter(r, config))
+WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
+a = app.extensions["image_classifier"].admission
+a.preparation_seconds, a.prepared = 0.3, lambda seconds: None  # pinned: the batch is admitted
+
+def hangs_up_soon(callback):  # the client hangs up 0.1 s in, while its first two images are being decoded
+    def later():
+        gevent.sleep(0.1)
+        callback()
+    watcher = gevent.spawn(later)
+    return lambda: watcher.kill(block=True)
+
+images = [b"A00", b"A01", b"A02"] if how == "hangup" else [b"BAD", b"A01", b"A02"]
+environ = {submission.ARRIVED: time.monotonic()}
+if how == "hangup":
+    environ[submission.WATCH_DISCONNECT] = hangs_up_soon
+body, length = triton_request(images)
+first = gevent.spawn(lambda: app.test_client().post(
+    "/v2/models/efficientnet_lite0/infer", data=body, headers={"Inference-Header-Content-Length": str(length)},
+    environ_base=environ))
+first.join(timeout=0.5)  # answered (499 / 400) while both threads are still decoding its images
+busy = len(started - {b"BAD"} - set(prepared))  # its images still in a decoding thread
+counted = a.preparing_images
+a.preparation_seconds = 0.6  # measured on its large images by now
+arrived = time.monotonic()
+newcomer = gevent.spawn(lambda: app.test_client().post(
+    "/predict", data={"image": [(io.BytesIO(b"n"), "n.jpg")]}, environ_base={submission.ARRIVED: arrived}))
+newcomer.join()
+print(json.dumps({"first": first.value.status_code if first.ready() else None, "busy": busy, "counted": counted,
+                  "newcomer": newcomer.value.status_code,
+                  "newcomer_waited": prepared.get(b"n", arrived) - arrived}))
+"""
+
+
+@pytest.mark.parametrize("how", ["hangup", "bad_image"])
+def test_images_still_being_decoded_stay_in_the_backlog_after_their_request_ended(how):
+    """Found by the fourth hostile review: a request that ended early took its images in a thread off at once."""
+    run = subprocess.run(
+        [sys.executable, "-c", _EARLY_END, str(ROOT), how], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["first"] == (499 if how == "hangup" else 400), seen
+    # Counted: (2 busy + 1) x 0.6 s / 2 threads = 0.9 s > 0.8 x 1 s, so the newcomer would be refused 503 at once.
+    # Not counted: it is admitted and its image is prepared ~1.4 s after it arrived, past its 1 s deadline.
+    assert seen["counted"] == seen["busy"], seen
+    assert seen["newcomer"] == 503 or seen["newcomer_waited"] < 1.0, seen
