@@ -530,7 +530,7 @@ from worker_registration import WorkerRegistry
 sleep = monkey.get_original("time", "sleep")
 prepared = set()
 def prepare_image(data, max_pixels):  # the batch's first image is slow, the rest ordinary
-    sleep(1.5 if data == b"A00" else 0.06)
+    sleep(3.0 if data == b"A00" else 0.06)
     prepared.add(data)
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
@@ -544,7 +544,7 @@ body, length = triton_request([b"A%02d" % i for i in range(16)])
 batch = gevent.spawn(lambda: app.test_client().post(
     "/v2/models/efficientnet_lite0/infer", data=body, environ_base={submission.ARRIVED: time.monotonic()},
     headers={"Inference-Header-Content-Length": str(length)}))
-gevent.sleep(1.2)  # the other thread has prepared A01..A15 by ~0.9 s; A00 is still being decoded
+gevent.sleep(2.0)  # the other thread has prepared A01..A15 by ~0.9 s; A00 is still being decoded
 admission.preparation_seconds, admission.prepared = 0.1, lambda seconds: None  # pinned from here on
 counted, done = admission.preparing_images, len(prepared)
 newcomer = app.test_client().post("/predict", data={"image": [(io.BytesIO(b"n"), "n.jpg")]},
@@ -582,15 +582,15 @@ from worker_registration import WorkerRegistry
 sleep = monkey.get_original("time", "sleep")
 prepared = {}
 def prepare_image(data, max_pixels):
-    sleep(0.1)
+    sleep(0.2)
     prepared[data] = time.monotonic()
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
 r = fakeredis.FakeRedis()
-config = Settings(wait_mode="poll", request_timeout=2.0)
+config = Settings(wait_mode="poll", request_timeout=3.0)
 app = web.create_app(config, r, ResultWaiter(r, config))
 WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
-app.extensions["image_classifier"].admission.preparation_seconds = 0.1
+app.extensions["image_classifier"].admission.preparation_seconds = 0.2
 
 def hung_up(callback):  # as run_web_server's watch does for a client whose socket already reads end-of-file
     watcher = gevent.spawn(callback)
@@ -620,7 +620,7 @@ def test_the_images_of_a_client_that_hung_up_are_skipped():
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["status"] == 499 and seen["counts"] == [0, 0], seen
     assert seen["for_nobody"] <= 2, seen  # at most one per decoding thread was under way
-    assert seen["later_waited"] < 0.5, seen  # not behind 16 images decoded for nobody (0.8 s)
+    assert seen["later_waited"] < 1.0, seen  # not behind 16 images decoded for nobody (1.6 s)
 
 
 def test_an_async_request_whose_images_cannot_be_prepared_before_its_own_deadline_is_refused(fake_redis, monkeypatch):
@@ -706,5 +706,6 @@ def test_images_still_being_decoded_stay_in_the_backlog_after_their_request_ende
     assert seen["first"] == (499 if how == "hangup" else 400), seen
     # Counted: (2 busy + 1) x 0.6 s / 2 threads = 0.9 s > 0.8 x 1 s, so the newcomer would be refused 503 at once.
     # Not counted: it is admitted and its image is prepared ~1.4 s after it arrived, past its 1 s deadline.
-    assert seen["counted"] == seen["busy"], seen
+    # Every image in a thread is counted (one a dispatcher has handed to a thread that has not begun it yet, too).
+    assert seen["busy"] <= seen["counted"] <= 2, seen
     assert seen["newcomer"] == 503 or seen["newcomer_waited"] < 1.0, seen
