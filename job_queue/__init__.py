@@ -81,7 +81,8 @@ class JobQueue:
         """
         pixel_keys = [self.keys.pixels(job.id) for job in batch]
         token = self.keys.enqueued(batch[0].id)
-        keys = [self.keys.queue, token, *pixel_keys, *(self.keys.status(job_id) for job_id in track)]
+        result_keys = [self.keys.result(job.id) for job in batch]
+        keys = [self.keys.queue, token, *pixel_keys, *result_keys, *(self.keys.status(job_id) for job_id in track)]
         expires = [math.ceil((job.deadline + self.pixels_grace) * 1000) for job in batch]
         args = [self.max_length, track_ttl, max(expires), *(job.header for job in batch)]
 

@@ -7,10 +7,13 @@
 -- The jobs' pixels were SET just before, in the same pipeline (JobQueue.enqueue); this script never reads
 -- them, and deletes them when it refuses the jobs: at a high rate of refusals, pixels left to expire would
 -- hold 147 KiB each for their whole grace period. (A refusal is never a repeat of a push: that finds the token.)
+-- A repeat that finds a job answered already deletes the pixels the repeated pipeline has just SET again: no
+-- worker will read them, and they would otherwise be kept for their whole grace period.
 -- KEYS[1] queue            the waiting jobs
 -- KEYS[2] token            Keys.enqueued(first job's id), set when the jobs are pushed
 -- KEYS[3 .. n+2]           each job's pixels' key
--- KEYS[n+3 .. 2n+2]        async jobs only: each job's status key, set to 'queued' (none for waited-for jobs)
+-- KEYS[n+3 .. 2n+2]        each job's result key (read by a repeat only)
+-- KEYS[2n+3 .. 3n+2]       async jobs only: each job's status key, set to 'queued' (none for waited-for jobs)
 -- ARGV[1] max_length       the cap
 -- ARGV[2] status_ttl       seconds a status key is kept
 -- ARGV[3] token_expires    unix ms (PXAT) when the token may go: when the pixels do, after any repeat
@@ -24,13 +27,19 @@ local n = #ARGV - 3
 
 local length = redis.call('LLEN', queue)
 if redis.call('EXISTS', token) == 1 then
+  for i = 1, n do
+    local pixels, result = KEYS[2 + i], KEYS[n + 2 + i]
+    if redis.call('EXISTS', result) == 1 then
+      redis.call('DEL', pixels)
+    end
+  end
   return {1, length}
 end
 if length + n > max_length then
   redis.call('DEL', unpack(KEYS, 3, n + 2))
   return {0, length}
 end
-for i = n + 3, #KEYS do
+for i = 2 * n + 3, #KEYS do
   redis.call('SET', KEYS[i], 'queued', 'EX', status_ttl)
 end
 redis.call('SET', token, '1', 'PXAT', token_expires)

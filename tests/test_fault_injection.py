@@ -67,11 +67,11 @@ def test_lost_replies_and_cut_connections_under_load_lose_no_request(redis_serve
         labels = [r.json()["predictions"][0]["label"] for r in responses]
         assert labels == ["castle", "beagle"] * 150
         assert proxy.cuts > 20, proxy.cuts  # the faults really happened
-        wait_for(
-            lambda: leftovers(real_redis) == {"queued": 0, "claimed": 0, "dead": 0, "pixels": 0},
-            30,
-            "no job left behind",
-        )
+        nothing_left = {"queued": 0, "claimed": 0, "dead": 0, "pixels": 0}
+        try:
+            wait_for(lambda: leftovers(real_redis) == nothing_left, 30, "no job left behind")
+        except TimeoutError:
+            raise AssertionError(f"left behind: {leftovers(real_redis)}") from None
         assert all(w.poll() is None for w in workers)
     finally:
         service.stop_all()

@@ -295,8 +295,8 @@ def test_a_repeat_after_a_worker_claimed_the_job_neither_pushes_it_again_nor_tak
     assert q.length() == 1 and r.exists(q.keys.pixels(job.id))
     assert q.finish("w1", "batch", 1, [Reply(job.id, None, '{"ok": 1}')], gone=[job.id]) == "done"
     assert not r.exists(q.keys.pixels(job.id))
-    q.enqueue(job)  # a repeat after the answer: still not pushed again
-    assert q.length() == 1
+    q.enqueue(job)  # a repeat after the answer: still not pushed again, and its pixels, SET again, not kept
+    assert q.length() == 1 and not r.exists(q.keys.pixels(job.id))
 
 
 def test_a_given_up_job_is_answered_by_the_same_step_that_dead_letters_it(r):
