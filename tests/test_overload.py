@@ -452,9 +452,10 @@ def test_the_deadline_counts_from_the_connection_not_from_when_the_app_sees_the_
     assert answered_after < deadline + 1, answered_after
 
 
-# Under gevent's patching, as gunicorn's worker runs (the decoding threads are used only then): a V2 batch of 16
-# images, 50 ms each, is admitted with 1.5 s to live; then 48 one-image /predict requests come in.
-_BATCH_THEN_NEWCOMERS = r"""
+# The scenarios below run under gevent's patching, as gunicorn's worker does (the decoding threads are used only
+# then), each in a process of its own after this preamble: an app on fakeredis with a live worker's heartbeat,
+# REQUEST_TIMEOUT from the command line, and `infer` (V2) and `predict` posting images with a WSGI environ.
+_UNDER_GEVENT = r"""
 from gevent import monkey
 monkey.patch_all()
 import io, json, sys, time
@@ -468,28 +469,50 @@ from test_open_inference import triton_request
 from worker_registration import WorkerRegistry
 
 sleep = monkey.get_original("time", "sleep")
+r = fakeredis.FakeRedis()
+config = Settings(wait_mode="poll", request_timeout=float(sys.argv[2]))
+app = web.create_app(config, r, ResultWaiter(r, config))
+WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
+admission = app.extensions["image_classifier"].admission
+
+def infer(images, **environ):
+    body, length = triton_request(images)
+    return app.test_client().post("/v2/models/efficientnet_lite0/infer", data=body, environ_base=environ,
+                                  headers={"Inference-Header-Content-Length": str(length)})
+
+def predict(image, **environ):
+    return app.test_client().post("/predict", data={"image": [(io.BytesIO(image), "x.jpg")]}, environ_base=environ)
+"""
+
+
+def _under_gevent(scenario, request_timeout, *args):
+    """What `scenario` printed last, as JSON, run after _UNDER_GEVENT in a process of its own."""
+    run = subprocess.run(
+        [sys.executable, "-c", _UNDER_GEVENT + scenario, str(ROOT), str(request_timeout), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+# A V2 batch of 16 images, 50 ms each, is admitted with 1.5 s to live; then 48 one-image /predict requests come in.
+_BATCH_THEN_NEWCOMERS = r"""
 prepared = {}
 def prepare_image(data, max_pixels):  # 50 ms in a decoding thread, the GIL let go as Pillow does
     sleep(0.05)
     prepared[data] = time.monotonic()
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-r = fakeredis.FakeRedis()
-config = Settings(wait_mode="poll", request_timeout=1.5)
-app = web.create_app(config, r, ResultWaiter(r, config))
-WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
-admission = app.extensions["image_classifier"].admission
 admission.preparation_seconds = 0.05  # measured already
-body, length = triton_request([b"A%02d" % i for i in range(16)])
 began = time.monotonic()
-batch = gevent.spawn(lambda: app.test_client().post(
-    "/v2/models/efficientnet_lite0/infer", data=body, environ_base={submission.ARRIVED: began},
-    headers={"Inference-Header-Content-Length": str(length)}))
+batch = gevent.spawn(infer, [b"A%02d" % i for i in range(16)], **{submission.ARRIVED: began})
 gevent.sleep(0.1)
 def newcomer(i):
     arrived = time.monotonic()
-    status = app.test_client().post("/predict", data={"image": [(io.BytesIO(b"n%02d" % i), "n.jpg")]},
-                                    environ_base={submission.ARRIVED: arrived}).status_code
+    status = predict(b"n%02d" % i, **{submission.ARRIVED: arrived}).status_code
     return status, prepared.get(b"n%02d" % i, arrived) - arrived
 newcomers = [gevent.spawn(newcomer, i) for i in range(48)]
 gevent.joinall(newcomers + [batch])
@@ -500,11 +523,7 @@ print(json.dumps({"batch": max(v for k, v in prepared.items() if k.startswith(b"
 
 
 def test_requests_admitted_later_never_push_an_admitted_one_past_its_deadline():
-    run = subprocess.run(
-        [sys.executable, "-c", _BATCH_THEN_NEWCOMERS, str(ROOT)], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = _under_gevent(_BATCH_THEN_NEWCOMERS, 1.5)
     assert seen["threads"] == 2 and seen["counts"] == [0, 0], seen
     # Its 16 images on two threads take 0.4 s; when one newcomer's image could jump ahead of each of the
     # batch's, 47 were admitted and the batch's images were prepared after 2.0 s of its 1.5.
@@ -515,40 +534,18 @@ def test_requests_admitted_later_never_push_an_admitted_one_past_its_deadline():
 
 
 _SLOW_FIRST_IMAGE = r"""
-from gevent import monkey
-monkey.patch_all()
-import io, json, sys, time
-sys.path[:0] = [sys.argv[1] + "/tests", sys.argv[1]]
-import fakeredis, gevent, numpy as np
-import helpers, submission, web
-from job_queue import JobQueue
-from notifications import ResultWaiter
-from settings import Settings
-from test_open_inference import triton_request
-from worker_registration import WorkerRegistry
-
-sleep = monkey.get_original("time", "sleep")
 prepared = set()
 def prepare_image(data, max_pixels):  # the batch's first image is slow, the rest ordinary
     sleep(3.0 if data == b"A00" else 0.06)
     prepared.add(data)
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-r = fakeredis.FakeRedis()
-config = Settings(wait_mode="poll", request_timeout=1.0)
-app = web.create_app(config, r, ResultWaiter(r, config))
-WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
-admission = app.extensions["image_classifier"].admission
 admission.preparation_seconds = 0.01  # measured on small images: the batch is admitted
-body, length = triton_request([b"A%02d" % i for i in range(16)])
-batch = gevent.spawn(lambda: app.test_client().post(
-    "/v2/models/efficientnet_lite0/infer", data=body, environ_base={submission.ARRIVED: time.monotonic()},
-    headers={"Inference-Header-Content-Length": str(length)}))
+batch = gevent.spawn(infer, [b"A%02d" % i for i in range(16)], **{submission.ARRIVED: time.monotonic()})
 gevent.sleep(2.0)  # the other thread has prepared A01..A15 by ~0.9 s; A00 is still being decoded
 admission.preparation_seconds, admission.prepared = 0.1, lambda seconds: None  # pinned from here on
 counted, done = admission.preparing_images, len(prepared)
-newcomer = app.test_client().post("/predict", data={"image": [(io.BytesIO(b"n"), "n.jpg")]},
-                                  environ_base={submission.ARRIVED: time.monotonic()})
+newcomer = predict(b"n", **{submission.ARRIVED: time.monotonic()})
 print(json.dumps({"done": done, "counted": counted, "newcomer": newcomer.status_code}))
 batch.kill()
 """
@@ -556,68 +553,40 @@ batch.kill()
 
 def test_an_image_prepared_before_those_ahead_of_it_in_its_request_leaves_the_backlog_at_once():
     """Found by the third hostile review: images left the count in the order their request read them."""
-    run = subprocess.run(
-        [sys.executable, "-c", _SLOW_FIRST_IMAGE, str(ROOT)], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = _under_gevent(_SLOW_FIRST_IMAGE, 1.0)
     assert seen["done"] == 15 and seen["counted"] == 1, seen
     # So a newcomer is not refused on (16 + 1) x 0.1 s / 2 = 0.85 s "ahead" against 0.8 x 1 s.
     assert seen["newcomer"] != 503, seen
 
 
 _CLIENT_GONE = r"""
-from gevent import monkey
-monkey.patch_all()
-import io, json, sys, time
-sys.path[:0] = [sys.argv[1] + "/tests", sys.argv[1]]
-import fakeredis, gevent, numpy as np
-import helpers, submission, web
-from job_queue import JobQueue
-from notifications import ResultWaiter
-from settings import Settings
-from test_open_inference import triton_request
-from worker_registration import WorkerRegistry
-
-sleep = monkey.get_original("time", "sleep")
 prepared = {}
 def prepare_image(data, max_pixels):
     sleep(0.2)
     prepared[data] = time.monotonic()
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-r = fakeredis.FakeRedis()
-config = Settings(wait_mode="poll", request_timeout=3.0)
-app = web.create_app(config, r, ResultWaiter(r, config))
-WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
-app.extensions["image_classifier"].admission.preparation_seconds = 0.2
+admission.preparation_seconds = 0.2
 
 def hung_up(callback):  # as run_web_server's watch does for a client whose socket already reads end-of-file
     watcher = gevent.spawn(callback)
     return lambda: watcher.kill(block=True)
 
-body, length = triton_request([b"A%02d" % i for i in range(16)])
-batch = gevent.spawn(lambda: app.test_client().post(
-    "/v2/models/efficientnet_lite0/infer", data=body, headers={"Inference-Header-Content-Length": str(length)},
-    environ_base={submission.ARRIVED: time.monotonic(), submission.WATCH_DISCONNECT: hung_up}))
+environ = {submission.ARRIVED: time.monotonic(), submission.WATCH_DISCONNECT: hung_up}
+batch = gevent.spawn(infer, [b"A%02d" % i for i in range(16)], **environ)
 gevent.sleep(0.05)
 arrived = time.monotonic()
-later = app.test_client().post("/predict", data={"image": [(io.BytesIO(b"n"), "n.jpg")]},
-                               environ_base={submission.ARRIVED: arrived})
+later = predict(b"n", **{submission.ARRIVED: arrived})
 batch.join()
-a = app.extensions["image_classifier"].admission
 print(json.dumps({"for_nobody": sum(d.startswith(b"A") for d in prepared), "status": batch.value.status_code,
-                  "later_waited": prepared[b"n"] - arrived, "counts": [a.preparing, a.preparing_images]}))
+                  "later_waited": prepared[b"n"] - arrived,
+                  "counts": [admission.preparing, admission.preparing_images]}))
 """
 
 
 def test_the_images_of_a_client_that_hung_up_are_skipped():
     """Found by the third hostile review: the hang-up was watched only once the images were prepared."""
-    run = subprocess.run(
-        [sys.executable, "-c", _CLIENT_GONE, str(ROOT)], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = _under_gevent(_CLIENT_GONE, 3.0)
     assert seen["status"] == 499 and seen["counts"] == [0, 0], seen
     assert seen["for_nobody"] <= 2, seen  # at most one per decoding thread was under way
     assert seen["later_waited"] < 1.0, seen  # not behind 16 images decoded for nobody (1.6 s)
@@ -636,20 +605,7 @@ def test_an_async_request_whose_images_cannot_be_prepared_before_its_own_deadlin
 
 
 _EARLY_END = r"""
-from gevent import monkey
-monkey.patch_all()
-import io, json, sys, time
-sys.path[:0] = [sys.argv[1] + "/tests", sys.argv[1]]
-import fakeredis, gevent, numpy as np
-import helpers, submission, web
-from job_queue import JobQueue
-from notifications import ResultWaiter
-from settings import Settings
-from test_open_inference import triton_request
-from worker_registration import WorkerRegistry
-
-how = sys.argv[2]
-sleep = monkey.get_original("time", "sleep")
+how = sys.argv[3]
 prepared, started = {}, set()
 def prepare_image(data, max_pixels):
     started.add(data)
@@ -659,12 +615,7 @@ def prepare_image(data, max_pixels):
     prepared[data] = time.monotonic()
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-r = fakeredis.FakeRedis()
-config = Settings(wait_mode="poll", request_timeout=1.0)
-app = web.create_app(config, r, ResultWaiter(r, config))
-WorkerRegistry(r, JobQueue(r, config), config.heartbeat_ttl).beat("w", {"model": "efficientnet_lite0", "ready": 1})
-a = app.extensions["image_classifier"].admission
-a.preparation_seconds, a.prepared = 0.3, lambda seconds: None  # pinned: the batch is admitted
+admission.preparation_seconds, admission.prepared = 0.3, lambda seconds: None  # pinned: the batch is admitted
 
 def hangs_up_soon(callback):  # the client hangs up 0.1 s in, while its first two images are being decoded
     def later():
@@ -677,17 +628,13 @@ images = [b"A00", b"A01", b"A02"] if how == "hangup" else [b"BAD", b"A01", b"A02
 environ = {submission.ARRIVED: time.monotonic()}
 if how == "hangup":
     environ[submission.WATCH_DISCONNECT] = hangs_up_soon
-body, length = triton_request(images)
-first = gevent.spawn(lambda: app.test_client().post(
-    "/v2/models/efficientnet_lite0/infer", data=body, headers={"Inference-Header-Content-Length": str(length)},
-    environ_base=environ))
+first = gevent.spawn(infer, images, **environ)
 first.join(timeout=0.5)  # answered (499 / 400) while both threads are still decoding its images
 busy = len(started - {b"BAD"} - set(prepared))  # its images still in a decoding thread
-counted = a.preparing_images
-a.preparation_seconds = 0.6  # measured on its large images by now
+counted = admission.preparing_images
+admission.preparation_seconds = 0.6  # measured on its large images by now
 arrived = time.monotonic()
-newcomer = gevent.spawn(lambda: app.test_client().post(
-    "/predict", data={"image": [(io.BytesIO(b"n"), "n.jpg")]}, environ_base={submission.ARRIVED: arrived}))
+newcomer = gevent.spawn(predict, b"n", **{submission.ARRIVED: arrived})
 newcomer.join()
 print(json.dumps({"first": first.value.status_code if first.ready() else None, "busy": busy, "counted": counted,
                   "newcomer": newcomer.value.status_code,
@@ -698,11 +645,7 @@ print(json.dumps({"first": first.value.status_code if first.ready() else None, "
 @pytest.mark.parametrize("how", ["hangup", "bad_image"])
 def test_images_still_being_decoded_stay_in_the_backlog_after_their_request_ended(how):
     """Found by the fourth hostile review: a request that ended early took its images in a thread off at once."""
-    run = subprocess.run(
-        [sys.executable, "-c", _EARLY_END, str(ROOT), how], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    seen = _under_gevent(_EARLY_END, 1.0, how)
     assert seen["first"] == (499 if how == "hangup" else 400), seen
     # Counted: (2 busy + 1) x 0.6 s / 2 threads = 0.9 s > 0.8 x 1 s, so the newcomer would be refused 503 at once.
     # Not counted: it is admitted and its image is prepared ~1.4 s after it arrived, past its 1 s deadline.
