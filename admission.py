@@ -83,8 +83,9 @@ class Admission:
             counted.end()
 
     def prepared(self, seconds: float) -> None:
-        """Record how long one image took to decode and resize, from its start, not from its admission: the
-        time spent waiting behind others is what `preparing` counts, and must not be counted twice."""
+        """Record how long one image took, from its hand-over to a decoding thread until its outcome was back with
+        the request (the decode and resize, and the process's delay in handing it back), not from its admission:
+        the time spent waiting behind others is what `preparing` counts, and must not be counted twice."""
         average = self.preparation_seconds
         self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
 
@@ -142,12 +143,20 @@ class Admission:
             raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
         queued = self._queued_jobs()
         throughput = self.throughput()
-        ahead = self._in_flight + queued + images + min(self._batch - 1, queued)
-        drain = ahead / throughput if throughput > 0 else 0.0
-        if queued + images > self.queue.max_length:
-            raise Refusal("queue_full", _seconds(drain or 1), f"{queued} jobs are already waiting")
-        local = (self.preparing_images + images) * self.preparation_seconds / self.decoders
-        expected = local + drain
+        here = self.preparing_images  # admitted here, still to be decoded and queued: all of them before these
+        per_image = 1 / throughput if throughput > 0 else 0.0
+        local = (here + images) * self.preparation_seconds / self.decoders
+        # Two stages in series: the jobs reach the queue once their images are prepared, and the workers reach
+        # them once they are through the jobs in flight, the queued ones and the ones prepared here first;
+        # whichever comes later, then their own batch.
+        expected = max(local, (self._in_flight + queued + here) * per_image)
+        expected += (images + min(self._batch - 1, queued)) * per_image
+        if queued + here + images > self.queue.max_length:
+            raise Refusal(
+                "queue_full",
+                _seconds(expected or 1),
+                f"{queued + here} jobs are already waiting ({here} of them being prepared here)",
+            )
         if prepare_within is not None and local > prepare_within * self.wait_fraction:
             remaining, expected = prepare_within, local  # what is refused, and said, is the preparation
         if expected > remaining * self.wait_fraction:
@@ -175,10 +184,12 @@ class BacklogImages:
     def started(self) -> None:
         self._started += 1
 
-    def prepared(self) -> None:
+    def prepared(self, seconds: float) -> None:
+        """A thread is done with one of the images, `seconds` after it was handed to it."""
         self._started -= 1
         self._left -= 1
         self._admission.preparing_images -= 1
+        self._admission.prepared(seconds)
 
     def end(self) -> None:
         self._admission.preparing_images -= self._left - self._started
