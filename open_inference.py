@@ -57,6 +57,7 @@ class InferRequest:
     id: str | None
     images: list[bytes]
     output: RequestedOutput
+    timeout: float | None = None  # seconds the client gives it (the schedule policy's `timeout`); None: the server's
 
 
 def model_metadata(name: str, classes: int) -> dict:
@@ -111,16 +112,17 @@ def parse_request(body: bytes, header_length: str | None, classes: int, max_imag
         raise ProtocolError("the request's id must be a string")
     parameters = _parameters(request, "the request")
     binary_by_default = _flag(parameters, "binary_data_output", "the request")
+    timeout = _schedule_policy(parameters)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ProtocolError(f"inputs must be a list of one tensor, {INPUT!r}")
     images = _images(inputs[0], binary, header_length is not None, max_images)
     outputs = request.get("outputs")
     if outputs is None:
-        return InferRequest(request_id, images, RequestedOutput(binary_by_default, 0))
+        return InferRequest(request_id, images, RequestedOutput(binary_by_default, 0), timeout)
     if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
         raise ProtocolError(f"outputs must be a list of one tensor, {OUTPUT!r}, or left out")
-    return InferRequest(request_id, images, _requested_output(outputs[0], binary_by_default, classes))
+    return InferRequest(request_id, images, _requested_output(outputs[0], binary_by_default, classes), timeout)
 
 
 def _split_body(body, header_length):
@@ -152,6 +154,17 @@ def _parameters(holder, what):
     if any(name in parameters for name in _SHARED_MEMORY):
         raise ProtocolError("shared memory is not supported: send tensors in the body")
     return parameters
+
+
+def _schedule_policy(parameters):
+    """The request's timeout in seconds (None: the server's own) from Triton's schedule policy extension: `timeout`
+    in microseconds, 0 meaning none. `priority` is checked and has no effect: there is one priority level, as in a
+    Triton model whose dynamic batcher has no `priority_levels`."""
+    for name in ("priority", "timeout"):
+        value = parameters.get(name, 0)
+        if type(value) is not int or value < 0:
+            raise ProtocolError(f"{name} must be an integer of at least 0, got {value!r}")
+    return parameters.get("timeout", 0) / 1e6 or None
 
 
 def _flag(parameters, name, what):

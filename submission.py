@@ -73,6 +73,18 @@ def started() -> float:
     return request.environ.get(ARRIVED) or time.monotonic()
 
 
+def limit_time(seconds: float | None) -> None:
+    """Give the request a deadline of its own, `seconds` after it arrived, when that is sooner than
+    REQUEST_TIMEOUT's (None: REQUEST_TIMEOUT's). Before `admit`: admission weighs the work ahead against it."""
+    g.time_limit = seconds
+
+
+def _timeout(svc) -> float:
+    """Seconds from the request's arrival to its deadline."""
+    asked = g.get("time_limit")
+    return min(asked, svc.config.request_timeout) if asked else svc.config.request_timeout
+
+
 def admit(images: int, budget: float | None = None) -> None:
     """Refuse a request of `images` images that is empty (400), has more than a request may carry (413), or
     whose jobs could not be served within its remaining time (503; or within `budget` seconds: an async job's).
@@ -83,7 +95,7 @@ def admit(images: int, budget: float | None = None) -> None:
         raise Refused(400, "no image was sent")
     if images > svc.config.max_images_per_request:
         raise Refused(413, f"{images} images sent, at most {svc.config.max_images_per_request} per request")
-    exchange = started() + svc.config.request_timeout - time.monotonic()  # the images are prepared within it
+    exchange = started() + _timeout(svc) - time.monotonic()  # the images are prepared within it
     try:
         with redis_or_busy():
             if budget:
@@ -129,7 +141,7 @@ def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) 
     REQUEST_TIMEOUT) or 499 (the client hung up). Unanswered jobs are then marked cancelled, so that no
     worker computes them for nobody."""
     svc = service()
-    begun, timeout = started(), svc.config.request_timeout
+    begun, timeout = started(), _timeout(svc)
     with redis_or_busy():
         reply_to = svc.waiter.start()
         # The jobs' times are Redis's, which every worker reads too; this host's wall clock plays no part.

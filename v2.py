@@ -20,7 +20,11 @@ from open_inference import HEADER_LENGTH, ProtocolError
 from submission import Refused
 
 VERSION = "1"  # each model has one version: the weights its workers loaded
-SERVER = {"name": "image-classifier", "version": "1", "extensions": ["binary_tensor_data", "classification"]}
+SERVER = {
+    "name": "image-classifier",
+    "version": "1",
+    "extensions": ["binary_tensor_data", "classification", "schedule_policy"],
+}
 LABELS = catalog.load_labels()
 
 bp = Blueprint("open_inference", __name__, url_prefix="/v2")
@@ -106,6 +110,7 @@ def infer(name, version=None):
         return _error(str(exc), exc.status)
     try:
         _check_ready(name)
+        submission.limit_time(inference.timeout)
         # The body is read and parsed already (that costs little); admission counts its images before any
         # is decoded, which is what costs.
         submission.admit(len(inference.images))

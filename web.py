@@ -6,6 +6,7 @@ and /metrics. The Open Inference Protocol's /v2 routes are v2.py's blueprint, re
 `create_app(config)` builds it, as Flask's tutorial does; run_web_server.py serves it with gunicorn.
 """
 
+import math
 import re
 import time
 import uuid
@@ -115,6 +116,19 @@ def _parse_top_k(raw):
     return int(raw)
 
 
+def _parse_timeout(raw):
+    """/predict's `timeout`: seconds, a number above 0; None when not given."""
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"timeout must be a number of seconds above 0, got {raw!r}")
+    return seconds
+
+
 def _refused(refused: Refused):
     extra = {"reason": refused.reason} if refused.reason else {}
     if len(refused.job_ids) == 1:
@@ -128,10 +142,13 @@ def _refused(refused: Refused):
 
 
 def _uploads(budget=None):
-    """The request's images, decoded, and its top_k (the checks that need no Redis come first)."""
+    """The request's images, decoded, and its top_k (the checks that need no Redis come first). A waited-for
+    request (no `budget`) takes a `timeout` of its own."""
     log("request_received", bytes=request.content_length, top_k=request.args.get("top_k"))
     try:
         top_k = _parse_top_k(request.args.get("top_k"))
+        if budget is None:
+            submission.limit_time(_parse_timeout(request.args.get("timeout")))
     except ValueError as exc:
         raise Refused(400, str(exc)) from None
     # The form is split before admission (the body is in memory already, and splitting it costs little), so that

@@ -26,12 +26,13 @@ def parse(body, header_length):
     )
 
 
-def triton_request(images=IMAGES, binary_input=True, outputs=None, request_id="", as_base64=False):
-    """A request body as tritonclient builds it: (body, Inference-Header-Content-Length or None)."""
+def triton_request(images=IMAGES, binary_input=True, outputs=None, request_id="", as_base64=False, **options):
+    """A request body as tritonclient builds it: (body, Inference-Header-Content-Length or None). `options`:
+    generate_request_body's own (priority, timeout, parameters)."""
     tensor = triton.InferInput("image", [len(images)], "BYTES")
     elements = [base64.b64encode(i) for i in images] if as_base64 else images
     tensor.set_data_from_numpy(np.array(elements, dtype=object), binary_data=binary_input)
-    return triton.InferenceServerClient.generate_request_body([tensor], outputs, request_id=request_id)
+    return triton.InferenceServerClient.generate_request_body([tensor], outputs, request_id=request_id, **options)
 
 
 def test_binary_images_from_tritonclient_are_read_whole_and_in_order():
@@ -42,6 +43,24 @@ def test_binary_images_from_tritonclient_are_read_whole_and_in_order():
     assert request.images == IMAGES
     assert request.id == "abc"
     assert request.output == RequestedOutput(binary=True, classification=3)
+
+
+def test_the_schedule_policy_s_timeout_is_read_in_seconds_and_its_priority_checked():
+    assert parse(*triton_request(timeout=250_000, priority=2)).timeout == 0.25
+    assert parse(*triton_request()).timeout is None  # the server's own
+    assert parse(*triton_request(timeout=0)).timeout is None  # 0 is no timeout of its own, as in Triton
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"timeout": -1}, {"timeout": 1.5}, {"timeout": "1000"}, {"timeout": True}, {"priority": -1}, {"priority": 0.5}],
+)
+def test_schedule_policy_parameters_that_are_not_counts_are_400(parameters):
+    name = next(iter(parameters))
+    body, _ = triton_request(binary_input=False, as_base64=True)  # tritonclient itself sends only integers
+    request = dict(json.loads(body), parameters=parameters)
+    with pytest.raises(ProtocolError, match=f"{name} must be an integer of at least 0"):
+        parse(json.dumps(request).encode(), None)
 
 
 def test_json_images_travel_as_base64():

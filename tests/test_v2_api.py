@@ -59,7 +59,7 @@ def assert_error(response, status, text):
 def test_server_metadata_names_the_extensions(client):
     body = client.get("/v2").get_json()
     assert body["name"] == "image-classifier" and body["version"]
-    assert set(body["extensions"]) == {"binary_tensor_data", "classification"}
+    assert set(body["extensions"]) == {"binary_tensor_data", "classification", "schedule_policy"}
 
 
 def test_model_metadata_with_and_without_a_version(client):
@@ -162,6 +162,25 @@ def test_limits_and_busy_are_the_same_as_predicts(make_client, fake_redis):
 def test_no_answer_in_time_is_504(make_client, fake_redis):
     serve(fake_redis)
     assert_error(infer(make_client(request_timeout=0.5), triton_request()), 504, "no result within 0.5 s")
+
+
+def test_a_request_s_own_timeout_is_its_deadline(make_client, fake_redis):
+    serve(fake_redis)
+    response = infer(make_client(request_timeout=30), triton_request(timeout=300_000))  # 0.3 s, in microseconds
+    assert_error(response, 504, "no result within 0.3 s")
+    job = json.loads(fake_redis.lindex(QUEUE, 0))
+    assert job["deadline"] - job["enqueued_at"] == pytest.approx(0.3, abs=0.1)
+
+
+def test_a_timeout_the_work_ahead_cannot_meet_is_refused_at_once(make_client, fake_redis):
+    WorkerRegistry(fake_redis, JobQueue(fake_redis, Settings()), 60).beat(
+        "w", {"model": MODEL, "ready": 1, "images_per_s": 10.0}
+    )
+    fake_redis.rpush(QUEUE, *["queued"] * 20)  # 21 images at 10 a second: 2.1 s
+    # REQUEST_TIMEOUT's 30 s would admit it; the 2 s it asked for cannot: 2.1 s > 0.8 x 2 s.
+    refused = infer(make_client(request_timeout=30), triton_request(images=[CASTLE.read_bytes()], timeout=2_000_000))
+    assert_error(refused, 503, "more than this request's 2.0 s allow")
+    assert refused.headers["Retry-After"] and fake_redis.llen(QUEUE) == 20
 
 
 def _answer(monkeypatch, results):

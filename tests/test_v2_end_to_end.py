@@ -48,7 +48,7 @@ def test_probes_and_metadata(client):
     assert client.is_model_ready(MODEL) and client.is_model_ready(MODEL, "1")
     assert not client.is_model_ready("resnet50")  # known, but no worker serves it
     server = client.get_server_metadata()
-    assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
+    assert {"binary_tensor_data", "classification", "schedule_policy"} <= set(server["extensions"])
     model = client.get_model_metadata(MODEL, "1")
     assert model["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
     assert model["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}]
@@ -122,6 +122,18 @@ def test_refusals_reach_tritonclient_with_their_status(client):
         with pytest.raises(InferenceServerException) as refused:
             client.infer(model, [inputs])
         assert refused.value.status() == status and text in refused.value.message()
+
+
+def test_tritonclient_s_schedule_policy_timeout_is_the_request_s_deadline(client):
+    """Triton's schedule policy extension as tritonclient sends it: `timeout`, in microseconds, is the request's
+    deadline; `priority` is accepted, at the one level there is."""
+    wait_for(client.is_server_ready, 10, "readiness")
+    outputs = [triton.InferRequestedOutput("probabilities", class_count=1)]
+    result = client.infer(MODEL, [images(CASTLE)], outputs=outputs, priority=1, timeout=20_000_000)
+    assert [[(i, label) for _, i, label in row] for row in classifications(result)] == [[(CASTLE_INDEX, "castle")]]
+    with pytest.raises(InferenceServerException) as late:
+        client.infer(MODEL, [images(CASTLE)], timeout=1)  # 1 us: over before the server could look at it
+    assert late.value.status() == "503" and "time ran out" in late.value.message()
 
 
 def _bad_image():

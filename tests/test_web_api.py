@@ -56,6 +56,11 @@ def assert_error(response, status, text):
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?top_k=0"), 400, "top_k"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?top_k=21"), 400, "top_k"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?top_k=five"), 400, "top_k"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=0"), 400, "timeout"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=-1"), 400, "timeout"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=nan"), 400, "timeout"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=inf"), 400, "timeout"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=soon"), 400, "timeout"),
         (lambda c: c.get("/predict"), 405, "method"),
     ],
 )
@@ -89,6 +94,14 @@ def test_no_result_in_time_answers_504_with_the_job_id(make_client, fake_redis):
     job_id = response.get_json()["id"]
     assert len(job_id) == 32 and jobs.header_of(fake_redis.lindex(QUEUE, 0))["id"] == job_id
     assert len(fake_redis.get(f"{QUEUE}:pixels:{job_id}")) == 224 * 224 * 3  # written beside the push
+
+
+@pytest.mark.parametrize("timeout, within", [("0.3", 0.3), ("60", 0.5)])
+def test_a_request_s_own_timeout_is_its_deadline_up_to_request_timeout(make_client, fake_redis, timeout, within):
+    response = post_image(make_client(request_timeout=0.5), CASTLE.read_bytes(), query=f"?timeout={timeout}")
+    assert_error(response, 504, f"no result within {within:g} s")
+    job = jobs.header_of(fake_redis.lindex(QUEUE, 0))
+    assert job["deadline"] - job["enqueued_at"] == pytest.approx(within, abs=0.1)  # the worker's deadline too
 
 
 def test_redis_down_answers_503_quickly(make_client):
