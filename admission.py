@@ -33,8 +33,8 @@ from worker_registration import WorkerRegistry, models_served
 
 @dataclass
 class Refusal(Exception):  # not frozen: raising sets __traceback__
-    reason: str  # queue_full | expected_wait
-    retry_after: int  # seconds
+    reason: str  # queue_full | expected_wait; deadline: the request's own time cannot be met, whatever is ahead
+    retry_after: int  # seconds (0 for deadline: retrying would not help)
     message: str
 
     def __str__(self):
@@ -65,7 +65,11 @@ class Admission:
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
         self.preparing_images = 0  # their images not yet prepared
-        self.preparation_seconds = 0.0  # moving average of one image's decode and resize
+        # Moving averages of one image's preparation: from its hand-over to a decoding thread until the thread's
+        # lane has its outcome back (the decode and resize, and on a busy process the delay in handing it back,
+        # during which that lane takes no other image), and of the decode and resize alone.
+        self.preparation_seconds = 0.0
+        self.decode_seconds = 0.0
 
     @contextmanager
     def preparation(self, images: int):
@@ -82,12 +86,12 @@ class Admission:
             self.preparing -= 1
             counted.end()
 
-    def prepared(self, seconds: float) -> None:
-        """Record how long one image took, from its hand-over to a decoding thread until its outcome was back with
-        the request (the decode and resize, and the process's delay in handing it back), not from its admission:
-        the time spent waiting behind others is what `preparing` counts, and must not be counted twice."""
-        average = self.preparation_seconds
-        self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
+    def prepared(self, seconds: float, decoding: float) -> None:
+        """Record how long one image held its lane (`seconds`) and how long its decode and resize took, both from
+        its hand-over to a thread, not from its admission: the time spent waiting behind others is what
+        `preparing` counts, and must not be counted twice."""
+        self.preparation_seconds = _averaged(self.preparation_seconds, seconds)
+        self.decode_seconds = _averaged(self.decode_seconds, decoding)
 
     def queue_length(self, length: int) -> None:
         """Record the queue's length as an enqueue just saw it."""
@@ -140,12 +144,16 @@ class Admission:
         the other.
         """
         if remaining <= 0:
-            raise Refusal("expected_wait", 1, "the request's time ran out before it could be looked at")
+            raise Refusal("deadline", 0, "the request's time ran out before it could be looked at")
         queued = self._queued_jobs()
         throughput = self.throughput()
         here = self.preparing_images  # admitted here, still to be decoded and queued: all of them before these
         per_image = 1 / throughput if throughput > 0 else 0.0
-        local = (here + images) * self.preparation_seconds / self.decoders
+        # The images ahead hold their lanes for their whole turn; the request's own, last in line, count their
+        # decode alone (so that one stall measured into the turns cannot refuse every request of an idle process,
+        # which then never prepares another image to measure).
+        own = images * self.decode_seconds / self.decoders
+        local = here * self.preparation_seconds / self.decoders + own
         # Two stages in series: the jobs reach the queue once their images are prepared, and the workers reach
         # them once they are through the jobs in flight, the queued ones and the ones prepared here first;
         # whichever comes later, then their own batch.
@@ -157,8 +165,17 @@ class Admission:
                 _seconds(expected or 1),
                 f"{queued + here} jobs are already waiting ({here} of them being prepared here)",
             )
+        alone = own + images * per_image  # with nothing ahead
         if prepare_within is not None and local > prepare_within * self.wait_fraction:
-            remaining, expected = prepare_within, local  # what is refused, and said, is the preparation
+            remaining, expected, alone = prepare_within, local, own  # what is refused, and said, is the preparation
+        if alone > remaining * self.wait_fraction:
+            # Not even with nothing ahead: a deadline the request set itself too short (or a request too large for
+            # REQUEST_TIMEOUT). Telling it to retry would have it refused again and again.
+            raise Refusal(
+                "deadline",
+                0,
+                f"its own {images} images need about {alone:.1f} s, more than this request's {remaining:.1f} s allow",
+            )
         if expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
             raise Refusal(
@@ -184,16 +201,20 @@ class BacklogImages:
     def started(self) -> None:
         self._started += 1
 
-    def prepared(self, seconds: float) -> None:
-        """A thread is done with one of the images, `seconds` after it was handed to it."""
+    def prepared(self, seconds: float, decoding: float) -> None:
+        """A thread is done with one of the images: see Admission.prepared."""
         self._started -= 1
         self._left -= 1
         self._admission.preparing_images -= 1
-        self._admission.prepared(seconds)
+        self._admission.prepared(seconds, decoding)
 
     def end(self) -> None:
         self._admission.preparing_images -= self._left - self._started
         self._left = self._started
+
+
+def _averaged(average: float, sample: float) -> float:
+    return sample if not average else average + 0.2 * (sample - average)
 
 
 def _number(text) -> float:

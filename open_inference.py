@@ -35,6 +35,7 @@ _ENCODINGS = {"gzip": _GZIP, "x-gzip": _GZIP, "deflate": zlib.MAX_WBITS}
 # A gzip body may be several members one after another (RFC 1952); clients send one. The bound keeps a body of
 # thousands of empty members from costing a loop turn each.
 _MAX_GZIP_MEMBERS = 64
+_INT64_MAX = 2**63 - 1  # the schedule policy's parameters are int64
 
 
 class ProtocolError(ValueError):
@@ -162,8 +163,8 @@ def _schedule_policy(parameters):
     Triton model whose dynamic batcher has no `priority_levels`."""
     for name in ("priority", "timeout"):
         value = parameters.get(name, 0)
-        if type(value) is not int or value < 0:
-            raise ProtocolError(f"{name} must be an integer of at least 0, got {value!r}")
+        if type(value) is not int or not 0 <= value <= _INT64_MAX:
+            raise ProtocolError(f"{name} must be an integer from 0 to {_INT64_MAX}, got {str(value)[:40]}")
     return parameters.get("timeout", 0) / 1e6 or None
 
 

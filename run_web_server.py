@@ -181,6 +181,30 @@ def _watch_disconnect(connection, callback):
     return lambda: watcher.kill(block=True)
 
 
+class _SafetyNet:
+    """A gevent.Timeout at `answer_by` (monotonic) around the app, which a request with a sooner deadline of its
+    own moves earlier (submission.limit_time), never later."""
+
+    def __init__(self, answer_by):
+        self._answer_by, self._timeout = answer_by, None
+
+    def move(self, answer_by):
+        if answer_by >= self._answer_by:
+            return
+        self._answer_by = answer_by
+        if self._timeout is not None:
+            self.__exit__()
+            self.__enter__()
+
+    def __enter__(self):
+        self._timeout = gevent.Timeout(max(0.001, self._answer_by - time.monotonic()))
+        self._timeout.start()
+        return self
+
+    def __exit__(self, *_exc):
+        self._timeout.cancel()
+
+
 def _serve(environ, start_response):
     connection = environ.get("gunicorn.socket")
     if not isinstance(connection, _Connection):
@@ -197,9 +221,10 @@ def _serve(environ, start_response):
         status, headers, body = _408
         start_response(status, headers)
         return [body]
-    answer_by = began + config.request_timeout + SAFETY_MARGIN
+    net = _SafetyNet(began + config.request_timeout + SAFETY_MARGIN)
+    environ[submission.MOVE_DEADLINE] = lambda seconds: net.move(began + seconds + SAFETY_MARGIN)
     try:
-        with gevent.Timeout(max(0.001, answer_by - time.monotonic())):
+        with net:
             return app(environ, start_response)
     except gevent.Timeout:
         connection.close_after_response = True  # the app was cut off mid-way: start afresh on a new connection

@@ -36,6 +36,7 @@ from worker_registration import WorkerRegistry
 # Set by the server (run_web_server.py) in the WSGI environ; absent under other hosts and Flask's test client.
 ARRIVED = "imgclf.arrived"  # time.monotonic() when the request's connection was accepted or its first byte came
 WATCH_DISCONNECT = "imgclf.watch_disconnect"  # watch(callback) -> stop(): callback() once the client hangs up
+MOVE_DEADLINE = "imgclf.move_deadline"  # move(seconds): the server's own 504 comes that long after ARRIVED instead
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,19 @@ class Refused(Exception):
 
 
 def started() -> float:
-    """time.monotonic() when the request's clock started: when the server first saw it, not when we got to it."""
-    return request.environ.get(ARRIVED) or time.monotonic()
+    """time.monotonic() when the request's clock started: when the server first saw it, not when we got to it
+    (under another WSGI host, which does not say: when this was first asked)."""
+    return request.environ.setdefault(ARRIVED, time.monotonic())
 
 
 def limit_time(seconds: float | None) -> None:
     """Give the request a deadline of its own, `seconds` after it arrived, when that is sooner than
-    REQUEST_TIMEOUT's (None: REQUEST_TIMEOUT's). Before `admit`: admission weighs the work ahead against it."""
+    REQUEST_TIMEOUT's (None: REQUEST_TIMEOUT's). Before `admit`: admission weighs the work ahead against it, and
+    the server's safety net answers by it as it would by REQUEST_TIMEOUT."""
     g.time_limit = seconds
+    move = request.environ.get(MOVE_DEADLINE)
+    if seconds and move:
+        move(_timeout(service()))
 
 
 def _timeout(svc) -> float:
@@ -103,24 +109,33 @@ def admit(images: int, budget: float | None = None) -> None:
             else:
                 svc.admission.check(exchange, images)
     except Refusal as refusal:
+        if refusal.reason == "deadline":  # no retry would meet it: the request's time is what it lacks
+            log("request_timeout", level="WARNING", error=str(refusal))
+            raise Refused(504, str(refusal)) from None
         raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
 
 
 def prepare(uploads: list[bytes]) -> list[np.ndarray]:
     """Decode and resize each upload, after `admit(len(uploads))`: each image leaves the admission's local backlog
     once it is prepared, the rest when this ends, however it ends. Refused 400/413 names the first bad image; 499
-    if the client hangs up meanwhile (its images not yet started are then skipped)."""
+    if the client hangs up meanwhile, 504 if the request's deadline comes first (its images not yet started are
+    then skipped)."""
     svc = service()
     pixels = []
+    timeout = _timeout(svc)
     with svc.admission.preparation(len(uploads)) as counted:
         batch = _decoder().submit(uploads, svc.config.max_image_pixels, counted)
         watch = request.environ.get(WATCH_DISCONNECT)
         stop_watching = watch(batch.abandon) if watch else None
         try:
-            for number, outcome in enumerate(batch.outcomes(), 1):
+            for number, outcome in enumerate(batch.outcomes(started() + timeout), 1):
+                elapsed_ms = (time.monotonic() - started()) * 1000
                 if outcome is _GONE:
-                    log("client_gone", level="WARNING", ms=(time.monotonic() - started()) * 1000, images=len(uploads))
+                    log("client_gone", level="WARNING", ms=elapsed_ms, images=len(uploads))
                     raise Refused(499, "the client went away")  # nginx's code; nobody reads it
+                if outcome is _LATE:
+                    log("request_timeout", level="WARNING", ms=elapsed_ms, images=len(uploads), prepared=len(pixels))
+                    raise Refused(504, f"no result within {timeout:g} s")
                 if isinstance(outcome, helpers.ImageError):
                     which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
                     log("image_rejected", level="WARNING", error=str(outcome), status=outcome.status)
@@ -147,6 +162,9 @@ def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) 
         # The jobs' times are Redis's, which every worker reads too; this host's wall clock plays no part.
         now = svc.clock.now()
     deadline = now + timeout - (time.monotonic() - begun)
+    if deadline <= now:  # spent before its jobs could be queued: nothing for a worker to do
+        log("request_timeout", level="WARNING", ms=(time.monotonic() - begun) * 1000)
+        raise Refused(504, f"no result within {timeout:g} s")
     batch = [_job(p, deadline, top_k, reply_to, now, probabilities=probabilities) for p in pixels]
     ids = [job.id for job in batch]
     with ExitStack() as stack:
@@ -308,14 +326,14 @@ class _Decoder:
             batch.counted.started()
             began = time.monotonic()
             try:
-                outcome = self._pool.apply(_caught, (helpers.prepare_image, data, batch.max_pixels))
+                outcome, decoding = self._pool.apply(_decode, (data, batch.max_pixels))
             except Exception as exc:  # noqa: BLE001 - the pool itself failed: its request hears of it, we go on
-                outcome = exc
-            # Out of the backlog once done, whatever order, even if its request has ended. Timed here, not in the
-            # thread: a lane takes its next image only once this greenlet has the outcome back, and on a busy
-            # process the hub's delay in handing it back took longer than the decoding (4 s of local wait at the
-            # onset of an overload, admitted on an estimate of under 1 s).
-            batch.counted.prepared(time.monotonic() - began)
+                outcome, decoding = exc, time.monotonic() - began
+            # Out of the backlog once done, whatever order, even if its request has ended. The lane's turn is
+            # timed here, not in the thread: a lane takes its next image only once this greenlet has the outcome
+            # back, and on a busy process the hub's delay in handing it back took longer than the decoding (4 s
+            # of local wait at the onset of an overload, admitted on an estimate of under 1 s).
+            batch.counted.prepared(time.monotonic() - began, decoding)
             result.set(outcome)
 
     def submit(self, uploads, max_pixels, counted):
@@ -326,6 +344,7 @@ class _Decoder:
 
 
 _GONE = object()  # what an image of a request whose client hung up reads as
+_LATE = object()  # what an image not prepared by the request's deadline reads as
 
 
 @dataclass
@@ -337,9 +356,15 @@ class _Batch:
     results: list
     abandoned: bool = False
 
-    def outcomes(self):
-        """Each image's pixels, or the exception it raised, in order (_GONE once abandoned)."""
-        return (result.get() for result in self.results)
+    def outcomes(self, until):
+        """Each image's pixels, or the exception it raised, in order (_GONE once abandoned); _LATE, and no more,
+        when one is not ready by `until` (monotonic)."""
+        for result in self.results:
+            try:
+                yield result.get(timeout=max(0.0, until - time.monotonic()))
+            except gevent.Timeout:
+                yield _LATE
+                return
 
     def abandon(self):
         """Skip the images not started yet; a reader waiting for one reads _GONE."""
@@ -361,12 +386,14 @@ class _Inline:
     def submit(cls, uploads, max_pixels, counted):
         return cls(uploads, max_pixels, counted)
 
-    def outcomes(self):
+    def outcomes(self, until):
         for data in self.uploads:
+            if time.monotonic() >= until:
+                yield _LATE
+                return
             self.counted.started()
-            began = time.monotonic()
-            outcome = _caught(helpers.prepare_image, data, self.max_pixels)
-            self.counted.prepared(time.monotonic() - began)
+            outcome, decoding = _decode(data, self.max_pixels)
+            self.counted.prepared(decoding, decoding)
             yield outcome
 
     def abandon(self):
@@ -382,8 +409,11 @@ def _decoder():
     return _decoders[1]
 
 
-def _caught(function, *args):
+def _decode(data, max_pixels):
+    """In a decoding thread: (the pixels, or the exception raised; the seconds it took)."""
+    began = time.monotonic()
     try:
-        return function(*args)
+        outcome = helpers.prepare_image(data, max_pixels)
     except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see prepare
-        return exc
+        outcome = exc
+    return outcome, time.monotonic() - began

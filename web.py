@@ -143,14 +143,16 @@ def _refused(refused: Refused):
 
 def _uploads(budget=None):
     """The request's images, decoded, and its top_k (the checks that need no Redis come first). A waited-for
-    request (no `budget`) takes a `timeout` of its own."""
+    request (no `budget`) may have a `timeout` of its own; an async one may not."""
     log("request_received", bytes=request.content_length, top_k=request.args.get("top_k"))
     try:
         top_k = _parse_top_k(request.args.get("top_k"))
-        if budget is None:
-            submission.limit_time(_parse_timeout(request.args.get("timeout")))
+        timeout = _parse_timeout(request.args.get("timeout"))
     except ValueError as exc:
         raise Refused(400, str(exc)) from None
+    if budget is not None and timeout is not None:
+        raise Refused(400, "timeout is for a request that waits for its answer; an async job's is JOB_RESULT_TTL")
+    submission.limit_time(timeout)
     # The form is split before admission (the body is in memory already, and splitting it costs little), so that
     # admission counts the images it holds; decoding them is what costs, and comes after.
     images = _form_images()

@@ -76,9 +76,11 @@ class Worker:
         self.stop_signal = None
         self._idle = False
         self._sweep_from = 0.0  # monotonic time from which this worker may sweep others
+        self._published = (0.0, -math.inf)  # the images/s the last beat carried, and when (monotonic)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def heartbeat_info(self):
+        self._published = (self.throughput.rate, time.monotonic())
         return {
             "name": self.name,
             "model": self.classifier.name,
@@ -210,6 +212,22 @@ class Worker:
         self.counts["jobs"] += len(done)
         for job in done:
             log("result_published", id=job.id, rid=job.request_id, worker=self.name)
+        self._beat_if_throughput_moved()
+
+    # Admission reads the throughput from the heartbeat. At the onset of an overload the web tier takes CPU from
+    # the model, and the rate fell by a fifth to a half within a batch or two; a heartbeat up to HEARTBEAT_INTERVAL
+    # later left it admitting on the old rate for seconds, and requests with deadlines of a few seconds missed them.
+    RATE_MOVED = 0.1  # beat at once when the rate moved by more than this share since the last beat
+    RATE_BEAT_MIN_INTERVAL = 0.5  # seconds; at most this often: small batches make the rate jitter
+
+    def _beat_if_throughput_moved(self):
+        rate, (published, at) = self.throughput.rate, self._published
+        if abs(rate - published) <= self.RATE_MOVED * published or time.monotonic() - at < self.RATE_BEAT_MIN_INTERVAL:
+            return
+        try:
+            self.registry.beat(self.name, self.heartbeat_info())
+        except redis.RedisError as exc:  # the heartbeat thread beats in any case
+            log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
 
     def _work(self, raws):
         """(replies, jobs to retry, (job, reason) pairs to dead-letter, jobs answered, ids of the jobs whose

@@ -241,3 +241,24 @@ def test_a_listener_whose_connection_is_never_answered_connects_again(redis_serv
     finally:
         waiter.close()
         proxy.close()
+
+
+@pytest.mark.slow
+def test_a_request_s_own_deadline_holds_while_redis_hangs(service, redis_server):
+    """The server's safety net answers by a request's own `timeout`, not only by REQUEST_TIMEOUT: here every
+    connection to Redis goes silent, and each Redis call would wait out its 20 s socket timeout."""
+    proxy = FaultyProxy(redis_server.port)
+    proxy.faults = False
+    try:
+        service.start_web(REDIS_URL=proxy.url, REQUEST_TIMEOUT="30", REDIS_SOCKET_TIMEOUT="20")
+        assert post(service.url, params={"timeout": "0.5"}).status_code == 504  # no worker; its connections pooled
+        proxy.freeze()
+        proxy.black_hole = True  # and a new connection fares no better
+        time.sleep(1.2)  # past the admission's cached view of the workers: it asks Redis again
+        began = time.monotonic()
+        response = post(service.url, params={"timeout": "1"})
+        answered_after = time.monotonic() - began
+        assert response.status_code == 504, response.text
+        assert answered_after < 10, answered_after  # by its 1 s deadline (+ 0.5 s), not after 20 s
+    finally:
+        proxy.close()

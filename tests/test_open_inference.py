@@ -53,13 +53,22 @@ def test_the_schedule_policy_s_timeout_is_read_in_seconds_and_its_priority_check
 
 @pytest.mark.parametrize(
     "parameters",
-    [{"timeout": -1}, {"timeout": 1.5}, {"timeout": "1000"}, {"timeout": True}, {"priority": -1}, {"priority": 0.5}],
+    [
+        {"timeout": -1},
+        {"timeout": 1.5},
+        {"timeout": "1000"},
+        {"timeout": True},
+        {"timeout": 2**63},  # past int64; 10**400 would not even divide into seconds
+        {"timeout": 10**400},
+        {"priority": -1},
+        {"priority": 0.5},
+    ],
 )
 def test_schedule_policy_parameters_that_are_not_counts_are_400(parameters):
     name = next(iter(parameters))
     body, _ = triton_request(binary_input=False, as_base64=True)  # tritonclient itself sends only integers
     request = dict(json.loads(body), parameters=parameters)
-    with pytest.raises(ProtocolError, match=f"{name} must be an integer of at least 0"):
+    with pytest.raises(ProtocolError, match=f"{name} must be an integer from 0 to {2**63 - 1}"):
         parse(json.dumps(request).encode(), None)
 
 

@@ -151,7 +151,7 @@ def test_the_local_backlog_counts_every_image_ahead_and_the_request_s_own(fake_r
     # The decoding threads take images in the order they were handed over: two requests of 8 images, none
     # prepared yet, 0.1 s an image, one thread: a new request of 1 image waits 1.7 s, of 8 images 2.4 s.
     admission = admission_on(fake_redis, 0, [None])
-    admission.preparation_seconds = 0.1
+    admission.preparation_seconds = admission.decode_seconds = 0.1
     admission.check(remaining=30, images=8)
     admission.check(remaining=30, images=8)
     assert (admission.preparing, admission.preparing_images) == (2, 16)
@@ -162,11 +162,11 @@ def test_the_local_backlog_counts_every_image_ahead_and_the_request_s_own(fake_r
     with admission.preparation(8) as counted:
         for _ in range(3):
             counted.started()
-            counted.prepared(0.1)
+            counted.prepared(0.1, 0.1)
         counted.started()  # a thread is on the fourth when the request ends
         assert admission.preparing_images == 14  # an image leaves the backlog as soon as it is prepared
     assert (admission.preparing, admission.preparing_images) == (2, 10)  # the one being prepared stays counted
-    counted.prepared(0.1)  # until its thread is done with it
+    counted.prepared(0.1, 0.1)  # until its thread is done with it
     assert (admission.preparing, admission.preparing_images) == (2, 9)
 
 
@@ -192,9 +192,10 @@ def _send(client, route, images):
 @pytest.mark.parametrize("route", ["/predict", "/v2/models/efficientnet_lite0/infer"])
 def test_admission_counts_every_image_of_a_request_whatever_its_protocol(fake_redis, monkeypatch, route):
     # 8 images are being prepared, 0.05 s each, 2 threads: a request of 16 more would wait 0.6 s, more than 0.8
-    # of its 0.5 s (taken for one image, 0.225 s). A form is counted once it is split, before any image is decoded.
-    client, admission = _client_with_a_worker(fake_redis, request_timeout=0.5)
-    admission.decoders, admission.preparation_seconds = 2, 0.05
+    # of its 0.6 s (taken for one image, 0.225 s; alone, 0.4 s). A form is counted once it is split, before any
+    # image is decoded.
+    client, admission = _client_with_a_worker(fake_redis, request_timeout=0.6)
+    admission.decoders, admission.preparation_seconds, admission.decode_seconds = 2, 0.05, 0.05
     admission.check(remaining=30, images=8)
     monkeypatch.setattr(helpers, "prepare_image", lambda data, max_pixels: pytest.fail("decoded, so admitted"))
     response = _send(client, route, [b"img"] * 16)
@@ -202,13 +203,17 @@ def test_admission_counts_every_image_of_a_request_whatever_its_protocol(fake_re
     assert (admission.preparing, admission.preparing_images) == (1, 8)
 
 
-def test_a_request_whose_own_images_cannot_be_prepared_in_time_is_refused_at_once(fake_redis, monkeypatch):
-    # An idle process, 0.05 s an image, 2 threads: 16 images take 0.4 s, more than 0.8 of 0.45 s.
+def test_a_request_whose_own_images_cannot_be_prepared_in_time_is_504_at_once_not_told_to_retry(
+    fake_redis, monkeypatch
+):
+    # An idle process, 0.05 s an image, 2 threads: 16 images take 0.4 s, more than 0.8 of 0.45 s. Nothing is ahead
+    # of it, so no retry would fare better: 504, no Retry-After (a 503 told it to retry, and it was refused again).
     client, admission = _client_with_a_worker(fake_redis, request_timeout=0.45)
-    admission.decoders, admission.preparation_seconds = 2, 0.05
+    admission.decoders, admission.preparation_seconds, admission.decode_seconds = 2, 0.05, 0.05
     monkeypatch.setattr(helpers, "prepare_image", lambda data, max_pixels: pytest.fail("decoded, so admitted"))
     response = _send(client, "/v2/models/efficientnet_lite0/infer", [b"img"] * 16)
-    assert response.status_code == 503 and "of work ahead" in response.get_json()["error"]
+    assert response.status_code == 504 and "its own 16 images need about 0.4 s" in response.get_json()["error"]
+    assert "Retry-After" not in response.headers
     assert (admission.preparing, admission.preparing_images) == (0, 0)
 
 
@@ -243,7 +248,7 @@ def test_a_request_s_images_are_in_the_backlog_until_each_is_prepared(fake_redis
 def test_the_local_backlog_is_shared_by_the_decoding_threads_and_timed_per_image(fake_redis):
     admission = admission_on(fake_redis, 0, [None])
     admission.decoders = 2
-    admission.prepared(0.1)  # one image took 0.1 s from its own start: the time it waited is not in it
+    admission.prepared(0.1, 0.1)  # one image took 0.1 s from its own start: the time it waited is not in it
     for _ in range(20):  # 20 images ahead and its own, two decoded at a time: 1.05 s
         admission.check(remaining=30)
     admission.check(remaining=1.35)  # 1.05 s <= 0.8 * 1.35 s
@@ -269,7 +274,8 @@ def test_decoding_here_and_the_queue_ahead_overlap_rather_than_add_up(fake_redis
     # once its image and the 20 are decoded, 4.2 s; by then the workers have long been through the 10 and are
     # at most through the 20 as they come: it is done 0.1 s later, 4.3 s, not after 4.2 s + 1.1 s.
     admission = admission_on(fake_redis, 10, [10.0])
-    admission.preparation_seconds, admission.decoders = 0.4, 2
+    admission.preparation_seconds = admission.decode_seconds = 0.4
+    admission.decoders = 2
     admission.check(remaining=30, images=20)
     admission.check(remaining=5.4)  # 4.3 s <= 0.8 * 5.4 s
     with pytest.raises(Refusal):
@@ -360,6 +366,38 @@ def test_worker_skips_jobs_marked_cancelled_and_counts_them(real_redis, config):
     assert not real_redis.exists(KEYS.result(gone.id)) and real_redis.exists(KEYS.result(wanted.id))
     assert worker.counts["cancelled"] == 1 and not real_redis.exists(KEYS.processing("thrifty"))
     assert float(worker.heartbeat_info()["images_per_s"]) > 0
+
+
+class _SlowClassifier(CountingClassifier):
+    delay = 0.002
+
+    def predict(self, pixels):
+        time.sleep(self.delay)
+        return super().predict(pixels)
+
+
+def test_a_worker_publishes_a_throughput_that_moved_at_once_not_at_its_next_heartbeat(real_redis, config):
+    """Admission reads the workers' images/s from their heartbeats (the heartbeat thread does not run here)."""
+    queue = JobQueue(real_redis, config)
+    worker = Worker(_SlowClassifier(), config.replace(block_timeout=0.2), name="moving")
+    worker.RATE_BEAT_MIN_INTERVAL = 0  # the at-most-twice-a-second bound is not what this test is about
+
+    def published():
+        return float(real_redis.hget(KEYS.heartbeat("moving"), "images_per_s") or 0)
+
+    def one_batch():
+        queue.enqueue(jobs.encode_job(jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 30)))
+        assert worker.run_once() == 1
+
+    one_batch()
+    first = published()
+    assert first == round(worker.throughput.rate, 3) > 0  # the first rate measured, at once
+    worker.classifier.delay = 0.1  # the model slows down, as it does when the web tier takes its CPU
+    one_batch()
+    assert published() == round(worker.throughput.rate, 3) < first / 2
+    worker.throughput.add(1, 1 / (1.05 * worker.throughput.rate))  # a batch 5 % faster: not worth a beat
+    worker._beat_if_throughput_moved()
+    assert published() != round(worker.throughput.rate, 3)
 
 
 # -- real processes ----------------------------------------------------------------------------------------------
@@ -566,7 +604,7 @@ def prepare_image(data, max_pixels):  # 50 ms in a decoding thread, the GIL let 
     prepared[data] = time.monotonic()
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-admission.preparation_seconds = 0.05  # measured already
+admission.preparation_seconds = admission.decode_seconds = 0.05  # measured already
 began = time.monotonic()
 batch = gevent.spawn(infer, [b"A%02d" % i for i in range(16)], **{submission.ARRIVED: began})
 gevent.sleep(0.1)
@@ -609,7 +647,7 @@ end = time.monotonic() + 0.5
 while time.monotonic() < end:  # the process's other requests, say: its hub runs nothing else meanwhile
     pass
 gevent.sleep(0.1)
-print(json.dumps({"timed": admission.preparation_seconds}))
+print(json.dumps({"timed": admission.preparation_seconds, "decoding": admission.decode_seconds}))
 request.kill()
 """
 
@@ -619,7 +657,70 @@ def test_an_image_s_time_counts_until_its_request_has_it_back_not_only_its_decod
     that took longer than the decoding itself. Timed in the thread (20 ms here), the local backlog looked 4 s
     shorter than it was at the onset of an overload."""
     seen = _under_gevent(_BUSY_PROCESS, 5.0)
-    assert seen["timed"] >= 0.4, seen
+    assert seen["timed"] >= 0.4 and seen["decoding"] < 0.3, seen  # the lane's turn, and the decoding alone
+
+
+# One stall of the process's hub while an image is in a thread; then the process is idle (reviewer's scenario).
+_ONE_STALL_THEN_IDLE = r"""
+handed = []
+def prepare_image(data, max_pixels):  # 20 ms in a decoding thread
+    handed.append(time.monotonic())
+    sleep(0.02)
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
+first = gevent.spawn(predict, b"x", **{submission.ARRIVED: time.monotonic()})
+while not handed:
+    gevent.sleep(0.001)
+end = time.monotonic() + 3.0
+while time.monotonic() < end:  # one 3 s stall of the hub (a burst of other requests' CPU, say)
+    pass
+gevent.sleep(0.1)
+first.kill()
+seen = []
+for _ in range(4):  # idle from here on; each retry waits the Retry-After it was given
+    r = app.test_client().post("/predict" + sys.argv[3], data={"image": [(io.BytesIO(b"y"), "y.jpg")]},
+                               environ_base={submission.ARRIVED: time.monotonic()})
+    seen.append(r.status_code)
+    gevent.sleep(int(r.headers.get("Retry-After") or 0))
+print(json.dumps({"stalled": admission.preparation_seconds, "seen": seen, "decoded": len(handed) - 1,
+                  "counts": [admission.preparing, admission.preparing_images]}))
+"""
+
+
+@pytest.mark.parametrize("request_timeout, query", [(30.0, "?timeout=1.5"), (1.5, "")])
+def test_one_stall_measured_into_the_lanes_turns_does_not_lock_out_an_idle_process(request_timeout, query):
+    """Found by the fifth hostile review: with every image counted at its lane's turn, one 3 s stall made that
+    the process's measure, and every later request of 1.5 s was refused 503 for good, on an idle process that
+    then never prepared an image to measure again. The request's own images count their decode alone."""
+    seen = _under_gevent(_ONE_STALL_THEN_IDLE, request_timeout, query)
+    assert seen["stalled"] >= 1.0 and seen["counts"] == [0, 0], seen
+    assert seen["decoded"] == 4, seen  # each was admitted (and, with no worker, answered 504 at its deadline)
+
+
+# A request with 1 s of its own: six images of 0.6 s each on the two threads.
+_PAST_ITS_DEADLINE_WHILE_DECODING = r"""
+started = []
+def prepare_image(data, max_pixels):
+    started.append(data)
+    sleep(0.6)
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
+arrived = time.monotonic()
+form = {"image": [(io.BytesIO(b"%d" % i), "x.jpg") for i in range(6)]}
+response = app.test_client().post("/predict?timeout=1", data=form, environ_base={submission.ARRIVED: arrived})
+answered = time.monotonic() - arrived
+gevent.sleep(1.0)  # the threads finish what they started
+print(json.dumps({"status": response.status_code, "answered": answered, "started": len(started),
+                  "queued": r.llen("image_queue"), "counts": [admission.preparing, admission.preparing_images]}))
+"""
+
+
+def test_a_request_whose_deadline_comes_while_its_images_are_decoded_is_504_then_and_queues_nothing():
+    """Found by the fifth hostile review: preparation waited for every image whatever the request's deadline."""
+    seen = _under_gevent(_PAST_ITS_DEADLINE_WHILE_DECODING, 30.0)
+    assert seen["status"] == 504 and seen["queued"] == 0 and seen["counts"] == [0, 0], seen
+    assert seen["started"] == 4, seen  # two a thread by the deadline; the last two were skipped
+    assert seen["answered"] < 5, seen  # at its 1 s (all six would take 1.8 s; REQUEST_TIMEOUT is 30 s)
 
 
 _SLOW_FIRST_IMAGE = r"""
@@ -629,10 +730,11 @@ def prepare_image(data, max_pixels):  # the batch's first image is slow, the res
     prepared.add(data)
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-admission.preparation_seconds = 0.01  # measured on small images: the batch is admitted
+admission.preparation_seconds = admission.decode_seconds = 0.01  # measured on small images: the batch is admitted
 batch = gevent.spawn(infer, [b"A%02d" % i for i in range(16)], **{submission.ARRIVED: time.monotonic()})
 gevent.sleep(2.0)  # the other thread has prepared A01..A15 by ~0.9 s; A00 is still being decoded
-admission.preparation_seconds, admission.prepared = 0.1, lambda seconds: None  # pinned from here on
+admission.preparation_seconds = admission.decode_seconds = 0.1
+admission.prepared = lambda *_: None  # pinned from here on
 counted, done = admission.preparing_images, len(prepared)
 newcomer = predict(b"n", **{submission.ARRIVED: time.monotonic()})
 print(json.dumps({"done": done, "counted": counted, "newcomer": newcomer.status_code}))
@@ -655,7 +757,7 @@ def prepare_image(data, max_pixels):
     prepared[data] = time.monotonic()
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-admission.preparation_seconds = 0.2
+admission.preparation_seconds = admission.decode_seconds = 0.2
 
 def hung_up(callback):  # as run_web_server's watch does for a client whose socket already reads end-of-file
     watcher = gevent.spawn(callback)
@@ -685,11 +787,12 @@ def test_an_async_request_whose_images_cannot_be_prepared_before_its_own_deadlin
     """Found by the third hostile review: /jobs weighed its preparation against JOB_RESULT_TTL, but its images are
     prepared within its HTTP exchange (REQUEST_TIMEOUT)."""
     client, admission = _client_with_a_worker(fake_redis, request_timeout=3.0)
-    admission.decoders, admission.preparation_seconds = 2, 1.0  # 16 images on 2 threads: 8 s
+    admission.decoders, admission.preparation_seconds, admission.decode_seconds = 2, 1.0, 1.0  # 16 on 2 threads: 8 s
     monkeypatch.setattr(helpers, "prepare_image", lambda data, max_pixels: pytest.fail("decoded, so admitted"))
     form = {"image": [(io.BytesIO(b"img%d" % i), "x.jpg") for i in range(16)]}
     response = client.post("/jobs", data=form, environ_base={submission.ARRIVED: time.monotonic()})
-    assert response.status_code == 503 and response.get_json()["reason"] == "expected_wait"
+    # Nothing is ahead of it: 504 at once, not a 503 telling it to retry.
+    assert response.status_code == 504 and "its own 16 images need about 8.0 s" in response.get_json()["error"]
     assert (admission.preparing, admission.preparing_images) == (0, 0)
 
 
@@ -704,7 +807,8 @@ def prepare_image(data, max_pixels):
     prepared[data] = time.monotonic()
     return np.zeros((224, 224, 3), np.uint8)
 helpers.prepare_image = prepare_image
-admission.preparation_seconds, admission.prepared = 0.3, lambda seconds: None  # pinned: the batch is admitted
+admission.preparation_seconds = admission.decode_seconds = 0.3
+admission.prepared = lambda *_: None  # pinned: the batch is admitted
 
 def hangs_up_soon(callback):  # the client hangs up 0.1 s in, while its first two images are being decoded
     def later():
@@ -721,7 +825,7 @@ first = gevent.spawn(infer, images, **environ)
 first.join(timeout=0.5)  # answered (499 / 400) while both threads are still decoding its images
 busy = len(started - {b"BAD"} - set(prepared))  # its images still in a decoding thread
 counted = admission.preparing_images
-admission.preparation_seconds = 0.6  # measured on its large images by now
+admission.preparation_seconds = admission.decode_seconds = 0.6  # measured on its large images by now
 arrived = time.monotonic()
 newcomer = gevent.spawn(predict, b"n", **{submission.ARRIVED: arrived})
 newcomer.join()

@@ -3,9 +3,11 @@
 import io
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 import jobs
 import redis_client
 import web
@@ -61,6 +63,7 @@ def assert_error(response, status, text):
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=nan"), 400, "timeout"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=inf"), 400, "timeout"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=soon"), 400, "timeout"),
+        (lambda c: c.post("/jobs?timeout=5", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")}), 400, "async"),
         (lambda c: c.get("/predict"), 405, "method"),
     ],
 )
@@ -102,6 +105,21 @@ def test_a_request_s_own_timeout_is_its_deadline_up_to_request_timeout(make_clie
     assert_error(response, 504, f"no result within {within:g} s")
     job = jobs.header_of(fake_redis.lindex(QUEUE, 0))
     assert job["deadline"] - job["enqueued_at"] == pytest.approx(within, abs=0.1)  # the worker's deadline too
+
+
+def test_a_request_whose_deadline_passed_while_its_image_was_decoded_queues_nothing(
+    make_client, fake_redis, monkeypatch
+):
+    """Found by the fifth hostile review: its job was queued with a deadline already past, for a worker to skip."""
+
+    def slow(data, max_pixels):  # the process's decoding backlog, say
+        time.sleep(0.5)
+        return np.zeros((224, 224, 3), np.uint8)
+
+    monkeypatch.setattr(helpers, "prepare_image", slow)
+    response = post_image(make_client(request_timeout=30), CASTLE.read_bytes(), query="?timeout=0.3")
+    assert_error(response, 504, "no result within 0.3 s")
+    assert fake_redis.llen(QUEUE) == 0 and not fake_redis.keys(f"{QUEUE}:pixels:*")
 
 
 def test_redis_down_answers_503_quickly(make_client):
