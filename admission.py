@@ -33,7 +33,7 @@ from worker_registration import WorkerRegistry, models_served
 
 @dataclass
 class Refusal(Exception):  # not frozen: raising sets __traceback__
-    reason: str  # queue_full | expected_wait; deadline: the request's own time cannot be met, whatever is ahead
+    reason: str  # queue_full | expected_wait; deadline: the request's time ran out before it was looked at
     retry_after: int  # seconds (0 for deadline: retrying would not help)
     message: str
 
@@ -48,6 +48,7 @@ class Admission:
     # enqueue reports it (`queue_length`), so under load it is never asked: a tenth of a second of drift is
     # nothing against a budget of seconds, and the cap itself is enforced by the enqueue in any case.
     QUEUE_MAX_AGE = 0.1
+    PREPARATION_MAX_AGE = 2.0  # seconds an image's measured preparation stands for, once nothing is being prepared
 
     def __init__(
         self,
@@ -65,11 +66,11 @@ class Admission:
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
         self.preparing_images = 0  # their images not yet prepared
-        # Moving averages of one image's preparation: from its hand-over to a decoding thread until the thread's
-        # lane has its outcome back (the decode and resize, and on a busy process the delay in handing it back,
-        # during which that lane takes no other image), and of the decode and resize alone.
+        # Moving average of one image's turn in a decoding lane: from its hand-over to a thread until the lane has
+        # its outcome back (the decode and resize, and on a busy process the delay in handing it back, during
+        # which that lane takes no other image).
         self.preparation_seconds = 0.0
-        self.decode_seconds = 0.0
+        self._prepared_at = -math.inf  # when the last image was (clock)
 
     @contextmanager
     def preparation(self, images: int):
@@ -86,12 +87,12 @@ class Admission:
             self.preparing -= 1
             counted.end()
 
-    def prepared(self, seconds: float, decoding: float) -> None:
-        """Record how long one image held its lane (`seconds`) and how long its decode and resize took, both from
-        its hand-over to a thread, not from its admission: the time spent waiting behind others is what
-        `preparing` counts, and must not be counted twice."""
-        self.preparation_seconds = _averaged(self.preparation_seconds, seconds)
-        self.decode_seconds = _averaged(self.decode_seconds, decoding)
+    def prepared(self, seconds: float) -> None:
+        """Record how long one image held its lane, from its hand-over to a thread, not from its admission: the
+        time spent waiting behind others is what `preparing` counts, and must not be counted twice."""
+        average = self.preparation_seconds
+        self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
+        self._prepared_at = self.clock()
 
     def queue_length(self, length: int) -> None:
         """Record the queue's length as an enqueue just saw it."""
@@ -149,11 +150,11 @@ class Admission:
         throughput = self.throughput()
         here = self.preparing_images  # admitted here, still to be decoded and queued: all of them before these
         per_image = 1 / throughput if throughput > 0 else 0.0
-        # The images ahead hold their lanes for their whole turn; the request's own, last in line, count their
-        # decode alone (so that one stall measured into the turns cannot refuse every request of an idle process,
-        # which then never prepares another image to measure).
-        own = images * self.decode_seconds / self.decoders
-        local = here * self.preparation_seconds / self.decoders + own
+        if not here and self.clock() - self._prepared_at > self.PREPARATION_MAX_AGE:
+            # Nothing being prepared will refresh it: an old measure (one stall, one huge image) would otherwise
+            # refuse the requests that could refresh it, for as long as others keep the queue busy.
+            self.preparation_seconds = 0.0
+        local = (here + images) * self.preparation_seconds / self.decoders
         # Two stages in series: the jobs reach the queue once their images are prepared, and the workers reach
         # them once they are through the jobs in flight, the queued ones and the ones prepared here first;
         # whichever comes later, then their own batch.
@@ -165,18 +166,12 @@ class Admission:
                 _seconds(expected or 1),
                 f"{queued + here} jobs are already waiting ({here} of them being prepared here)",
             )
-        alone = own + images * per_image  # with nothing ahead
         if prepare_within is not None and local > prepare_within * self.wait_fraction:
-            remaining, expected, alone = prepare_within, local, own  # what is refused, and said, is the preparation
-        if alone > remaining * self.wait_fraction:
-            # Not even with nothing ahead: a deadline the request set itself too short (or a request too large for
-            # REQUEST_TIMEOUT). Telling it to retry would have it refused again and again.
-            raise Refusal(
-                "deadline",
-                0,
-                f"its own {images} images need about {alone:.1f} s, more than this request's {remaining:.1f} s allow",
-            )
-        if expected > remaining * self.wait_fraction:
+            remaining, expected = prepare_within, local  # what is refused, and said, is the preparation
+        # With nothing ahead, the request is tried whatever its estimate: no retry would find less ahead of it (a
+        # 503 told it to retry, again and again), and its deadline still bounds it. It also measures afresh.
+        ahead = self._in_flight + queued + here
+        if ahead and expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
             raise Refusal(
                 "expected_wait",
@@ -201,20 +196,16 @@ class BacklogImages:
     def started(self) -> None:
         self._started += 1
 
-    def prepared(self, seconds: float, decoding: float) -> None:
-        """A thread is done with one of the images: see Admission.prepared."""
+    def prepared(self, seconds: float) -> None:
+        """A thread is done with one of the images, which held its lane `seconds`."""
         self._started -= 1
         self._left -= 1
         self._admission.preparing_images -= 1
-        self._admission.prepared(seconds, decoding)
+        self._admission.prepared(seconds)
 
     def end(self) -> None:
         self._admission.preparing_images -= self._left - self._started
         self._left = self._started
-
-
-def _averaged(average: float, sample: float) -> float:
-    return sample if not average else average + 0.2 * (sample - average)
 
 
 def _number(text) -> float:

@@ -33,7 +33,7 @@ BATCH_SIZE = Histogram(
 WAKEUPS = Counter(
     "imgclf_result_wakeups_total", "How waiting requests learnt of their result", ["via"]
 )  # notification | fallback_poll | poll
-TIMEOUTS = Counter("imgclf_timeouts_total", "Requests answered 504 after REQUEST_TIMEOUT")
+TIMEOUTS = Counter("imgclf_timeouts_total", "Requests answered 504: their deadline came before their answer")
 ADMITTED = Counter("imgclf_admitted_total", "Requests whose job was put on the queue")
 REJECTED = Counter(
     "imgclf_rejected_total", "Requests refused with 503 before queueing, by reason", ["reason"]

@@ -110,8 +110,7 @@ def admit(images: int, budget: float | None = None) -> None:
                 svc.admission.check(exchange, images)
     except Refusal as refusal:
         if refusal.reason == "deadline":  # no retry would meet it: the request's time is what it lacks
-            log("request_timeout", level="WARNING", error=str(refusal))
-            raise Refused(504, str(refusal)) from None
+            raise _timed_out(_timeout(svc), str(refusal)) from None
         raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
 
 
@@ -129,13 +128,11 @@ def prepare(uploads: list[bytes]) -> list[np.ndarray]:
         stop_watching = watch(batch.abandon) if watch else None
         try:
             for number, outcome in enumerate(batch.outcomes(started() + timeout), 1):
-                elapsed_ms = (time.monotonic() - started()) * 1000
                 if outcome is _GONE:
-                    log("client_gone", level="WARNING", ms=elapsed_ms, images=len(uploads))
+                    log("client_gone", level="WARNING", ms=(time.monotonic() - started()) * 1000, images=len(uploads))
                     raise Refused(499, "the client went away")  # nginx's code; nobody reads it
                 if outcome is _LATE:
-                    log("request_timeout", level="WARNING", ms=elapsed_ms, images=len(uploads), prepared=len(pixels))
-                    raise Refused(504, f"no result within {timeout:g} s")
+                    raise _timed_out(timeout, f"{len(pixels)} of its {len(uploads)} images prepared by then")
                 if isinstance(outcome, helpers.ImageError):
                     which = f"image {number} of {len(uploads)}: " if len(uploads) > 1 else ""
                     log("image_rejected", level="WARNING", error=str(outcome), status=outcome.status)
@@ -163,8 +160,7 @@ def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) 
         now = svc.clock.now()
     deadline = now + timeout - (time.monotonic() - begun)
     if deadline <= now:  # spent before its jobs could be queued: nothing for a worker to do
-        log("request_timeout", level="WARNING", ms=(time.monotonic() - begun) * 1000)
-        raise Refused(504, f"no result within {timeout:g} s")
+        raise _timed_out(timeout, "its time ran out before its jobs could be queued")
     batch = [_job(p, deadline, top_k, reply_to, now, probabilities=probabilities) for p in pixels]
     ids = [job.id for job in batch]
     with ExitStack() as stack:
@@ -276,6 +272,14 @@ def answer(result: dict) -> dict:
     }
 
 
+def _timed_out(timeout, why):
+    """A 504 for a request whose deadline came before anything was queued for it; logged and counted as every
+    504 is (the waiter counts those that came while it waited)."""
+    metrics.TIMEOUTS.inc()
+    log("request_timeout", level="WARNING", ms=(time.monotonic() - started()) * 1000, error=why)
+    return Refused(504, f"no result within {timeout:g} s: {why}")
+
+
 def _busy(reason, message, retry_after):
     metrics.REJECTED.labels(reason).inc()
     log("request_refused", level="WARNING", reason=reason, error=message, retry_after=retry_after)
@@ -326,14 +330,14 @@ class _Decoder:
             batch.counted.started()
             began = time.monotonic()
             try:
-                outcome, decoding = self._pool.apply(_decode, (data, batch.max_pixels))
+                outcome = self._pool.apply(_caught, (helpers.prepare_image, data, batch.max_pixels))
             except Exception as exc:  # noqa: BLE001 - the pool itself failed: its request hears of it, we go on
-                outcome, decoding = exc, time.monotonic() - began
+                outcome = exc
             # Out of the backlog once done, whatever order, even if its request has ended. The lane's turn is
             # timed here, not in the thread: a lane takes its next image only once this greenlet has the outcome
             # back, and on a busy process the hub's delay in handing it back took longer than the decoding (4 s
             # of local wait at the onset of an overload, admitted on an estimate of under 1 s).
-            batch.counted.prepared(time.monotonic() - began, decoding)
+            batch.counted.prepared(time.monotonic() - began)
             result.set(outcome)
 
     def submit(self, uploads, max_pixels, counted):
@@ -392,8 +396,9 @@ class _Inline:
                 yield _LATE
                 return
             self.counted.started()
-            outcome, decoding = _decode(data, self.max_pixels)
-            self.counted.prepared(decoding, decoding)
+            began = time.monotonic()
+            outcome = _caught(helpers.prepare_image, data, self.max_pixels)
+            self.counted.prepared(time.monotonic() - began)
             yield outcome
 
     def abandon(self):
@@ -409,11 +414,8 @@ def _decoder():
     return _decoders[1]
 
 
-def _decode(data, max_pixels):
-    """In a decoding thread: (the pixels, or the exception raised; the seconds it took)."""
-    began = time.monotonic()
+def _caught(function, *args):
     try:
-        outcome = helpers.prepare_image(data, max_pixels)
+        return function(*args)
     except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see prepare
-        outcome = exc
-    return outcome, time.monotonic() - began
+        return exc

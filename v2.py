@@ -109,8 +109,8 @@ def infer(name, version=None):
     except ProtocolError as exc:
         return _error(str(exc), exc.status)
     try:
+        submission.limit_time(inference.timeout)  # first: the server's safety net keeps it from here on
         _check_ready(name)
-        submission.limit_time(inference.timeout)
         # The body is read and parsed already (that costs little); admission counts its images before any
         # is decoded, which is what costs.
         submission.admit(len(inference.images))

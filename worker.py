@@ -77,6 +77,7 @@ class Worker:
         self._idle = False
         self._sweep_from = 0.0  # monotonic time from which this worker may sweep others
         self._published = (0.0, -math.inf)  # the images/s the last beat carried, and when (monotonic)
+        self._beat_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def heartbeat_info(self):
@@ -93,13 +94,19 @@ class Worker:
             **self.counts,
         }
 
+    def _beat(self):
+        # One at a time: the heartbeat thread and, when the throughput moved, the main thread both beat, and a
+        # beat built before another must not be written after it (its older rate would stand until the next).
+        with self._beat_lock:
+            self.registry.beat(self.name, self.heartbeat_info())
+
     def _heartbeat_loop(self):
         # Beats go on while a stopping worker finishes its batch, however long it takes: a worker that fell
         # silent would be swept, and its batch computed twice.
         while not self.finished.wait(self.heartbeat_interval):
             try:
                 self.clock.sync()
-                self.registry.beat(self.name, self.heartbeat_info())
+                self._beat()
             except redis.RedisError as exc:
                 # The other workers' heartbeats may lapse in the same outage: once Redis is back, give them a
                 # full HEARTBEAT_TTL to beat again before taking any of them for dead.
@@ -128,7 +135,7 @@ class Worker:
 
     def serve(self):
         """Register, beat, and process batches until `stopping` is set; then hand back what is left."""
-        self._connect_with_backoff(lambda: self.registry.beat(self.name, self.heartbeat_info()))
+        self._connect_with_backoff(self._beat)
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         log(
             "worker_ready",
@@ -225,7 +232,7 @@ class Worker:
         if abs(rate - published) <= self.RATE_MOVED * published or time.monotonic() - at < self.RATE_BEAT_MIN_INTERVAL:
             return
         try:
-            self.registry.beat(self.name, self.heartbeat_info())
+            self._beat()
         except redis.RedisError as exc:  # the heartbeat thread beats in any case
             log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
 

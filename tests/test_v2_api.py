@@ -183,15 +183,17 @@ def test_a_timeout_the_work_ahead_cannot_meet_is_refused_at_once(make_client, fa
     assert refused.headers["Retry-After"] and fake_redis.llen(QUEUE) == 20
 
 
-def test_a_timeout_its_own_images_cannot_meet_is_504_at_once_not_told_to_retry(make_client, fake_redis):
-    """Found by the fifth hostile review: 503 with Retry-After: 1 and nothing ahead, refused again on every retry."""
+def test_a_timeout_only_its_own_images_would_miss_is_tried_not_told_to_retry(make_client, fake_redis):
+    """Found by the fifth hostile review: 503 with Retry-After: 1 and nothing ahead, refused again on every retry.
+    With nothing ahead it is tried (the estimate may be wrong; no retry would find less ahead), and its deadline
+    bounds it."""
     WorkerRegistry(fake_redis, JobQueue(fake_redis, Settings()), 60).beat(
         "w", {"model": MODEL, "ready": 1, "images_per_s": 10.0}
     )
-    sixteen = triton_request(images=[CASTLE.read_bytes()] * 16, timeout=1_000_000)  # 1.6 s of work, 1 s to live
+    sixteen = triton_request(images=[JEMMA.read_bytes()] * 16, timeout=1_000_000)  # 1.6 s of work, 1 s to live
     response = infer(make_client(), sixteen)
-    assert_error(response, 504, "its own 16 images need about 1.6 s")
-    assert "Retry-After" not in response.headers and fake_redis.llen(QUEUE) == 0
+    assert_error(response, 504, "no result within 1 s")
+    assert "Retry-After" not in response.headers and fake_redis.llen(QUEUE) == 16  # tried
 
 
 def _answer(monkeypatch, results):
