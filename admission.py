@@ -1,24 +1,29 @@
 """Admission by expected wait: refuse a request at once (503 + Retry-After) when its job could not be served
 within the time it has left, instead of queueing it to time out later.
 
-expected wait = local wait + (jobs in flight + jobs queued + the request's images + batch-mates after it) / throughput
+expected wait = max(local wait, (jobs in flight + jobs queued + images here) / throughput)
+                + (the request's images + batch-mates after it) / throughput
 
 - throughput: the sum of the live workers' moving average of images per second of busy time (each worker
   publishes it in its heartbeat hash);
 - jobs in flight: those the workers have claimed and not finished (their processing lists): the batch in
   progress has to end before the new job's can start;
+- images here: those this web process has admitted and not yet prepared (decode and resize: CPU work done by a
+  few threads per process, which start the images in the order they were handed over, so all of those come
+  first); their jobs are queued before the request's;
+- local wait: the images here and the request's own, times the moving average of one image's turn in a decoding
+  lane, divided by the lanes. The two stages run in series, so they overlap: the request's jobs are queued once
+  its images are prepared, and the workers reach them once through everything ahead;
 - batch-mates after it: a job is answered when its whole batch is; with jobs queued ahead, the batch it lands in
-  fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued));
-- local wait: the web process's own backlog, the images it has admitted and not yet prepared (decode and resize:
-  CPU work done by a few threads per process, which start the images in the order they were handed over, so all
-  of those come first) and the request's own, times the moving average of one image's preparation, divided by
-  those threads. On a busy machine the web tier, not the model, can be what falls behind.
+  fills up with jobs that came after it, up to the workers' BATCH_SIZE (min(BATCH_SIZE - 1, jobs queued)).
 
-A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time (and
-refused outright when none is left). The queue's length is the one the last enqueue of this process saw,
-or read afresh when that is more than QUEUE_MAX_AGE old. MAX_QUEUE_LENGTH stays a hard cap
-(job_queue.JobQueue.enqueue enforces it atomically too). With no throughput measured yet (no worker has
-finished a batch), the queue's part counts as nothing: the rule admits, up to the cap.
+A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time, or when
+nothing is ahead of it at all (no retry would find less ahead; its deadline still bounds it); refused outright
+when none is left. A refused request is never measured, so the preparation measure is dropped once it is
+PREPARATION_MAX_AGE old with nothing being prepared. The queue's length is the one the last enqueue of this
+process saw, or read afresh when that is more than QUEUE_MAX_AGE old. MAX_QUEUE_LENGTH stays a hard cap, on the
+jobs queued and the images here (job_queue.JobQueue.enqueue enforces it atomically on the queue too). With no
+throughput measured yet (no worker has finished a batch), the queue's part counts as nothing.
 """
 
 import math
