@@ -293,31 +293,29 @@ def test_the_local_backlog_is_shared_by_the_decoding_threads_and_timed_per_image
         admission.check(remaining=1.3)  # 1.1 s (one more ahead now) > 0.8 * 1.3 s
 
 
-def test_images_admitted_here_and_not_yet_queued_count_as_jobs_ahead_in_the_queue(fake_redis):
-    # One worker at 10 images/s, nothing queued; this process has admitted 40 images, to be decoded at 1 ms each
-    # on two threads. Their jobs reach the queue before a new request's does, so it waits for the workers to get
-    # through them all: 4.1 s. Counted as decoding only, it was 0.02 s + its own 0.1 s, and it was admitted.
-    admission = admission_on(fake_redis, 0, [10.0])
+@pytest.mark.parametrize(
+    "queued, seconds, here, remaining",
+    [
+        # One worker at 10 images/s, nothing queued; 40 images admitted here, to be decoded at 1 ms each on two
+        # threads. Their jobs reach the queue before a new request's does, so it waits for the workers to get
+        # through them all: 4.1 s (4.2 s with one more ahead). Counted as decoding only, it was 0.02 s + its own
+        # 0.1 s, and it was admitted.
+        pytest.param(0, 0.001, 40, 5.2, id="as_jobs_ahead_in_the_queue"),
+        # 10 jobs queued, 20 images here at 0.4 s each on two threads. The new job is queued once its image and the
+        # 20 are decoded, 4.2 s; by then the workers have long been through the 10 and are at most through the 20
+        # as they come: it is done 0.1 s later, 4.3 s (4.5 s with one more ahead), not after 4.2 s + 1.1 s.
+        pytest.param(10, 0.4, 20, 5.4, id="overlapping_the_queue_ahead_rather_than_added_to_it"),
+    ],
+)
+def test_images_admitted_here_and_not_yet_queued_count_in_both_stages(fake_redis, queued, seconds, here, remaining):
+    admission = admission_on(fake_redis, queued, [10.0])
     admission.decoders = 2
-    admission.prepared(0.001)
-    admission.check(remaining=30, images=40)
-    admission.check(remaining=5.2)  # 4.1 s <= 0.8 * 5.2 s
+    admission.prepared(seconds)
+    admission.check(remaining=30, images=here)
+    admission.check(remaining=remaining)  # fits 0.8 x remaining
     with pytest.raises(Refusal) as refused:
-        admission.check(remaining=5.2)  # one more image ahead now: 4.2 s > 4.16 s
+        admission.check(remaining=remaining)  # one more image ahead now: no longer
     assert refused.value.reason == "expected_wait"
-
-
-def test_decoding_here_and_the_queue_ahead_overlap_rather_than_add_up(fake_redis):
-    # 10 jobs queued at 10 images/s, 20 images admitted here at 0.4 s each on two threads. The new job is queued
-    # once its image and the 20 are decoded, 4.2 s; by then the workers have long been through the 10 and are
-    # at most through the 20 as they come: it is done 0.1 s later, 4.3 s, not after 4.2 s + 1.1 s.
-    admission = admission_on(fake_redis, 10, [10.0])
-    admission.decoders = 2
-    admission.prepared(0.4)
-    admission.check(remaining=30, images=20)
-    admission.check(remaining=5.4)  # 4.3 s <= 0.8 * 5.4 s
-    with pytest.raises(Refusal):
-        admission.check(remaining=5.4)  # one more ahead now: 4.5 s > 4.32 s
 
 
 def test_the_queue_cap_counts_the_jobs_this_process_is_still_preparing(fake_redis):
