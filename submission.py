@@ -364,11 +364,12 @@ class _Batch:
         """Each image's pixels, or the exception it raised, in order (_GONE once abandoned); _LATE, and no more,
         when one is not ready by `until` (monotonic)."""
         for result in self.results:
-            try:
-                yield result.get(timeout=max(0.0, until - time.monotonic()))
-            except gevent.Timeout:
+            # wait(), not get(timeout=): a timeout raised here could not be told from the server's safety net's
+            result.wait(max(0.0, until - time.monotonic()))
+            if not result.ready():
                 yield _LATE
                 return
+            yield result.get()
 
     def abandon(self):
         """Skip the images not started yet; a reader waiting for one reads _GONE."""
