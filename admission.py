@@ -19,11 +19,12 @@ expected wait = max(local wait, (jobs in flight + jobs queued + images here) / t
 
 A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION of its remaining time, or when
 nothing is ahead of it at all (no retry would find less ahead; its deadline still bounds it); refused outright
-when none is left. A refused request is never measured, so the preparation measure is dropped once it is
-PREPARATION_MAX_AGE old with nothing being prepared. The queue's length is the one the last enqueue of this
-process saw, or read afresh when that is more than QUEUE_MAX_AGE old. MAX_QUEUE_LENGTH stays a hard cap, on the
-jobs queued and the images here (job_queue.JobQueue.enqueue enforces it atomically on the queue too). With no
-throughput measured yet (no worker has finished a batch), the queue's part counts as nothing.
+when none is left. A refused request is never measured, so a request that finds nothing being prepared and a
+preparation measure older than PREPARATION_MAX_AGE ignores it, and the next sample replaces it. The queue's
+length is the one the last enqueue of this process saw, or read afresh when that is more than QUEUE_MAX_AGE old.
+MAX_QUEUE_LENGTH stays a hard cap, on the jobs queued and the images here (job_queue.JobQueue.enqueue enforces
+it atomically on the queue too). With no throughput measured yet (no worker has finished a batch), the queue's
+part counts as nothing.
 """
 
 import math
@@ -76,6 +77,7 @@ class Admission:
         # which that lane takes no other image).
         self.preparation_seconds = 0.0
         self._prepared_at = -math.inf  # when the last image was (clock)
+        self._remeasure = False  # the measure is too old: the next sample replaces it
 
     @contextmanager
     def preparation(self, images: int):
@@ -96,8 +98,9 @@ class Admission:
         """Record how long one image held its lane, from its hand-over to a thread, not from its admission: the
         time spent waiting behind others is what `preparing` counts, and must not be counted twice."""
         average = self.preparation_seconds
-        self.preparation_seconds = seconds if not average else average + 0.2 * (seconds - average)
-        self._prepared_at = self.clock()
+        fresh = not average or self._remeasure
+        self.preparation_seconds = seconds if fresh else average + 0.2 * (seconds - average)
+        self._prepared_at, self._remeasure = self.clock(), False
 
     def queue_length(self, length: int) -> None:
         """Record the queue's length as an enqueue just saw it."""
@@ -149,17 +152,20 @@ class Admission:
         admitted request counts in the local backlog until its `preparation(images)` ends: use both, one after
         the other.
         """
-        if remaining <= 0:
+        if remaining <= 0 or (prepare_within is not None and prepare_within <= 0):
             raise Refusal("deadline", 0, "the request's time ran out before it could be looked at")
         queued = self._queued_jobs()
         throughput = self.throughput()
         here = self.preparing_images  # admitted here, still to be decoded and queued: all of them before these
         per_image = 1 / throughput if throughput > 0 else 0.0
+        per_turn = self.preparation_seconds
         if not here and self.clock() - self._prepared_at > self.PREPARATION_MAX_AGE:
             # Nothing being prepared will refresh it: an old measure (one stall, one huge image) would otherwise
-            # refuse the requests that could refresh it, for as long as others keep the queue busy.
-            self.preparation_seconds = 0.0
-        local = (here + images) * self.preparation_seconds / self.decoders
+            # refuse the requests that could refresh it, for as long as others keep the queue busy. Ignored for
+            # this request, and replaced by the next sample; not erased meanwhile: the burst after a lull,
+            # admitted behind this request before any image is prepared, is weighed with it.
+            per_turn, self._remeasure = 0.0, True
+        local = (here + images) * per_turn / self.decoders
         # Two stages in series: the jobs reach the queue once their images are prepared, and the workers reach
         # them once they are through the jobs in flight, the queued ones and the ones prepared here first;
         # whichever comes later, then their own batch.

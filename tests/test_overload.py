@@ -761,6 +761,37 @@ def test_a_request_whose_deadline_comes_while_its_images_are_decoded_is_504_then
     assert seen["answered"] < 5, seen  # at its 1 s (all six would take 1.8 s; REQUEST_TIMEOUT is 30 s)
 
 
+# The process measured 0.1 s an image, then had 2.1 s of quiet. Then 48 one-image /predict requests come in
+# together, 1.5 s to live each; two threads at 0.1 s an image prepare about 0.8 x 1.5 x 2 / 0.1 = 24 in time.
+_BURST_AFTER_A_LULL = r"""
+def prepare_image(data, max_pixels):  # 0.1 s in a decoding thread, the GIL let go as Pillow does
+    sleep(0.1)
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
+admission.prepared(0.1)  # what the process measured before the lull
+gevent.sleep(2.1)  # the lull: longer than PREPARATION_MAX_AGE, nothing being prepared
+def request(i):
+    response = predict(b"n%02d" % i, **{submission.ARRIVED: time.monotonic()})
+    # No worker here: an admitted request whose image was prepared is 504 at its deadline in any case; what counts
+    # is whether its image was prepared in time, which its 504 says
+    return response.status_code, response.status_code == 504 and "prepared by then" in response.get_json()["error"]
+burst = [gevent.spawn(request, i) for i in range(48)]
+gevent.joinall(burst)
+gevent.sleep(0.3)  # the threads finish what they started
+print(json.dumps({"seen": [g.value for g in burst], "counts": [admission.preparing, admission.preparing_images]}))
+"""
+
+
+def test_a_burst_after_a_lull_is_weighed_with_the_measure_from_before_it():
+    """Found by the seventh hostile review: the measure older than 2 s was erased, so the whole burst after a lull
+    was admitted on 0 s of local work before its first image was prepared, and about 20 of 48 got 504 while being
+    decoded. Only the request that finds nothing here ignores it (and its sample replaces it)."""
+    seen = _under_gevent(_BURST_AFTER_A_LULL, 1.5)
+    assert seen["counts"] == [0, 0], seen
+    assert not any(late for _, late in seen["seen"]), seen  # none admitted and then not prepared in time
+    assert any(status == 503 for status, _ in seen["seen"]), seen  # the rest refused at once
+
+
 _SLOW_FIRST_IMAGE = r"""
 prepared = set()
 def prepare_image(data, max_pixels):  # the batch's first image is slow, the rest ordinary
@@ -818,6 +849,19 @@ def test_the_images_of_a_client_that_hung_up_are_skipped():
     assert seen["status"] == 499 and seen["counts"] == [0, 0], seen
     assert seen["for_nobody"] <= 2, seen  # at most one per decoding thread was under way
     assert seen["later_waited"] < 1.0, seen  # not behind 16 images decoded for nobody (1.6 s)
+
+
+def test_a_job_submission_whose_exchange_is_spent_is_504_like_predict_not_told_to_retry(fake_redis):
+    """Found by the seventh hostile review: /jobs, weighed against JOB_RESULT_TTL, never saw its spent exchange as
+    a spent deadline and was told to retry (503 expected_wait) whenever anything was ahead. The body can take
+    longer than a short REQUEST_TIMEOUT to arrive: CLIENT_READ_TIMEOUT is 10 s."""
+    client, admission = _client_with_a_worker(fake_redis, request_timeout=1.0)
+    fake_redis.rpush(KEYS.queue, "job")  # something ahead
+    for route in ("/predict", "/jobs"):
+        spent = {submission.ARRIVED: time.monotonic() - 1.5}  # its 1 s went by while its body came in
+        response = client.post(route, data={"image": [(io.BytesIO(b"x"), "x.jpg")]}, environ_base=spent)
+        assert response.status_code == 504 and "Retry-After" not in response.headers, (route, response.get_json())
+    assert (admission.preparing, admission.preparing_images) == (0, 0)
 
 
 def test_an_async_request_whose_images_cannot_be_prepared_before_its_own_deadline_is_refused(fake_redis, monkeypatch):
