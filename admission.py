@@ -166,10 +166,11 @@ class Admission:
             # admitted behind this request before any image is prepared, is weighed with it.
             per_turn, self._remeasure = 0.0, True
         local = (here + images) * per_turn / self.decoders
+        ahead = self._in_flight + queued + here
         # Two stages in series: the jobs reach the queue once their images are prepared, and the workers reach
         # them once they are through the jobs in flight, the queued ones and the ones prepared here first;
         # whichever comes later, then their own batch.
-        expected = max(local, (self._in_flight + queued + here) * per_image)
+        expected = max(local, ahead * per_image)
         expected += (images + min(self._batch - 1, queued)) * per_image
         if queued + here + images > self.queue.max_length:
             raise Refusal(
@@ -181,7 +182,6 @@ class Admission:
             remaining, expected = prepare_within, local  # what is refused, and said, is the preparation
         # With nothing ahead, the request is tried whatever its estimate: no retry would find less ahead of it (a
         # 503 told it to retry, again and again), and its deadline still bounds it. It also measures afresh.
-        ahead = self._in_flight + queued + here
         if ahead and expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
             raise Refusal(

@@ -327,18 +327,12 @@ class _Decoder:
             batch, data, result = self._queue.get()
             if batch.abandoned:
                 continue  # nobody waits for it
-            batch.counted.started()
-            began = time.monotonic()
-            try:
-                outcome = self._pool.apply(_caught, (helpers.prepare_image, data, batch.max_pixels))
-            except Exception as exc:  # noqa: BLE001 - the pool itself failed: its request hears of it, we go on
-                outcome = exc
-            # Out of the backlog once done, whatever order, even if its request has ended. The lane's turn is
-            # timed here, not in the thread: a lane takes its next image only once this greenlet has the outcome
-            # back, and on a busy process the hub's delay in handing it back took longer than the decoding (4 s
-            # of local wait at the onset of an overload, admitted on an estimate of under 1 s).
-            batch.counted.prepared(time.monotonic() - began)
-            result.set(outcome)
+            # Timed here, not in the thread: a lane takes its next image only once this greenlet has the outcome
+            # back, and on a busy process the hub's delay in handing it back took longer than the decoding (4 s of
+            # local wait at the onset of an overload, admitted on an estimate of under 1 s). Should the pool itself
+            # fail, _turn hands that to the request too, and this lane goes on.
+            task = (_caught, (helpers.prepare_image, data, batch.max_pixels))
+            result.set(_turn(batch.counted, self._pool.apply, *task))
 
     def submit(self, uploads, max_pixels, counted):
         batch = _Batch(max_pixels, counted, [gevent.event.AsyncResult() for _ in uploads])
@@ -396,11 +390,7 @@ class _Inline:
             if time.monotonic() >= until:
                 yield _LATE
                 return
-            self.counted.started()
-            began = time.monotonic()
-            outcome = _caught(helpers.prepare_image, data, self.max_pixels)
-            self.counted.prepared(time.monotonic() - began)
-            yield outcome
+            yield _turn(self.counted, helpers.prepare_image, data, self.max_pixels)
 
     def abandon(self):
         pass
@@ -415,8 +405,18 @@ def _decoder():
     return _decoders[1]
 
 
+def _turn(counted, function, *args):
+    """One image's turn in a decoding lane: counted as started, then out of the backlog once done (whatever order,
+    even if its request has ended) with its time. Returns function(*args), or the exception it raised."""
+    counted.started()
+    began = time.monotonic()
+    outcome = _caught(function, *args)
+    counted.prepared(time.monotonic() - began)
+    return outcome
+
+
 def _caught(function, *args):
     try:
         return function(*args)
-    except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see prepare
+    except Exception as exc:  # noqa: BLE001 - handed back to the request's greenlet, see prepare and _Decoder
         return exc
