@@ -1,8 +1,5 @@
 """Start a model worker: `python run_model_server.py`, configured by the environment (see settings.py)."""
 
-import numpy as np
-
-import jobs
 import logger
 import models
 import redis_client
@@ -21,17 +18,14 @@ def main():
         redis=redis_client.describe(config.redis_url),
     )
     classifier = models.load(config)
-    # Warm up before taking jobs: TensorFlow traces the model once for batch 1 and once more for a general
-    # batch size, and both runtimes pay extra on the first call of a batch shape; left to the first real
-    # batches, that costs a second or two each.
-    for size in sorted({1, 2, config.batch_size}):
-        classifier.predict(np.zeros((size, *jobs.IMAGE_SHAPE), dtype=np.uint8))
+    classifier.warm_up(config.batch_size)
     log(
         "model_loaded",
         model=classifier.name,
         weights=classifier.weights,
         runtime=classifier.runtime,
         precision=classifier.precision,
+        slice=classifier.slice or "whole batch",
     )
     Worker(classifier, config).run()
 

@@ -159,9 +159,3 @@ def self_check(reference_predict, candidate_predict, atol, preprocess=None):
             f"(tolerance {atol:g}) on the fixed input; do not serve with this runtime"
         )
     return difference
-
-
-def warm_up(predict, batch_sizes, shape=(224, 224, 3)):
-    """Run every batch size once, so the first real batch of each size does not pay the shape's first-call cost."""
-    for n in batch_sizes:
-        predict(np.zeros((n, *shape), dtype=np.float32))

@@ -113,10 +113,20 @@ def test_unknown_runtime_and_precision_are_refused(efficientnet):
         runtimes.compile_model(efficientnet.model, "tensorflow", "bf16")
 
 
-def test_warm_up_runs_each_batch_size_once():
-    seen = []
-    runtimes.warm_up(lambda batch: seen.append(batch.shape), (1, 8, 32))
-    assert seen == [(1, 224, 224, 3), (8, 224, 224, 3), (32, 224, 224, 3)]
+def test_the_served_lite0_runs_a_batch_in_slices_with_the_answers_of_the_whole_batch(model_cache, photos):
+    served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache))
+    keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, runtime="tensorflow"))
+    assert (served.runtime, served.slice, keras.slice) == ("openvino", 4, 0)
+    noise = np.random.default_rng(7).integers(0, 256, (8, *photos.shape[1:]), dtype=np.uint8)
+    batch = np.concatenate([photos, noise])  # 10 images: slices of 4, 4 and 2
+    calls, run = [], served._run
+    served._run = lambda x: calls.append(len(x)) or run(x)
+    got, expected = served.predict(batch), keras.predict(batch)
+    assert calls == [4, 4, 2] and got.shape == (10, 1000)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)  # each row is its own image's, in order
+    custom = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, inference_batch_size=3))
+    np.testing.assert_allclose(custom.predict(batch), expected, rtol=0, atol=1e-4)
+    assert custom.slice == 3
 
 
 def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache, photos):
