@@ -14,12 +14,6 @@ from logger import log
 from settings import Settings
 
 NAMES = ("auto", *MODELS)
-# Images per runtime call where a whole claimed batch at once is slower. EfficientNet-Lite0 on OpenVINO, serving
-# the castle at concurrency 32 beside the web process on two cores: in slices of 4, 11.1 against 12.2 ms of worker
-# CPU per image and +7 % requests/s (five interleaved pairs, f32; bf16 alike), though alone batch 32 runs fastest.
-# Its depthwise layers hold little compute per byte of activations, which at batch 32 (154 MB for one layer) no
-# longer stay in cache. ResNet50 is compute-bound: no difference, so it runs whole batches.
-SLICES = {("efficientnet_lite0", "openvino"): 4}
 
 
 class ModelUnavailable(RuntimeError):
@@ -155,7 +149,7 @@ def load(config: Settings) -> Classifier:
     _configure_tensorflow(config)
     classifier = _build(name, weights, config.model_cache_dir)
     _select_runtime(classifier, config)
-    classifier.slice = config.inference_batch_size or SLICES.get((classifier.name, classifier.runtime), 0)
+    classifier.slice = config.inference_batch_size or runtimes.SLICES[classifier.runtime]
     return classifier
 
 
