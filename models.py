@@ -29,7 +29,12 @@ class Classifier:
         self.labels = load_labels()
         self.runtime, self.precision = "tensorflow", "f32"
         self._run = runtimes.compile_model(model, "tensorflow")
-        self.slice = 0  # images per runtime call; 0: the whole batch at once
+        self.inference_batch_size = 0  # INFERENCE_BATCH_SIZE; 0: the runtime's own (runtimes.SLICES)
+
+    @property
+    def slice(self):
+        """Images per runtime call; 0: the whole batch at once."""
+        return self.inference_batch_size or runtimes.SLICES[self.runtime]
 
     def predict(self, pixels):
         """Class probabilities for a uint8 batch of shape (n, 224, 224, 3), `slice` images per runtime call."""
@@ -40,13 +45,12 @@ class Classifier:
         return np.concatenate([self.infer(batch[i : i + step]) for i in range(0, len(batch), step)])
 
     def warm_up(self, batch_size):
-        """Run each batch shape the runtime will see once, before any job: TensorFlow traces the model once for
-        batch 1 and once more for a general batch size, and both runtimes pay about double on the first call of a
-        shape (OpenVINO's Lite0: 40 against 20 ms at batch 4); left to the first real batches, that costs a second
-        or two. In slices, a batch's last slice may be any size up to the slice."""
-        step = min(self.slice or batch_size, batch_size)
-        sizes = {1, 2, batch_size} if step == batch_size else range(1, step + 1)
-        for size in sorted(sizes):
+        """Run batch 1, 2 and the largest batch the runtime will see (the slice, or `batch_size` jobs), before any
+        job. TensorFlow traces the model for batch 1 and once more for a general size, which later sizes reuse;
+        left to the first real batches, that costs a second or two each. OpenVINO pays about double on the first
+        call of a shape (Lite0: 40 against 20 ms at batch 4), too little to warm every size a batch may have."""
+        largest = min(self.slice or batch_size, batch_size)
+        for size in sorted({1, min(2, largest), largest}):
             self.predict(np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8))
 
     def preprocess(self, pixels):
@@ -149,7 +153,7 @@ def load(config: Settings) -> Classifier:
     _configure_tensorflow(config)
     classifier = _build(name, weights, config.model_cache_dir)
     _select_runtime(classifier, config)
-    classifier.slice = config.inference_batch_size or runtimes.SLICES[classifier.runtime]
+    classifier.inference_batch_size = config.inference_batch_size
     return classifier
 
 

@@ -25,7 +25,7 @@ def main():
         weights=classifier.weights,
         runtime=classifier.runtime,
         precision=classifier.precision,
-        slice=classifier.slice or "whole batch",
+        slice=classifier.slice if 0 < classifier.slice < config.batch_size else "whole batch",
     )
     Worker(classifier, config).run()
 

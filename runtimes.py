@@ -22,13 +22,9 @@ TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
 # One synchronous request per batch: LATENCY gives it one stream with both cores. THROUGHPUT's two streams get a
 # core each, so a single request ran at half speed, and splitting batches across requests gained nothing measurable.
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-# Images per runtime call (0: the whole batch), measured in the service, castle at concurrency 32, interleaved
-# pairs against whole batches of up to 32: on OpenVINO, slices of 4 gave EfficientNet-Lite0 +4.5 to +10.8 % requests/s
-# (five pairs, f32; 11.1 against 12.2 ms of worker CPU per image) and bf16 about as much, ResNet50 bf16 +0.4 to +2.7 %
-# and ResNet50 f32 -3.0 to +2.2 % (six pairs: compute-bound, no difference), and the web 0-0.3 ms less CPU per request.
-# Alone, OpenVINO runs Lite0 fastest at batch 32: beside the web process, one of its layers at batch 32 (154 MB of
-# activations) cannot stay in cache and competes with the web's decoding for memory. TensorFlow gains from whole
-# batches (Lite0: 64 images/s at batch 1, 116 at 32).
+# Images per runtime call (0: the whole batch). On OpenVINO, slices of 4 made EfficientNet-Lite0 serve 4.5-10.8 %
+# more requests/s beside the web process, though alone it runs fastest at batch 32; ResNet50 showed no difference.
+# TensorFlow gains from whole batches. The measurements: README, "In slices".
 SLICES = {"openvino": 4, "tensorflow": 0}
 _SELF_CHECK_SEED = 20240607
 

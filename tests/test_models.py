@@ -83,13 +83,14 @@ def test_resnet50_reproduces_the_seed_table_for_the_castle(monkeypatch):
     ]
 
 
-@pytest.mark.parametrize(("slice_", "shapes"), [(0, [1, 2, 32]), (4, [1, 2, 3, 4]), (64, [1, 2, 32])])
-def test_warm_up_runs_each_batch_shape_the_runtime_will_see(slice_, shapes):
-    # Whole batches: 1, 2 (TensorFlow's general trace) and the batch size. In slices, a batch's last slice may
-    # be any size up to the slice, and nothing larger reaches the runtime.
+@pytest.mark.parametrize(
+    ("inference_batch_size", "batch_size", "shapes"),
+    [(0, 32, [1, 2, 32]), (4, 32, [1, 2, 4]), (31, 32, [1, 2, 31]), (64, 32, [1, 2, 32]), (0, 1, [1])],
+)
+def test_warm_up_runs_batch_1_2_and_the_largest_the_runtime_will_see(inference_batch_size, batch_size, shapes):
     classifier = models.Classifier("fake", model=None, preprocess=lambda x: x, weights="none")
     seen = []
     classifier._run = lambda batch: seen.append(len(batch)) or np.zeros((len(batch), 1000), np.float32)
-    classifier.slice = slice_
-    classifier.warm_up(32)
-    assert sorted(set(seen)) == shapes
+    classifier.inference_batch_size = inference_batch_size
+    classifier.warm_up(batch_size)
+    assert seen == shapes

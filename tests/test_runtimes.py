@@ -127,6 +127,8 @@ def test_the_served_lite0_runs_a_batch_in_slices_with_the_answers_of_the_whole_b
     custom = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, inference_batch_size=3))
     np.testing.assert_allclose(custom.predict(batch), expected, rtol=0, atol=1e-4)
     assert custom.slice == 3
+    keras.use_runtime("openvino", "f32", model_cache)  # as bench.py and measure_precision.py switch runtimes
+    assert keras.slice == 4
 
 
 def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache, photos):

@@ -26,3 +26,10 @@ def test_the_environment_overrides_the_defaults():
 def test_a_bad_value_is_refused_naming_its_variable(environ, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(environ)
+
+
+def test_a_whole_number_setting_built_in_code_refuses_a_fraction():
+    # from_env refuses "2.5" as it parses; Settings(...) in code must refuse it too, not fail at the first batch.
+    with pytest.raises(ValueError, match="INFERENCE_BATCH_SIZE must be a whole number"):
+        Settings(inference_batch_size=2.5)
+    assert Settings(inference_batch_size=3).inference_batch_size == 3
