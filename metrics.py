@@ -13,7 +13,9 @@ from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60)
 
-REQUESTS = Counter("imgclf_requests_total", "Answers to /predict by HTTP status", ["status"])
+REQUESTS = Counter(
+    "imgclf_requests_total", "Answers to classification requests by HTTP status and endpoint", ["status", "endpoint"]
+)  # endpoint: predict | jobs (POST /jobs) | v2_infer
 LATENCY = Histogram(
     "imgclf_request_latency_seconds", "End-to-end /predict latency in the web server", buckets=LATENCY_BUCKETS
 )

@@ -75,11 +75,16 @@ def _identify_request():
     return None
 
 
+# The routes that ask for a classification, as imgclf_requests_total names them; probes, metadata and a job's
+# status polls are not counted.
+_COUNTED = {"classifier.predict": "predict", "classifier.submit_jobs": "jobs", "open_inference.infer": "v2_infer"}
+
+
 @bp.after_app_request
 def _return_request_id(response):
     response.headers["X-Request-Id"] = g.get("request_id", "")
-    if request.path == "/predict":
-        metrics.REQUESTS.labels(str(response.status_code)).inc()
+    if request.endpoint in _COUNTED:
+        metrics.REQUESTS.labels(str(response.status_code), _COUNTED[request.endpoint]).inc()
     return response
 
 

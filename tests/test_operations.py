@@ -43,8 +43,8 @@ def test_metrics_add_up_across_gunicorn_processes(service):
     # Scrape several times: whichever process answers, it reports the totals of both.
     for _ in range(4):
         text = requests.get(f"{service.url}/metrics", timeout=10).text
-        assert sample(text, "imgclf_requests_total", '{status="200"}') == 6
-        assert sample(text, "imgclf_requests_total", '{status="400"}') == 3
+        assert sample(text, "imgclf_requests_total", '{endpoint="predict",status="200"}') == 6
+        assert sample(text, "imgclf_requests_total", '{endpoint="predict",status="400"}') == 3
         assert sample(text, "imgclf_request_latency_seconds_count") == 6
         assert sample(text, "imgclf_batch_size_count") == 6
         assert sample(text, "imgclf_inference_seconds_count") == 6

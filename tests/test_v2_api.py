@@ -242,3 +242,26 @@ def test_a_failed_job_keeps_its_status(client, fake_redis, monkeypatch, results,
     serve(fake_redis)
     _answer(monkeypatch, results)
     assert_error(infer(client, triton_request([JEMMA.read_bytes()])), status, text)
+
+
+def test_every_classification_answer_is_counted_by_status_and_endpoint(client, fake_redis):
+    import metrics
+
+    def counts():
+        return {
+            (sample.labels["status"], sample.labels["endpoint"]): sample.value
+            for sample in metrics.REQUESTS.collect()[0].samples
+            if sample.name.endswith("_total")
+        }
+
+    before = counts()
+    infer(client, triton_request(), model="mobilenet")  # 404: unknown model
+    infer(client, triton_request())  # 503: no worker serves it
+    client.post("/predict")  # 400: no image
+    client.post("/jobs")  # 400: no image
+    client.get("/v2")  # metadata, a probe and a job's status poll are not classification requests
+    client.get("/health/ready")
+    client.get("/jobs/0123456789abcdef0123456789abcdef")
+    after = counts()
+    changed = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert changed == {("404", "v2_infer"): 1, ("503", "v2_infer"): 1, ("400", "predict"): 1, ("400", "jobs"): 1}
