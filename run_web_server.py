@@ -217,6 +217,7 @@ def _serve(environ, start_response):
     except gevent.Timeout:
         connection.close_after_response = True
         metrics.READ_TIMEOUTS.labels("408").inc()
+        web.count_server_answer(app, environ, 408)
         log("request_read_timeout", level="WARNING", path=environ.get("PATH_INFO"))
         status, headers, body = _408
         start_response(status, headers)
@@ -229,6 +230,8 @@ def _serve(environ, start_response):
     except gevent.Timeout:
         connection.close_after_response = True  # the app was cut off mid-way: start afresh on a new connection
         log("request_deadline_safety_net", level="ERROR", path=environ.get("PATH_INFO"))
+        metrics.TIMEOUTS.inc()
+        web.count_server_answer(app, environ, 504)
         status, headers, body = _json_response("504 Gateway Timeout", "no answer within the request's deadline")
         start_response(status, headers, sys.exc_info())
         return [body]

@@ -75,16 +75,30 @@ def _identify_request():
     return None
 
 
-# The routes that ask for a classification, as imgclf_requests_total names them; probes, metadata and a job's
-# status polls are not counted.
+# The routes that classify, as imgclf_requests_total names them. Only their POSTs are counted: not probes,
+# metadata, a job's status polls, OPTIONS, nor a GET that is answered 405.
 _COUNTED = {"classifier.predict": "predict", "classifier.submit_jobs": "jobs", "open_inference.infer": "v2_infer"}
+
+
+def count_answer(endpoint, method, status):
+    """Count one answer in imgclf_requests_total if it answers a classification request."""
+    if method == "POST" and endpoint in _COUNTED:
+        metrics.REQUESTS.labels(str(status), _COUNTED[endpoint]).inc()
+
+
+def count_server_answer(app, environ, status):
+    """count_answer for an answer the server gives without the app (run_web_server's 408 and 504)."""
+    try:
+        endpoint, _ = app.url_map.bind("").match(environ.get("PATH_INFO", ""), method="POST")
+    except HTTPException:
+        return
+    count_answer(endpoint, environ.get("REQUEST_METHOD"), status)
 
 
 @bp.after_app_request
 def _return_request_id(response):
     response.headers["X-Request-Id"] = g.get("request_id", "")
-    if request.endpoint in _COUNTED:
-        metrics.REQUESTS.labels(str(response.status_code), _COUNTED[request.endpoint]).inc()
+    count_answer(request.endpoint, request.method, response.status_code)
     return response
 
 

@@ -1,5 +1,6 @@
 """What several test files share: the images, a client's POST, a stand-in model, crafted inputs."""
 
+import re
 import struct
 import threading
 import time
@@ -57,3 +58,9 @@ def png_bomb():
         + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
         + chunk(b"IEND", b"")
     )
+
+
+def sample(text, name, labels=""):
+    """The value of one sample in Prometheus's text format (labels as the exposition writes them), or None."""
+    match = re.search(rf"^{re.escape(name + labels)} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else None

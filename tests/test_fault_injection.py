@@ -22,7 +22,7 @@ from job_queue import JobQueue
 from keys import Keys
 from launcher import Processes
 from notifications import ResultWaiter
-from support import CASTLE, JEMMA, CountingClassifier, post, wait_for
+from support import CASTLE, JEMMA, CountingClassifier, post, sample, wait_for
 from worker import Worker
 from worker_registration import WorkerRegistry
 
@@ -275,3 +275,8 @@ def test_a_request_s_own_deadline_holds_while_redis_hangs(service, redis_server)
         assert response.status_code == 504 and answered_after < 10, (answered_after, response.text)
     finally:
         proxy.close()
+    # The safety net's 504s are counted like the app's own (with the proxy gone, the scrape's Redis reads fail fast).
+    text = requests.get(f"{service.url}/metrics", timeout=30).text
+    assert sample(text, "imgclf_timeouts_total") == 3
+    assert sample(text, "imgclf_requests_total", '{endpoint="predict",status="504"}') == 2
+    assert sample(text, "imgclf_requests_total", '{endpoint="v2_infer",status="504"}') == 1

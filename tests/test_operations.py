@@ -1,6 +1,5 @@
 """What operators and users get: probes, Prometheus metrics, request ids, one merged log, the upload page."""
 
-import re
 import shutil
 import subprocess
 import sys
@@ -8,14 +7,9 @@ import sys
 import pytest
 import requests
 
-from support import CASTLE, ROOT, post, wait_for
+from support import CASTLE, ROOT, post, sample, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def sample(text, name, labels=""):
-    match = re.search(rf"^{re.escape(name + labels)} ([0-9.e+]+)$", text, re.M)
-    return float(match.group(1)) if match else None
 
 
 def test_probes_follow_redis_and_workers(service, redis_server):

@@ -25,7 +25,7 @@ from job_queue import JobQueue
 from keys import Keys
 from notifications import ResultWaiter
 from settings import Settings
-from support import CASTLE, ROOT, CountingClassifier, post, wait_for
+from support import CASTLE, ROOT, CountingClassifier, post, sample, wait_for
 from worker import Throughput, Worker
 from worker_registration import WorkerRegistry
 
@@ -565,6 +565,10 @@ def test_stalled_clients_do_not_starve_the_others_and_are_cut_off(service):
         "headers, then part of the body": {"HTTP/1.1 408 Request Timeout"},
     }
     assert requests.get(f"{service.url}/health/live", timeout=3).status_code == 200
+    # A 408 to a POST /predict whose body never came is one of its answers; one before the request line is not.
+    text = requests.get(f"{service.url}/metrics", timeout=10).text
+    assert sample(text, "imgclf_requests_total", '{endpoint="predict",status="408"}') == 100
+    assert sample(text, "imgclf_read_timeouts_total", '{answer="408"}') == 200
 
 
 @pytest.mark.slow

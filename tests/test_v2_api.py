@@ -262,6 +262,9 @@ def test_every_classification_answer_is_counted_by_status_and_endpoint(client, f
     client.get("/v2")  # metadata, a probe and a job's status poll are not classification requests
     client.get("/health/ready")
     client.get("/jobs/0123456789abcdef0123456789abcdef")
+    client.options("/predict")  # neither OPTIONS nor a GET answered 405 asks for a classification
+    client.options(f"/v2/models/{MODEL}/versions/1/infer")
+    client.get("/predict")
     after = counts()
     changed = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
     assert changed == {("404", "v2_infer"): 1, ("503", "v2_infer"): 1, ("400", "predict"): 1, ("400", "jobs"): 1}
