@@ -23,7 +23,7 @@ TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
 # core each, so a single request ran at half speed, and splitting batches across requests gained nothing measurable.
 OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 # Images per runtime call (0: the whole batch). On OpenVINO, slices of 4 made EfficientNet-Lite0 serve 4.5-10.8 %
-# more requests/s beside the web process, though alone it runs fastest at batch 32; ResNet50 showed no difference.
+# more requests/s beside the web process, though alone it ran faster at batch 32; ResNet50 gained little or nothing.
 # TensorFlow gains from whole batches. The measurements: README, "In slices".
 SLICES = {"openvino": 4, "tensorflow": 0}
 _SELF_CHECK_SEED = 20240607
