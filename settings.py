@@ -95,6 +95,8 @@ class Settings:
                 raise ValueError(f"{name.upper()} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.type in (int, float) and isinstance(value, bool):  # Python counts True as 1
+                raise ValueError(f"{field.name.upper()} must be a number, not {value!r}")
             if field.type is int and not isinstance(value, int):  # from_env parses ints; Settings(...) may not
                 raise ValueError(f"{field.name.upper()} must be a whole number, not {value!r}")
             if field.type in (int, float) and not (value >= 0 and value != float("inf")):

@@ -33,3 +33,10 @@ def test_a_whole_number_setting_built_in_code_refuses_a_fraction():
     with pytest.raises(ValueError, match="INFERENCE_BATCH_SIZE must be a whole number"):
         Settings(inference_batch_size=2.5)
     assert Settings(inference_batch_size=3).inference_batch_size == 3
+
+
+@pytest.mark.parametrize("name", ["batch_size", "request_timeout"])
+def test_a_number_setting_built_in_code_refuses_true_or_false(name):
+    # Python counts True as 1: Settings(batch_size=True) was a worker taking one job at a time without a word.
+    with pytest.raises(ValueError, match=f"{name.upper()} must be a number, not True"):
+        Settings(**{name: True})
