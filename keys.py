@@ -41,6 +41,11 @@ class Keys:
         """HASH describing a live worker; it expires when the worker stops beating."""
         return self.heartbeat_prefix + worker
 
+    def left(self, worker: str) -> str:
+        """STRING set when a worker unregisters, for worker_registration.LEFT_TTL: a beat of it that reaches Redis
+        later registers nothing (beat.lua). Names are unique to a process, so a mark never stops a new worker."""
+        return f"{self.queue}:left:{worker}"
+
     def channel(self, listener: str) -> str:
         """Pub/sub channel of one web process: the worker PUBLISHes finished jobs there (jobs.parse_notification)."""
         return self.channel_prefix + listener

@@ -97,6 +97,8 @@ class Settings:
             value = getattr(self, field.name)
             if field.type in (int, float) and isinstance(value, bool):  # Python counts True as 1
                 raise ValueError(f"{field.name.upper()} must be a number, not {value!r}")
+            if field.type is bool and not isinstance(value, bool):  # "0" would be true
+                raise ValueError(f"{field.name.upper()} must be True or False, not {value!r}")
             if field.type is int and not isinstance(value, int):  # from_env parses ints; Settings(...) may not
                 raise ValueError(f"{field.name.upper()} must be a whole number, not {value!r}")
             if field.type in (int, float) and not (value >= 0 and value != float("inf")):

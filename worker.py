@@ -98,8 +98,6 @@ class Worker:
         # One at a time: the heartbeat thread and, when the throughput moved, the main thread both beat, and a
         # beat built before another must not be written after it (its older rate would stand until the next).
         with self._beat_lock:
-            if self.finished.is_set():  # gone (see _leave): a beat that comes late must not register it again
-                return
             self.registry.beat(self.name, self.heartbeat_info())
 
     def _heartbeat_loop(self):
@@ -160,18 +158,12 @@ class Worker:
         finally:
             self._idle = False
             self.stopping.set()
-            self._leave()
-            log("worker_stopped", worker=self.name, signal=self.stop_signal, **self.counts)
-
-    def _leave(self):
-        """Stop beating and unregister, after any beat in flight: a beat written after the unregister would keep
-        a stopped worker registered, ready and counted by admission until its heartbeat expired."""
-        with self._beat_lock:
             self.finished.set()
             try:
                 self.registry.unregister(self.name)
             except redis.RedisError as exc:
                 log("unregister_failed", level="WARNING", worker=self.name, error=str(exc))
+            log("worker_stopped", worker=self.name, signal=self.stop_signal, **self.counts)
 
     def _connect_with_backoff(self, action):
         backoff = redis_client.Backoff()

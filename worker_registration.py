@@ -10,8 +10,12 @@ import re
 import redis
 
 import jobs
-from job_queue import JobQueue
+from job_queue import JobQueue, script
 from logger import log
+
+# Seconds a worker's left mark is kept: longer than any beat could take to reach Redis after the worker gave up on
+# its reply (TCP gives up on unacknowledged bytes within about 15 minutes by default).
+LEFT_TTL = 3600
 
 
 def models_served(workers: list[dict]) -> frozenset:
@@ -27,19 +31,21 @@ class WorkerRegistry:
         self.keys = job_queue.keys
         self.heartbeat_ttl = max(1, round(heartbeat_ttl))
         self._sweeps = 0
+        self._beat = script(connection, "beat")
 
-    def beat(self, worker: str, info: dict) -> None:
-        """Register (again, if a sweep dropped us while we stalled) and refresh the heartbeat."""
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.sadd(self.keys.workers, worker)
-        pipe.hset(self.keys.heartbeat(worker), mapping=info)
-        pipe.expire(self.keys.heartbeat(worker), self.heartbeat_ttl)
-        pipe.execute()
+    def beat(self, worker: str, info: dict) -> bool:
+        """Register (again, if a sweep dropped us while we stalled) and refresh the heartbeat; False, and nothing
+        done, once the worker has unregistered."""
+        fields = [item for pair in info.items() for item in pair]
+        keys = [self.keys.workers, self.keys.heartbeat(worker), self.keys.left(worker)]
+        return bool(self._beat(keys=keys, args=[worker, self.heartbeat_ttl, *fields]))
 
     def unregister(self, worker: str) -> None:
-        """Graceful exit: unfinished jobs go back to the queue without counting an attempt."""
+        """Graceful exit: unfinished jobs go back to the queue without counting an attempt, and no beat of this
+        worker registers it again, even one already on its way."""
         self.queue.leave(worker)
         pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.left(worker), "1", ex=LEFT_TTL)
         pipe.srem(self.keys.workers, worker)
         pipe.delete(self.keys.heartbeat(worker))
         pipe.execute()

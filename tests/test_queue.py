@@ -506,9 +506,23 @@ def test_a_second_copy_of_an_answered_job_is_dropped_not_answered_410(real_redis
     assert real_redis.llen(q.keys.dead) == 0 and pixel_keys(real_redis, q) == []
 
 
+def test_a_beat_that_reaches_redis_after_the_unregister_registers_nothing(r, config):
+    # A beat whose reply timed out may still be on its way when its worker unregisters; applied after that, it
+    # kept a stopped worker registered, ready and counted by admission for HEARTBEAT_TTL.
+    q = JobQueue(r, config)
+    registry = WorkerRegistry(r, q, config.heartbeat_ttl)
+    info = {"name": "leaving", "model": "resnet50", "ready": 1, "images_per_s": 30.5}
+    assert registry.beat("leaving", info)
+    assert registry.workers() == [{**info, "ready": "1", "images_per_s": "30.5"}]
+    registry.unregister("leaving")
+    assert not registry.beat("leaving", info)  # the late one
+    assert registry.workers() == []
+    assert not r.sismember(q.keys.workers, "leaving")
+    assert registry.beat("arriving", {**info, "name": "arriving"})  # the mark is the leaver's alone
+    assert [worker["name"] for worker in registry.workers()] == ["arriving"]
+
+
 def test_a_beat_that_lands_after_the_worker_stopped_does_not_register_it_again(real_redis, config):
-    # The heartbeat thread may be past its last wait when the worker stops: its beat then lands after the
-    # unregister, and a stopped worker stayed registered, ready and counted by admission for HEARTBEAT_TTL.
     config = config.replace(block_timeout=0.2)
     q = JobQueue(real_redis, config)
     registry = WorkerRegistry(real_redis, q, config.heartbeat_ttl)
@@ -516,31 +530,6 @@ def test_a_beat_that_lands_after_the_worker_stopped_does_not_register_it_again(r
     worker.stopping.set()
     worker.serve()  # registers, beats, takes no batch, unregisters
     assert registry.workers() == []
-    worker._beat()  # the heartbeat thread's beat, late
+    worker._beat()  # the heartbeat thread's beat, past its last wait when the worker stopped
     assert registry.workers() == []
     assert not real_redis.sismember(q.keys.workers, "stopped")
-
-
-def test_a_worker_leaving_while_a_beat_is_in_flight_unregisters_after_it(real_redis, config):
-    q = JobQueue(real_redis, config)
-    registry = WorkerRegistry(real_redis, q, config.heartbeat_ttl)
-    worker = Worker(CountingClassifier(), config, name="leaving")
-    beating, release, beat = threading.Event(), threading.Event(), worker.registry.beat
-
-    def slow_beat(*args):  # a beat held up between its decision to beat and Redis
-        beating.set()
-        release.wait(10)
-        beat(*args)
-
-    worker.registry.beat = slow_beat
-    in_flight = threading.Thread(target=worker._beat)
-    in_flight.start()
-    assert beating.wait(10)
-    leaving = threading.Thread(target=worker._leave)
-    leaving.start()
-    leaving.join(0.3)  # unguarded, the unregister would be done by now, before the beat lands
-    release.set()
-    in_flight.join(10)
-    leaving.join(10)
-    assert registry.workers() == []
-    assert not real_redis.sismember(q.keys.workers, "leaving")

@@ -40,3 +40,9 @@ def test_a_number_setting_built_in_code_refuses_true_or_false(name):
     # Python counts True as 1: Settings(batch_size=True) was a worker taking one job at a time without a word.
     with pytest.raises(ValueError, match=f"{name.upper()} must be a number, not True"):
         Settings(**{name: True})
+
+
+def test_a_yes_no_setting_built_in_code_refuses_anything_but_true_or_false():
+    with pytest.raises(ValueError, match="LOG_TO_REDIS must be True or False, not '0'"):
+        Settings(log_to_redis="0")
+    assert Settings(log_to_redis=True).log_to_redis is True
