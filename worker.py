@@ -135,16 +135,17 @@ class Worker:
 
     def serve(self):
         """Register, beat, and process batches until `stopping` is set; then hand back what is left."""
-        self._connect_with_backoff(self._beat)
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
-        log(
-            "worker_ready",
-            worker=self.name,
-            model=self.classifier.name,
-            batch_size=self.batch_size,
-            queue=self.queue.keys.queue,
-        )
         try:
+            # Inside: a stop while Redis is down at start-up ends the wait to register, and leaves as any stop does.
+            self._connect_with_backoff(self._beat)
+            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+            log(
+                "worker_ready",
+                worker=self.name,
+                model=self.classifier.name,
+                batch_size=self.batch_size,
+                queue=self.queue.keys.queue,
+            )
             while not self.stopping.is_set():
                 try:
                     self.run_once()

@@ -18,7 +18,7 @@ import requests
 import jobs
 from job_queue import JobQueue
 from keys import Keys
-from launcher import listening
+from launcher import free_port, listening
 from support import CountingClassifier, post, wait_for
 from worker import Worker
 from worker_registration import WorkerRegistry
@@ -162,6 +162,16 @@ def test_sigterm_to_a_busy_worker_finishes_or_returns_its_batch(service, real_re
     responses = [f.result() for f in futures]
     pool.shutdown()
     assert [r.status_code for r in responses] == [200] * 16
+
+
+def test_a_worker_told_to_stop_while_redis_is_down_at_its_start_stops_cleanly(config, capfd):
+    # It was waiting to register: the stop ended it with a traceback and exit status 1, and no worker_stopped.
+    worker = Worker(CountingClassifier(), config.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"), name="early")
+    worker.stopping.set()  # as SIGTERM does, while the first beat's retries wait
+    worker.serve()
+    assert worker.finished.is_set()
+    log = capfd.readouterr().err
+    assert "redis_unavailable" in log and "worker_stopped worker=early" in log
 
 
 @pytest.mark.slow
