@@ -42,8 +42,9 @@ class Keys:
         return self.heartbeat_prefix + worker
 
     def left(self, worker: str) -> str:
-        """STRING set when a worker unregisters, for worker_registration.LEFT_TTL: a beat of it that reaches Redis
-        later registers nothing (beat.lua). Names are unique to a process, so a mark never stops a new worker."""
+        """STRING holding the run of a worker that unregistered (Worker.run_id), for worker_registration.LEFT_TTL: a
+        beat of that run reaching Redis later registers nothing (beat.lua), and a sweep counts no attempt for what
+        a late claim put in its list (requeue.lua); the first beat of another run under the name deletes it."""
         return f"{self.queue}:left:{worker}"
 
     def channel(self, listener: str) -> str:

@@ -78,6 +78,7 @@ class Worker:
         self._sweep_from = 0.0  # monotonic time from which this worker may sweep others
         self._published = (0.0, -math.inf)  # the images/s the last beat carried, and when (monotonic)
         self._beat_lock = threading.Lock()
+        self.run_id = uuid.uuid4().hex  # this process's run under its name (see WorkerRegistry.beat)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def heartbeat_info(self):
@@ -98,7 +99,7 @@ class Worker:
         # One at a time: the heartbeat thread and, when the throughput moved, the main thread both beat, and a
         # beat built before another must not be written after it (its older rate would stand until the next).
         with self._beat_lock:
-            self.registry.beat(self.name, self.heartbeat_info())
+            self.registry.beat(self.name, self.heartbeat_info(), self.run_id)
 
     def _heartbeat_loop(self):
         # Beats go on while a stopping worker finishes its batch, however long it takes: a worker that fell
@@ -161,7 +162,7 @@ class Worker:
             self.stopping.set()
             self.finished.set()
             try:
-                self.registry.unregister(self.name)
+                self.registry.unregister(self.name, self.run_id)
             except redis.RedisError as exc:
                 log("unregister_failed", level="WARNING", worker=self.name, error=str(exc))
             log("worker_stopped", worker=self.name, signal=self.stop_signal, **self.counts)

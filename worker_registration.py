@@ -33,19 +33,21 @@ class WorkerRegistry:
         self._sweeps = 0
         self._beat = script(connection, "beat")
 
-    def beat(self, worker: str, info: dict) -> bool:
+    def beat(self, worker: str, info: dict, run: str = "") -> bool:
         """Register (again, if a sweep dropped us while we stalled) and refresh the heartbeat; False, and nothing
-        done, once the worker has unregistered."""
+        done, once this `run` of the worker has unregistered. `run` tells one process under a name from the next
+        (a worker restarted under the same name registers); callers that never reuse a name may leave it out."""
         fields = [item for pair in info.items() for item in pair]
         keys = [self.keys.workers, self.keys.heartbeat(worker), self.keys.left(worker)]
-        return bool(self._beat(keys=keys, args=[worker, self.heartbeat_ttl, *fields]))
+        return bool(self._beat(keys=keys, args=[worker, self.heartbeat_ttl, run, *fields]))
 
-    def unregister(self, worker: str) -> None:
+    def unregister(self, worker: str, run: str = "") -> None:
         """Graceful exit: unfinished jobs go back to the queue without counting an attempt, and no beat of this
-        worker registers it again, even one already on its way."""
+        run registers it again, even one already on its way (nor does a sweep count an attempt for jobs a late
+        claim put in its list)."""
         self.queue.leave(worker)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.left(worker), "1", ex=LEFT_TTL)
+        pipe.set(self.keys.left(worker), run, ex=LEFT_TTL)
         pipe.srem(self.keys.workers, worker)
         pipe.delete(self.keys.heartbeat(worker))
         pipe.execute()

@@ -197,6 +197,7 @@ class JobQueue:
             self.keys.dead,
             self.keys.heartbeat(worker),
             self.keys.workers,
+            self.keys.left(worker),
         ]
         answer = jobs.encode_result(
             jobs.error_result("", f"job failed {self.max_attempts} times and was given up", 500)

@@ -8,6 +8,9 @@
 -- KEYS[3] dead          the dead-letter list
 -- KEYS[4] heartbeat     the worker's heartbeat hash
 -- KEYS[5] workers       the set of registered workers
+-- KEYS[6] left          the worker's left mark (Keys.left): set, the worker unregistered, and what a sweep finds
+--                       in its list came there by a claim that reached Redis after it left (its reply had timed
+--                       out): nothing of it ran, so no attempt is counted
 -- ARGV[1] mode          'leave': a graceful exit, no attempt counted;
 --                       'fail': the model failed, one attempt counted;
 --                       'sweep': the worker died: one attempt counted, and only if its heartbeat is gone,
@@ -24,7 +27,7 @@
 --                       its answer stored, as finish.lua does
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
 -- out to be alive. Safe to repeat: a second call finds the processing list empty.
-local processing, queue, dead, heartbeat, workers = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local processing, queue, dead, heartbeat, workers, left = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local answer, result_prefix, ttl, pixels_prefix = cjson.decode(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
 local status_prefix = ARGV[10]
@@ -50,7 +53,7 @@ end
 if mode == 'sweep' and redis.call('EXISTS', heartbeat) == 1 then
   return false
 end
-local count_attempt = mode ~= 'leave'
+local count_attempt = mode ~= 'leave' and not (mode == 'sweep' and redis.call('EXISTS', left) == 1)
 local jobs = redis.call('LRANGE', processing, 0, -1)
 local given_up = {}
 for i = #jobs, 1, -1 do

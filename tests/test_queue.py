@@ -533,3 +533,45 @@ def test_a_beat_that_lands_after_the_worker_stopped_does_not_register_it_again(r
     worker._beat()  # the heartbeat thread's beat, past its last wait when the worker stopped
     assert registry.workers() == []
     assert not real_redis.sismember(q.keys.workers, "stopped")
+
+
+def test_a_worker_restarted_under_the_same_name_registers(real_redis, config):
+    # The left mark bars the run that left, not the name: a restart under an explicit name is a worker again.
+    registry = WorkerRegistry(real_redis, JobQueue(real_redis, config), config.heartbeat_ttl)
+    first = Worker(CountingClassifier(), config.replace(block_timeout=0.2), name="gpu-box-1")
+    first.stopping.set()
+    first.serve()
+    second = Worker(CountingClassifier(), config, name="gpu-box-1")
+    second._beat()
+    assert [worker["name"] for worker in registry.workers()] == ["gpu-box-1"]
+    first._beat()  # the first run's late beat still registers nothing, and takes nothing from the second's
+    assert [worker["name"] for worker in registry.workers()] == ["gpu-box-1"]
+    q = JobQueue(real_redis, config)
+    q.enqueue(marked_job(6))
+    assert len(q.claim("gpu-box-1", 32, 0)) == 1
+    real_redis.delete(q.keys.heartbeat("gpu-box-1"))  # the second run dies holding it: its heartbeat lapses
+    assert registry.sweep() == ["gpu-box-1"]
+    assert [jobs.decode_job(raw).attempts for raw in real_redis.lrange(q.keys.queue, 0, -1)] == [1]  # counted
+
+
+@pytest.mark.parametrize("late", ["claim.lua", "BLMOVE"])
+def test_jobs_a_late_claim_put_in_a_left_worker_s_list_are_requeued_without_an_attempt(r, config, late):
+    # A claim whose reply timed out (then SIGTERM during the backoff) may reach Redis after the unregister: the
+    # jobs it moved never ran, and the sweep that finds them must not spend an attempt (with MAX_ATTEMPTS=1,
+    # a dead letter and a 500 for an image no model saw).
+    config = config.replace(max_attempts=1)
+    q = JobQueue(r, config)
+    registry = WorkerRegistry(r, q, config.heartbeat_ttl)
+    registry.beat("leaving", {"ready": 1}, "run-1")
+    registry.unregister("leaving", "run-1")
+    job = marked_job(5)
+    q.enqueue(job)
+    if late == "claim.lua":
+        q.claim("leaving", 32, 0)
+    else:
+        r.blmove(q.keys.queue, q.keys.processing("leaving"), 1, "LEFT", "RIGHT")
+    assert q.length() == 0
+    assert registry.sweep() == ["leaving"]  # a registry's first sweep also looks for unregistered lists
+    assert [jobs.decode_job(raw).attempts for raw in r.lrange(q.keys.queue, 0, -1)] == [0]
+    assert r.llen(q.keys.dead) == 0 and r.get(q.keys.result(job.id)) is None
+    assert not r.sismember(q.keys.workers, "leaving")
