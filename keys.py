@@ -42,9 +42,9 @@ class Keys:
         return self.heartbeat_prefix + worker
 
     def left(self, worker: str) -> str:
-        """STRING holding the run of a worker that unregistered (Worker.run_id), for worker_registration.LEFT_TTL: a
-        beat of that run reaching Redis later registers nothing (beat.lua), and a sweep counts no attempt for what
-        a late claim put in its list (requeue.lua); the first beat of another run under the name deletes it."""
+        """STRING set when a worker leaves (requeue.lua, in the step that unregisters it), for job_queue.LEFT_TTL:
+        a beat of it reaching Redis later registers nothing (beat.lua), a sweep counts no attempt for what a claim
+        as late put in its list, and a new worker under that name refuses to start (names are one per process)."""
         return f"{self.queue}:left:{worker}"
 
     def channel(self, listener: str) -> str:

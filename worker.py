@@ -16,11 +16,15 @@ import redis
 import jobs
 import redis_client
 from clock import RedisClock
-from job_queue import JobQueue, result_grace
+from job_queue import LEFT_TTL, JobQueue, result_grace
 from jobs import Reply
 from logger import bind, log
 from settings import Settings
 from worker_registration import WorkerRegistry
+
+
+class NameTaken(RuntimeError):
+    """A worker of this name left within job_queue.LEFT_TTL: its beats would not register this one."""
 
 
 class _Interrupted(Exception):
@@ -78,7 +82,6 @@ class Worker:
         self._sweep_from = 0.0  # monotonic time from which this worker may sweep others
         self._published = (0.0, -math.inf)  # the images/s the last beat carried, and when (monotonic)
         self._beat_lock = threading.Lock()
-        self.run_id = uuid.uuid4().hex  # this process's run under its name (see WorkerRegistry.beat)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def heartbeat_info(self):
@@ -99,7 +102,7 @@ class Worker:
         # One at a time: the heartbeat thread and, when the throughput moved, the main thread both beat, and a
         # beat built before another must not be written after it (its older rate would stand until the next).
         with self._beat_lock:
-            self.registry.beat(self.name, self.heartbeat_info(), self.run_id)
+            return self.registry.beat(self.name, self.heartbeat_info())
 
     def _heartbeat_loop(self):
         # Beats go on while a stopping worker finishes its batch, however long it takes: a worker that fell
@@ -136,9 +139,12 @@ class Worker:
 
     def serve(self):
         """Register, beat, and process batches until `stopping` is set; then hand back what is left."""
+        taken = False
         try:
             # Inside: a stop while Redis is down at start-up ends the wait to register, and leaves as any stop does.
-            self._connect_with_backoff(self._beat)
+            if not self._connect_with_backoff(self._beat):
+                taken = True
+                raise NameTaken(f"a worker named {self.name!r} left less than {LEFT_TTL} s ago; give each its own name")
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
             log(
                 "worker_ready",
@@ -162,7 +168,8 @@ class Worker:
             self.stopping.set()
             self.finished.set()
             try:
-                self.registry.unregister(self.name, self.run_id)
+                if not taken:  # (the one who left has its name, and its left mark must not be renewed by us)
+                    self.registry.unregister(self.name)
             except redis.RedisError as exc:
                 log("unregister_failed", level="WARNING", worker=self.name, error=str(exc))
             log("worker_stopped", worker=self.name, signal=self.stop_signal, **self.counts)

@@ -13,10 +13,6 @@ import jobs
 from job_queue import JobQueue, script
 from logger import log
 
-# Seconds a worker's left mark is kept: longer than any beat could take to reach Redis after the worker gave up on
-# its reply (TCP gives up on unacknowledged bytes within about 15 minutes by default).
-LEFT_TTL = 3600
-
 
 def models_served(workers: list[dict]) -> frozenset:
     """The models of the workers (heartbeat hashes, as WorkerRegistry.workers gives them) that have loaded
@@ -33,24 +29,18 @@ class WorkerRegistry:
         self._sweeps = 0
         self._beat = script(connection, "beat")
 
-    def beat(self, worker: str, info: dict, run: str = "") -> bool:
+    def beat(self, worker: str, info: dict) -> bool:
         """Register (again, if a sweep dropped us while we stalled) and refresh the heartbeat; False, and nothing
-        done, once this `run` of the worker has unregistered. `run` tells one process under a name from the next
-        (a worker restarted under the same name registers); callers that never reuse a name may leave it out."""
+        done, once a worker of that name has left (within job_queue.LEFT_TTL)."""
         fields = [item for pair in info.items() for item in pair]
         keys = [self.keys.workers, self.keys.heartbeat(worker), self.keys.left(worker)]
-        return bool(self._beat(keys=keys, args=[worker, self.heartbeat_ttl, run, *fields]))
+        return bool(self._beat(keys=keys, args=[worker, self.heartbeat_ttl, *fields]))
 
-    def unregister(self, worker: str, run: str = "") -> None:
-        """Graceful exit: unfinished jobs go back to the queue without counting an attempt, and no beat of this
-        run registers it again, even one already on its way (nor does a sweep count an attempt for jobs a late
-        claim put in its list)."""
+    def unregister(self, worker: str) -> None:
+        """Graceful exit, in one step: unfinished jobs go back to the queue without counting an attempt, and no
+        beat of the worker registers it again, even one already on its way (nor does a sweep count an attempt
+        for jobs a claim as late put in its list)."""
         self.queue.leave(worker)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.left(worker), run, ex=LEFT_TTL)
-        pipe.srem(self.keys.workers, worker)
-        pipe.delete(self.keys.heartbeat(worker))
-        pipe.execute()
 
     def sweep(self) -> list[str]:
         """Requeue the claimed jobs of every worker whose heartbeat expired, registered or not (a processing

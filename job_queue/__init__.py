@@ -39,6 +39,11 @@ def script(connection: redis.Redis, name: str):
     return connection.register_script(text)
 
 
+# Seconds a worker's left mark is kept: longer than any command of it could take to reach Redis after the worker
+# gave up on its reply (TCP gives up on unacknowledged bytes within about 15 minutes by default).
+LEFT_TTL = 3600
+
+
 def pixels_grace(config: Settings) -> int:
     """Seconds a job's pixels outlive its deadline. A worker that claims a job after its deadline drops it
     unread, so only dead-lettering reads them later: a job given up by a batch that ran past its deadline (a
@@ -176,7 +181,8 @@ class JobQueue:
         return outcome.decode() if isinstance(outcome, bytes) else outcome
 
     def leave(self, worker: str) -> None:
-        """A graceful exit: the worker's unfinished jobs go back to the queue without counting an attempt."""
+        """A graceful exit, in one step: the worker's unfinished jobs go back to the queue without counting an
+        attempt, and it is unregistered for good (keys.Keys.left)."""
         self._requeue(worker, "leave", "")
 
     def fail(self, worker: str, error: str = "") -> list:
@@ -213,6 +219,7 @@ class JobQueue:
             self.result_ttl,
             self.keys.pixels_prefix,
             self.keys.status_prefix,
+            LEFT_TTL,
         ]
         outcome = self._scripts["requeue"](keys=keys, args=args)
         if outcome is None:

@@ -8,13 +8,15 @@
 -- KEYS[3] dead          the dead-letter list
 -- KEYS[4] heartbeat     the worker's heartbeat hash
 -- KEYS[5] workers       the set of registered workers
--- KEYS[6] left          the worker's left mark (Keys.left): set, the worker unregistered, and what a sweep finds
---                       in its list came there by a claim that reached Redis after it left (its reply had timed
---                       out): nothing of it ran, so no attempt is counted
--- ARGV[1] mode          'leave': a graceful exit, no attempt counted;
+-- KEYS[6] left          the worker's left mark (Keys.left): set by a leave, with the worker's unregistering, in
+--                       the same step; a sweep that finds it set finds jobs a claim put in the list after the
+--                       worker left (the claim's reply had timed out): nothing of them ran, so no attempt counts
+-- ARGV[1] mode          'leave': a graceful exit, no attempt counted, and the worker unregistered (out of
+--                       the workers set, its heartbeat deleted, its left mark set for ARGV[11] seconds);
 --                       'fail': the model failed, one attempt counted;
---                       'sweep': the worker died: one attempt counted, and only if its heartbeat is gone,
---                       checked in the same step so that a worker that beats again is never swept
+--                       'sweep': the worker died: one attempt counted (none when it had left, see KEYS[6]), and
+--                       only if its heartbeat is gone, checked in the same step so that a worker that beats
+--                       again is never swept
 -- ARGV[2] max_attempts  attempts after which a job is dead-lettered
 -- ARGV[3] worker        the worker's name in the workers set
 -- ARGV[4] dead_max      the dead-letter list keeps this many jobs, dropping the oldest
@@ -25,12 +27,13 @@
 -- ARGV[9] pixels_prefix the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
 -- ARGV[10] status_prefix the status keys' prefix (Keys.status_prefix): a given-up async job's is deleted with
 --                       its answer stored, as finish.lua does
+-- ARGV[11] left_ttl     'leave' only: seconds the left mark is kept
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
 -- out to be alive. Safe to repeat: a second call finds the processing list empty.
 local processing, queue, dead, heartbeat, workers, left = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local answer, result_prefix, ttl, pixels_prefix = cjson.decode(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
-local status_prefix = ARGV[10]
+local status_prefix, left_ttl = ARGV[10], ARGV[11]
 
 -- The checks of jobs.py: a valid id (job_id); a reply channel of 1-200 safe characters; a result_ttl in range.
 local function answer_requester(job)
@@ -85,6 +88,10 @@ end
 redis.call('DEL', processing)
 if mode == 'sweep' then
   redis.call('SREM', workers, worker)
+elseif mode == 'leave' then
+  redis.call('SET', left, '1', 'EX', left_ttl)
+  redis.call('SREM', workers, worker)
+  redis.call('DEL', heartbeat)
 end
 local dropped = 0
 if #given_up > 0 then
