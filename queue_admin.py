@@ -97,7 +97,8 @@ def print_info(info: dict, redis_url: str) -> None:
     if info["orphans"]:
         print(f"\norphaned processing lists: {len(info['orphans'])}")
         print("  jobs claimed under a worker name that is not registered; the next sweep of any live worker")
-        print("  requeues them (attempt counted).")
+        print("  requeues them (attempt counted; none for a worker that left within the hour, whose late claim")
+        print("  put them there: they never ran).")
         _table(["KEY", "JOBS"], [[o["key"], o["jobs"]] for o in info["orphans"]])
     else:
         print("\norphaned processing lists: none")

@@ -139,11 +139,10 @@ class Worker:
 
     def serve(self):
         """Register, beat, and process batches until `stopping` is set; then hand back what is left."""
-        taken = False
+        clean = False  # only a stop leaves (hands back its jobs unattempted and unregisters)
         try:
             # Inside: a stop while Redis is down at start-up ends the wait to register, and leaves as any stop does.
             if not self._connect_with_backoff(self._beat):
-                taken = True
                 raise NameTaken(f"a worker named {self.name!r} left less than {LEFT_TTL} s ago; give each its own name")
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
             log(
@@ -161,20 +160,27 @@ class Worker:
                     # The batch stays claimed and comes back with the next claim; the worker lives on.
                     log("batch_not_finished", level="ERROR", worker=self.name, error=str(exc))
                     self.stopping.wait(1.0)
+            clean = True
         except _Interrupted:
-            pass
+            clean = True
         finally:
             self._idle = False
             self.stopping.set()
             self.finished.set()
             try:
-                if not taken:  # (the one who left has its name, and its left mark must not be renewed by us)
+                # Anything else (a name taken, an exception out of a batch) is no stop: leaving would hand its
+                # batch back with no attempt counted, and a job that crashes every worker would never be
+                # dead-lettered. Its heartbeat lapses instead and a sweep counts the attempt, as after a kill -9.
+                if clean:
                     self.registry.unregister(self.name)
             except redis.RedisError as exc:
                 log("unregister_failed", level="WARNING", worker=self.name, error=str(exc))
             log("worker_stopped", worker=self.name, signal=self.stop_signal, **self.counts)
 
-    def _connect_with_backoff(self, action):
+    def _connect_with_backoff(self, action, until_stopped=True):
+        """action() once Redis answers it, retried with backoff; a stop ends the wait (raising _Interrupted) unless
+        `until_stopped` is False: a batch's finish or failure must land, or the stop's leave would hand the batch
+        back as if it had never run (a failure's attempt lost)."""
         backoff = redis_client.Backoff()
         while True:
             try:
@@ -182,7 +188,9 @@ class Worker:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 delay = backoff.next()
                 log("redis_unavailable", level="ERROR", worker=self.name, error=str(exc), retry_in_s=delay)
-                if self.stopping.wait(delay):
+                if not until_stopped:
+                    time.sleep(delay)
+                elif self.stopping.wait(delay):
                     raise _Interrupted() from None
 
     # -- work ------------------------------------------------------------------------------------------
@@ -215,12 +223,12 @@ class Worker:
             self.counts["errors"] += len(raws)
             error = repr(exc)
             log("batch_failed", level="ERROR", worker=self.name, claimed=len(raws), error=error)
-            self._connect_with_backoff(lambda: self.queue.fail(self.name, error))
+            self._connect_with_backoff(lambda: self.queue.fail(self.name, error), until_stopped=False)
             return
         finally:
             bind()
         outcome = self._connect_with_backoff(
-            lambda: self.queue.finish(self.name, batch_id, len(raws), replies, retry, dead, gone)
+            lambda: self.queue.finish(self.name, batch_id, len(raws), replies, retry, dead, gone), until_stopped=False
         )
         if outcome == "swept":
             log("batch_swept", level="WARNING", worker=self.name, claimed=len(raws))

@@ -2,7 +2,8 @@
 
 A worker is alive while its heartbeat hash exists; it refreshes the hash (with a TTL of HEARTBEAT_TTL)
 every HEARTBEAT_INTERVAL. Any live worker sweeps: a registered worker whose heartbeat expired has its
-claimed jobs handed to the queue's failure handling (requeue with an attempt counted, or dead-letter).
+claimed jobs handed to the queue's failure handling (requeue with an attempt counted, or dead-letter; no attempt for a
+worker that left, whose list only a claim reaching Redis after it left can have filled).
 """
 
 import re

@@ -192,7 +192,8 @@ class JobQueue:
         return self._requeue(worker, "fail", f"out of attempts ({self.max_attempts}); the last: {cause}")
 
     def sweep(self, worker: str) -> list | None:
-        """Like `fail`, for a worker whose heartbeat expired; None (and nothing done) if it beats again."""
+        """Like `fail`, for a worker whose heartbeat expired (no attempt counted if it left: what a late claim put in
+        its list never ran); None (and nothing done) if it beats again."""
         cause = f"worker {worker} stopped beating while holding it"
         return self._requeue(worker, "sweep", f"out of attempts ({self.max_attempts}); the last: {cause}")
 

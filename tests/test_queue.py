@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 
 import jobs
 from job_queue import JobQueue, QueueFull
@@ -574,3 +575,62 @@ def test_jobs_a_late_claim_put_in_a_left_worker_s_list_are_requeued_without_an_a
     assert [jobs.decode_job(raw).attempts for raw in r.lrange(q.keys.queue, 0, -1)] == [0]
     assert r.llen(q.keys.dead) == 0 and r.get(q.keys.result(job.id)) is None
     assert not r.sismember(q.keys.workers, "leaving")
+
+
+class _Crash(BaseException):
+    """What no `except Exception` stops: SystemExit from a native library's fatal path, say."""
+
+
+class CrashingClassifier(CountingClassifier):
+    def predict(self, pixels):
+        raise _Crash()
+
+
+def test_a_worker_that_dies_in_a_batch_does_not_leave_so_its_batch_costs_an_attempt(real_redis, config):
+    # Its stop path used to leave, handing the batch back unattempted: a job that kills every worker looped for ever.
+    config = config.replace(max_attempts=1, block_timeout=0.2)
+    q = JobQueue(real_redis, config)
+    registry = WorkerRegistry(real_redis, q, config.heartbeat_ttl)
+    q.enqueue(marked_job(9))
+    worker = Worker(CrashingClassifier(), config, name="dies")
+    with pytest.raises(_Crash):
+        worker.serve()
+    assert q.length() == 0 and real_redis.llen(q.keys.processing("dies")) == 1  # held, as by a kill -9
+    assert not real_redis.exists(q.keys.left("dies"))
+    real_redis.delete(q.keys.heartbeat("dies"))  # its heartbeat lapses
+    assert registry.sweep() == ["dies"]
+    assert real_redis.llen(q.keys.dead) == 1  # MAX_ATTEMPTS=1: given up, its requester answered
+
+
+class BrokenTopK(CountingClassifier):
+    def top_k(self, probabilities, k):
+        raise ValueError("a fault of ours: the whole batch fails")
+
+
+def test_a_batch_that_fails_while_the_worker_stops_keeps_its_attempt_through_a_redis_blip(
+    real_redis, config, monkeypatch
+):
+    # A stop during the batch, then one reset connection as its failure is recorded: the retry was cut short by
+    # the stop, and the leave handed the batch back unattempted.
+    config = config.replace(max_attempts=1, block_timeout=0.2)
+    q = JobQueue(real_redis, config)
+    q.enqueue(marked_job(5))
+    worker = Worker(BrokenTopK(), config, name="stopping")
+    fail, calls = worker.queue.fail, []
+
+    def flaky_fail(name, error=""):
+        calls.append(name)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection reset by peer")
+        return fail(name, error)
+
+    monkeypatch.setattr(worker.queue, "fail", flaky_fail)
+    classify = worker._classify
+
+    def classify_then_stop(batch):
+        worker.stopping.set()  # as SIGTERM does while a batch runs
+        return classify(batch)
+
+    worker._classify = classify_then_stop
+    worker.serve()
+    assert len(calls) == 2 and real_redis.llen(q.keys.dead) == 1 and q.length() == 0
