@@ -14,6 +14,7 @@ folder given with --photos (your own, say, before you switch PRECISION to bf16).
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ SCIKIT_IMAGE_PHOTOS = (
     "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
 )  # fmt: skip
 CONFIDENT = 0.2  # "TensorFlow is sure": its top-1 probability at least this
+RECHECK_MARGIN = 0.02  # the RECHECK_MARGIN measured beside plain bf16 (README: "What bf16 trades")
 LIMIT = 100_000_000  # pixels: a folder of large photos is measured, not refused
 
 
@@ -78,8 +80,9 @@ def compare(reference, candidate, names):
     }
 
 
-def measure(cache_dir, folder=None, batch=32):
-    """{"photos": [...], precision: compare(...)} for each OpenVINO precision this CPU runs."""
+def measure(cache_dir, folder=None, batch=32, margin=RECHECK_MARGIN):
+    """{"photos": [...], variant: compare(...) and its speed} for each OpenVINO precision this CPU runs, and bf16
+    with its near ties (two best classes less than `margin` apart) classified again in f32 (RECHECK_MARGIN)."""
     pixels = prepared(photos(folder))
     names = list(pixels)
     stacked = np.stack([pixels[name] for name in names])
@@ -88,31 +91,49 @@ def measure(cache_dir, folder=None, batch=32):
     def probabilities():
         return np.concatenate([classifier.predict(stacked[i : i + batch]) for i in range(0, len(names), batch)])
 
-    reference, report = probabilities(), {"photos": names}
-    for precision in runtimes.PRECISIONS:
-        if precision == "bf16" and not runtimes.bf16_supported():
-            continue
-        classifier.use_runtime("openvino", precision, Path(cache_dir) / "openvino")
-        report[precision] = compare(reference, probabilities(), names)
+    def timed():
+        probabilities()  # the first call of each batch shape costs more
+        started = time.perf_counter()
+        result = probabilities()
+        return result, len(names) / (time.perf_counter() - started)
+
+    reference, report, plain = probabilities(), {"photos": names}, {}
+    variants = [("f32", "f32", 0.0)]
+    if runtimes.bf16_supported():
+        variants += [("bf16", "bf16", 0.0), ("bf16_recheck", "bf16", margin)]
+    for variant, precision, recheck_margin in variants:
+        classifier.use_runtime("openvino", precision, Path(cache_dir) / "openvino", recheck_margin)
+        candidate, speed = timed()
+        report[variant] = {**compare(reference, candidate, names), "images_per_s": speed}
+        plain[variant] = candidate
+        if recheck_margin:
+            rechecked = len(models.near_ties(plain["bf16"], recheck_margin))
+            report[variant].update(margin=recheck_margin, rechecked=rechecked)
     return report
+
+
+LABELS = {"f32": "openvino f32", "bf16": "openvino bf16", "bf16_recheck": "bf16, near ties again in f32"}
 
 
 def print_report(report):
     print(f"\nOpenVINO against Keras on TensorFlow, EfficientNet-Lite0 (real weights), {len(report['photos'])} photos")
     sure = f"top-1 same where TF's top-1 p >= {CONFIDENT}"
-    print(f"| precision | top-1 same | top-5 same set | {sure} | largest change |")
-    print("|---|---|---|---|---|")
-    for precision in runtimes.PRECISIONS:
-        if precision in report:
-            r = report[precision]
+    print(f"| precision | top-1 same | top-5 same set | {sure} | largest change | images/s |")
+    print("|---|---|---|---|---|---|")
+    for variant, label in LABELS.items():
+        if variant in report:
+            r = report[variant]
             print(
-                f"| openvino {precision} | {r['top1_same']}/{r['photos']} ({100 * r['top1_same'] / r['photos']:.1f} %) "
+                f"| {label} | {r['top1_same']}/{r['photos']} ({100 * r['top1_same'] / r['photos']:.1f} %) "
                 f"| {r['top5_same_set']}/{r['photos']} | {r['confident_top1_same']}/{r['confident']} "
-                f"| {r['largest_change']:.2g} ({r['largest_change_photo']}) |"
+                f"| {r['largest_change']:.2g} ({r['largest_change_photo']}) | {r['images_per_s']:.0f} |"
             )
             moved = ", ".join(f"{name} ({p:.2f})" for name, p in r["top1_moved"].items())
             if moved:
-                print(f"  {precision}: top-1 moved on {moved} (TensorFlow's top-1 probability)")
+                print(f"  {label}: top-1 moved on {moved} (TensorFlow's top-1 probability)")
+    if "bf16_recheck" in report:
+        r = report["bf16_recheck"]
+        print(f"  RECHECK_MARGIN={r['margin']}: {r['rechecked']} of {r['photos']} photos ran again in f32")
 
 
 def main():

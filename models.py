@@ -30,6 +30,7 @@ class Classifier:
         self.runtime, self.precision = "tensorflow", "f32"
         self._run = runtimes.compile_model(model, "tensorflow")
         self.inference_batch_size = 0  # INFERENCE_BATCH_SIZE; 0: the runtime's own (runtimes.SLICES)
+        self._recheck, self.recheck_margin = None, 0.0  # RECHECK_MARGIN's f32 runtime, see use_runtime
 
     @property
     def slice(self):
@@ -37,12 +38,22 @@ class Classifier:
         return self.inference_batch_size or runtimes.SLICES[self.runtime]
 
     def predict(self, pixels):
-        """Class probabilities for a uint8 batch of shape (n, 224, 224, 3), `slice` images per runtime call."""
+        """Class probabilities for a uint8 batch of shape (n, 224, 224, 3), `slice` images per runtime call; with
+        a recheck margin, the images whose two best classes are nearer than it are classified again in f32."""
         batch = self.preprocess(pixels)
+        probabilities = self._in_slices(self.infer, batch)
+        if self._recheck is not None:
+            unsure = near_ties(probabilities, self.recheck_margin)
+            if unsure.size:
+                probabilities[unsure] = self._in_slices(self._recheck, batch[unsure])
+                log("near_ties_rechecked", images=int(unsure.size), of=len(batch))
+        return probabilities
+
+    def _in_slices(self, run, batch):
         step = self.slice or len(batch)
         if len(batch) <= step:
-            return self.infer(batch)
-        return np.concatenate([self.infer(batch[i : i + step]) for i in range(0, len(batch), step)])
+            return run(batch)
+        return np.concatenate([run(batch[i : i + step]) for i in range(0, len(batch), step)])
 
     def warm_up(self, batch_size):
         """Run batch 1, 2 and the largest batch the runtime will see (the slice, or `batch_size` jobs), before any
@@ -51,7 +62,10 @@ class Classifier:
         call of a shape (Lite0: 40 against 20 ms at batch 4), too little to warm every size a batch may have."""
         largest = min(self.slice or batch_size, batch_size)
         for size in sorted({1, min(2, largest), largest}):
-            self.predict(np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8))
+            blank = np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8)
+            self.predict(blank)
+            if self._recheck is not None:  # whether a blank image is a near tie is up to the model
+                self._recheck(self.preprocess(blank))
 
     def preprocess(self, pixels):
         """The model's float32 input for a uint8 batch."""
@@ -61,18 +75,36 @@ class Classifier:
         """Class probabilities for a preprocessed float32 batch: the runtime alone, as a benchmark times it."""
         return self._run(batch)
 
-    def use_runtime(self, runtime, precision, cache_dir):
+    def use_runtime(self, runtime, precision, cache_dir, recheck_margin=0.0):
         """Run on `runtime` at `precision` from now on, once its answers on a fixed input match Keras on
-        TensorFlow's within the precision's tolerance (RuntimeError otherwise). Returns the largest difference."""
-        candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir)
+        TensorFlow's within the precision's tolerance (RuntimeError otherwise). Returns the largest difference.
+
+        With bf16 and a `recheck_margin` above 0, the model is compiled in f32 as well (and checked like any
+        runtime), and `predict` runs the images whose two best probabilities in bf16 are less than the margin
+        apart again in f32: bf16's rounding moves probabilities by a few hundredths, so it reorders near ties
+        and little else (README: "What bf16 trades")."""
+        if recheck_margin and precision != "bf16":
+            raise ValueError(f"a recheck margin is for precision bf16, not {precision}")
         reference = runtimes.compile_model(self.model, "tensorflow")
+        candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir)
         difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
+        recheck = None
+        if recheck_margin:
+            recheck = runtimes.compile_model(self.model, runtime, "f32", cache_dir)
+            runtimes.self_check(reference, recheck, runtimes.TOLERANCES["f32"], self._preprocess)
         self._run, self.runtime, self.precision = candidate, runtime, precision
+        self._recheck, self.recheck_margin = recheck, recheck_margin
         return difference
 
     def top_k(self, probabilities, k):
         best = np.argsort(probabilities)[::-1][:k]
         return [{"label": self.labels[i], "probability": float(probabilities[i])} for i in best]
+
+
+def near_ties(probabilities, margin):
+    """Indices of the rows whose best probability is less than `margin` above their second best."""
+    best_two = np.partition(probabilities, -2, axis=1)[:, -2:]
+    return np.flatnonzero(best_two[:, 1] - best_two[:, 0] < margin)
 
 
 def _configure_tensorflow(config):
@@ -178,7 +210,9 @@ def _select_runtime(classifier, config):
         log("runtime_selected", runtime="tensorflow", precision="f32", asked=config.runtime)
         return
     try:
-        difference = classifier.use_runtime("openvino", config.precision, Path(config.model_cache_dir) / "openvino")
+        difference = classifier.use_runtime(
+            "openvino", config.precision, Path(config.model_cache_dir) / "openvino", config.recheck_margin
+        )
     except Exception as exc:
         if config.runtime == "openvino":
             raise ModelUnavailable(f"RUNTIME=openvino cannot serve {classifier.name}: {exc}") from exc
@@ -192,4 +226,5 @@ def _select_runtime(classifier, config):
         precision=config.precision,
         asked=config.runtime,
         self_check_difference=f"{difference:.2g}",
+        recheck_margin=f"{config.recheck_margin:g}",
     )

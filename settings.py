@@ -73,6 +73,10 @@ class Settings:
     runtime: str = "auto"
     # "bf16" (OpenVINO, on CPUs with BF16 or AMX) is about twice as fast, at some cost in agreement.
     precision: str = "f32"
+    # With bf16: an image whose two best classes are less than this probability apart is classified again in
+    # f32 (0: never). bf16's rounding reorders near ties and little else; the cost is an f32 run for each near
+    # tie (README: "What bf16 trades").
+    recheck_margin: float = 0.0
     tf_intra_op_threads: int = 0
     tf_inter_op_threads: int = 0
 
@@ -137,6 +141,10 @@ class Settings:
         for name in ("result_ttl", "job_result_ttl"):
             if getattr(self, name) > 5 * 10**6:  # the status of an async job is kept twice as long
                 raise ValueError(f"{name.upper()} must be at most 5000000 seconds, not {getattr(self, name)!r}")
+        if not self.recheck_margin < 1:
+            raise ValueError(f"RECHECK_MARGIN must be below 1 (probabilities apart), not {self.recheck_margin!r}")
+        if self.recheck_margin and self.precision != "bf16":
+            raise ValueError("RECHECK_MARGIN is for PRECISION=bf16: f32 has no near ties to run again")
         if max(1, round(self.heartbeat_ttl)) <= self.heartbeat_interval:
             raise ValueError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL, or live workers get swept")
 

@@ -94,3 +94,37 @@ def test_warm_up_runs_batch_1_2_and_the_largest_the_runtime_will_see(inference_b
     classifier.inference_batch_size = inference_batch_size
     classifier.warm_up(batch_size)
     assert seen == shapes
+
+
+def test_near_ties_are_the_rows_whose_two_best_are_less_than_the_margin_apart():
+    probabilities = np.array(
+        [
+            [0.50, 0.49, 0.01, 0.00],  # 0.01 apart: a near tie
+            [0.10, 0.60, 0.05, 0.25],  # 0.35 apart
+            [0.30, 0.30, 0.20, 0.20],  # an exact tie
+            [0.02, 0.26, 0.24, 0.48],  # the best two are not the first two columns: 0.22 apart
+        ],
+        np.float32,
+    )
+    assert list(models.near_ties(probabilities, 0.02)) == [0, 2]
+    assert list(models.near_ties(probabilities, 0.3)) == [0, 2, 3]
+    assert list(models.near_ties(probabilities, 0.0)) == []  # margin 0: nothing, not even an exact tie
+
+
+def test_near_ties_are_classified_again_by_the_recheck_runtime_and_only_they():
+    classifier = models.Classifier("fake", model=None, preprocess=lambda x: x, weights="none")
+    answers = np.array([[0.50, 0.49, 0.01], [0.90, 0.05, 0.05], [0.40, 0.39, 0.21]], np.float32)
+    second = np.array([[0.10, 0.80, 0.10], [0.00, 0.00, 1.00], [0.70, 0.20, 0.10]], np.float32)
+    rechecked = []
+    classifier._run = lambda batch: answers[batch[:, 0, 0, 0].astype(int)]
+    classifier._recheck = lambda batch: (
+        rechecked.append(list(batch[:, 0, 0, 0])) or second[batch[:, 0, 0, 0].astype(int)]
+    )
+    classifier.recheck_margin, classifier.inference_batch_size = 0.02, 2  # slices of 2, the recheck's too
+    pixels = np.zeros((3, 224, 224, 3), np.uint8)
+    pixels[:, 0, 0, 0] = [0, 1, 2]  # each image says which row it is
+
+    got = classifier.predict(pixels)
+
+    np.testing.assert_array_equal(got, [second[0], answers[1], second[2]])
+    assert rechecked == [[0, 2]]

@@ -154,3 +154,26 @@ def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache,
     with pytest.raises(models.ModelUnavailable, match="RUNTIME=openvino cannot serve.*self-check failed"):
         models.load(lite0.replace(runtime="openvino"))
     assert models.load(lite0).runtime == "tensorflow"  # auto falls back, and says so in the log
+
+
+@pytest.mark.skipif(not runtimes.bf16_supported(), reason="this CPU runs no bf16")
+def test_bf16_with_a_recheck_margin_answers_near_ties_in_f32_and_keeps_tensorflows_top1(model_cache):
+    import measure_precision
+
+    pixels = measure_precision.prepared(measure_precision.photos())  # the castle, jemma, scikit-image's photos
+    batch = np.stack(list(pixels.values()))
+    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache)
+    keras = models.load(lite0.replace(runtime="tensorflow")).predict(batch)
+    bf16 = models.load(lite0.replace(precision="bf16")).predict(batch)
+    served = models.load(lite0.replace(precision="bf16", recheck_margin=0.02))
+    assert (served.runtime, served.precision, served.recheck_margin) == ("openvino", "bf16", 0.02)
+
+    got = served.predict(batch)
+
+    near = models.near_ties(bf16, 0.02)
+    assert 0 < len(near) < len(batch)
+    assert (np.argmax(bf16, axis=1) != np.argmax(keras, axis=1)).any()  # plain bf16 reorders some near ties here
+    np.testing.assert_array_equal(np.argmax(got, axis=1), np.argmax(keras, axis=1))
+    np.testing.assert_allclose(got[near], keras[near], rtol=0, atol=1e-4)  # the near ties: f32's answers
+    sure = np.setdiff1d(np.arange(len(batch)), near)
+    np.testing.assert_array_equal(got[sure], bf16[sure])  # the others: bf16's, untouched

@@ -9,6 +9,7 @@ def test_the_environment_overrides_the_defaults():
     config = Settings.from_env({"PORT": "8080", "LOG_TO_REDIS": "1", "LOG_LEVEL": "debug"})
     assert (config.port, config.log_to_redis, config.log_level) == (8080, True, "DEBUG")
     assert Settings.from_env({}) == Settings()
+    assert Settings.from_env({"PRECISION": "bf16", "RECHECK_MARGIN": "0.02"}).recheck_margin == 0.02
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,9 @@ def test_the_environment_overrides_the_defaults():
         ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT must be a finite number"),
         ({"DEAD_LETTER_MAX": "0"}, "DEAD_LETTER_MAX must be at least 1"),
         ({"HEARTBEAT_TTL": "5.4"}, "HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL"),
+        ({"RECHECK_MARGIN": "0.02"}, "RECHECK_MARGIN is for PRECISION=bf16"),  # f32, the default, has nothing to redo
+        ({"RECHECK_MARGIN": "1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be below 1"),
+        ({"RECHECK_MARGIN": "-0.1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be a finite number, at least 0"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(environ, message):
