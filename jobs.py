@@ -296,10 +296,11 @@ class DeadLetter(NamedTuple):
 
     The writers, job_queue's finish.lua (jobs the worker found malformed, failed on, or found without
     pixels) and requeue.lua (jobs out of attempts), RPUSH the JSON envelope {"reason": why it was given up,
-    "dead_at": Redis's clock, unix seconds, "job": the job's header exactly as it was claimed, "pixels": the
-    raw pixels, moved here from their key so that the job can be requeued with its image, absent when the key
-    was gone}. Anything else in the list (garbage, or an entry of an older format) still reads back, as an
-    entry without a job.
+    "dead_at": Redis's clock, unix seconds, "job": the job's header exactly as it was claimed} followed, when the
+    job's pixels were still there, by a newline and the raw pixels, moved here from their key so that the job can
+    be requeued with its image (jobs.lua's bury and read_dead; JSON holds no raw newline, so the first one ends
+    it). An older entry holds its pixels in the envelope's "pixels". Anything else in the list (garbage, or an
+    entry of another format) still reads back, as an entry without a job.
     """
 
     raw: str  # the job's header (the whole entry when it is not an envelope), undecodable bytes kept as surrogates
@@ -319,15 +320,16 @@ class DeadLetter(NamedTuple):
 
 def decode_dead_letter(entry: bytes | str) -> DeadLetter:
     """Never raises: whatever the dead-letter list holds is listed."""
-    text = entry.decode("utf-8", "surrogateescape") if isinstance(entry, bytes) else entry
-    envelope = header_of(text)
+    data = entry.encode("utf-8", "surrogateescape") if isinstance(entry, str) else entry
+    head, newline, _ = data.partition(b"\n")
+    envelope = header_of(head.decode("utf-8", "surrogateescape"))
     if envelope is None or not isinstance(envelope.get("job"), str):
-        return DeadLetter(text, None, None, None, False)
+        return DeadLetter(data.decode("utf-8", "surrogateescape"), None, None, None, False)
     reason, dead_at, raw = envelope.get("reason"), envelope.get("dead_at"), envelope["job"]
     return DeadLetter(
         raw,
         reason if isinstance(reason, str) else None,
         float(dead_at) if isinstance(dead_at, (int, float)) else None,
         header_of(raw),
-        isinstance(envelope.get("pixels"), str),
+        bool(newline) or isinstance(envelope.get("pixels"), str),
     )

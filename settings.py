@@ -54,8 +54,7 @@ class Settings:
     image_queue: str = "image_queue"
     result_ttl: int = 60
     max_attempts: int = 3
-    # Dead-lettered jobs kept for inspection (up to ~250 KB each: the pixels, JSON-escaped); the oldest are
-    # dropped beyond this.
+    # Dead-lettered jobs kept for inspection (~150 KB each: their raw pixels); the oldest are dropped beyond this.
     dead_letter_max: int = 500
     heartbeat_interval: float = 5.0
     heartbeat_ttl: float = 15.0

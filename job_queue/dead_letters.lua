@@ -1,6 +1,6 @@
 -- Requeue or purge dead-lettered jobs, in one step (`queue_admin.py dead requeue|purge`).
--- An entry of the dead list is jobs.DeadLetter's envelope {"reason", "dead_at", "job": the job's header,
--- "pixels": its raw pixels, absent when they were gone}. An entry without a job id (jobs.DeadLetter.id) matches
+-- An entry of the dead list is jobs.DeadLetter's: the JSON envelope {"reason", "dead_at", "job": the job's header},
+-- then a newline and its raw pixels unless they were gone (jobs.lua's read_dead). An entry without a job id matches
 -- only when no ids are given, and is never requeued; nor is one without pixels (the worker could only answer
 -- it 410 again).
 -- KEYS[1] dead           the dead-letter list
@@ -33,7 +33,7 @@ local removed = '\0removed by dead_letters.lua\0'
 local done, expired, no_pixels, no_job = {}, {}, {}, 0
 local entries = redis.call('LRANGE', dead, 0, -1)
 for index, entry in ipairs(entries) do
-  local envelope = read_job(entry) or {}
+  local envelope, pixels = read_dead(entry)
   local job = type(envelope.job) == 'string' and read_job(envelope.job) or nil
   local id = job_id(job)
   if wanted == nil or (id and wanted[id]) then
@@ -42,7 +42,7 @@ for index, entry in ipairs(entries) do
       table.insert(done, id or '')
     elseif not id then
       no_job = no_job + 1
-    elseif type(envelope.pixels) ~= 'string' then
+    elseif not pixels then
       table.insert(no_pixels, id)
     else
       local deadline = tonumber(job.deadline)
@@ -57,7 +57,7 @@ for index, entry in ipairs(entries) do
         -- A deadline Redis cannot take as an expiry (1e300, NaN) would fail the SET after earlier entries were
         -- already requeued, and a script is not rolled back: such an entry is left dead, before any write.
         if encoded and expires_ms == expires_ms and expires_ms > 0 and expires_ms < 2 ^ 53 then
-          redis.call('SET', pixels_prefix .. id, envelope.pixels, 'PXAT', expires_ms)
+          redis.call('SET', pixels_prefix .. id, pixels, 'PXAT', expires_ms)
           redis.call('RPUSH', queue, requeued)
           redis.call('LSET', dead, index - 1, removed)
           table.insert(done, id)

@@ -10,7 +10,7 @@
 -- KEYS[5 .. n+4]           the result key of each reply, in the order of the replies
 -- KEYS[n+5 ..]             the pixels' keys of the batch's jobs that are done for good (answered, skipped as
 --                          cancelled or late, dead-lettered: deleted after the dead-lettering moved these
---                          jobs' pixels into their envelopes); not those retried, which still need theirs
+--                          jobs' pixels into their entries); not those retried, which still need theirs
 -- ARGV[1] ttl              seconds the finished batch id, and a result without its own ttl, are kept
 -- ARGV[2] batch_id         unique per batch
 -- ARGV[3] acknowledge      how many jobs the batch took from the head of the processing list (0: none)
@@ -28,7 +28,7 @@
 -- for a request whose notification was lost (it polls). Without with_result (a web process of an earlier
 -- version waits, and reads only a bare id), the job id alone.
 -- then n_retry jobs to retry, then the jobs to dead-letter, two values each: the job as claimed, reason
--- (jobs.lua's bury() moves its pixels into jobs.DeadLetter's envelope).
+-- (jobs.lua's bury() moves its pixels into its jobs.DeadLetter entry).
 -- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
 -- finished) or 'swept' (the batch was swept back to the queue meanwhile: replies stored, nothing else).
 local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -1,7 +1,7 @@
 -- Put a worker's claimed jobs back at the head of the queue, in their original order. A job that has now
 -- used up its attempts goes to the dead-letter list instead, and its requester is answered in the same
 -- step (so that a retry after a lost reply, which finds nothing left to do, cannot leave it unanswered), and
--- its pixels move into its dead-letter envelope (jobs.lua's bury()). Only the small JSON headers are read and
+-- its pixels move into its dead-letter entry (jobs.lua's bury()). Only the small JSON headers are read and
 -- rewritten: a requeued job's pixels stay in their key.
 -- KEYS[1] processing    the worker's processing list
 -- KEYS[2] queue         the waiting jobs
