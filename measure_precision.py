@@ -100,7 +100,7 @@ def measure(cache_dir, folder=None, batch=32, margin=RECHECK_MARGIN):
     reference, report, plain = probabilities(), {"photos": names}, {}
     variants = [("f32", "f32", 0.0)]
     if runtimes.bf16_supported():
-        variants += [("bf16", "bf16", 0.0), ("bf16_recheck", "bf16", margin)]
+        variants += [("bf16", "bf16", 0.0)] + ([("bf16_recheck", "bf16", margin)] if margin else [])
     for variant, precision, recheck_margin in variants:
         classifier.use_runtime("openvino", precision, Path(cache_dir) / "openvino", recheck_margin)
         candidate, speed = timed()

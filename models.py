@@ -31,6 +31,7 @@ class Classifier:
         self._run = runtimes.compile_model(model, "tensorflow")
         self.inference_batch_size = 0  # INFERENCE_BATCH_SIZE; 0: the runtime's own (runtimes.SLICES)
         self._recheck, self.recheck_margin = None, 0.0  # RECHECK_MARGIN's f32 runtime, see use_runtime
+        self.rechecked = 0  # images run again in f32 so far
 
     @property
     def slice(self):
@@ -46,7 +47,7 @@ class Classifier:
             unsure = near_ties(probabilities, self.recheck_margin)
             if unsure.size:
                 probabilities[unsure] = self._in_slices(self._recheck, batch[unsure])
-                log("near_ties_rechecked", images=int(unsure.size), of=len(batch))
+                self.rechecked += int(unsure.size)
         return probabilities
 
     def _in_slices(self, run, batch):
@@ -102,9 +103,10 @@ class Classifier:
 
 
 def near_ties(probabilities, margin):
-    """Indices of the rows whose best probability is less than `margin` above their second best."""
+    """Indices of the rows whose best probability is less than `margin` above their second best, and of those
+    with a NaN (bf16 gone wrong: f32 may answer it)."""
     best_two = np.partition(probabilities, -2, axis=1)[:, -2:]
-    return np.flatnonzero(best_two[:, 1] - best_two[:, 0] < margin)
+    return np.flatnonzero(~(best_two[:, 1] - best_two[:, 0] >= margin))
 
 
 def _configure_tensorflow(config):
@@ -226,5 +228,5 @@ def _select_runtime(classifier, config):
         precision=config.precision,
         asked=config.runtime,
         self_check_difference=f"{difference:.2g}",
-        recheck_margin=f"{config.recheck_margin:g}",
+        **({"recheck_margin": f"{config.recheck_margin:g}"} if config.recheck_margin else {}),
     )

@@ -265,10 +265,13 @@ class Worker:
         retry, done = [], []
         if not valid:
             return replies, retry, dead, done, claimed_ids
+        rechecked_before = self.classifier.rechecked
         outcomes = self._classify(valid)
         self.throughput.add(len(valid), time.monotonic() - busy_since)
         inference_ms = (self.clock.now() - started) * 1000
-        log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms)
+        rechecked = self.classifier.rechecked - rechecked_before  # near ties a bf16 model ran again in f32
+        more = {"rechecked": rechecked} if rechecked else {}
+        log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms, **more)
         for job, outcome in zip(valid, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 self._retry_or_give_up(job, outcome, replies, retry, dead)

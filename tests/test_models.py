@@ -113,18 +113,43 @@ def test_near_ties_are_the_rows_whose_two_best_are_less_than_the_margin_apart():
 
 def test_near_ties_are_classified_again_by_the_recheck_runtime_and_only_they():
     classifier = models.Classifier("fake", model=None, preprocess=lambda x: x, weights="none")
-    answers = np.array([[0.50, 0.49, 0.01], [0.90, 0.05, 0.05], [0.40, 0.39, 0.21]], np.float32)
-    second = np.array([[0.10, 0.80, 0.10], [0.00, 0.00, 1.00], [0.70, 0.20, 0.10]], np.float32)
-    rechecked = []
-    classifier._run = lambda batch: answers[batch[:, 0, 0, 0].astype(int)]
-    classifier._recheck = lambda batch: (
-        rechecked.append(list(batch[:, 0, 0, 0])) or second[batch[:, 0, 0, 0].astype(int)]
-    )
+    answers = np.array([[0.50, 0.49, 0.01], [0.90, 0.05, 0.05], [0.40, 0.39, 0.21], [0.3, 0.3, 0.4], [np.nan] * 3])
+    second = np.array([[0.1, 0.8, 0.1], [0.0, 0.0, 1.0], [0.7, 0.2, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
+    calls = []
+
+    def rows(batch):
+        return batch[:, 0, 0, 0].astype(int)
+
+    classifier._run = lambda batch: answers[rows(batch)].astype(np.float32)
+    classifier._recheck = lambda batch: calls.append(list(rows(batch))) or second[rows(batch)].astype(np.float32)
     classifier.recheck_margin, classifier.inference_batch_size = 0.02, 2  # slices of 2, the recheck's too
-    pixels = np.zeros((3, 224, 224, 3), np.uint8)
-    pixels[:, 0, 0, 0] = [0, 1, 2]  # each image says which row it is
+    pixels = np.zeros((5, 224, 224, 3), np.uint8)
+    pixels[:, 0, 0, 0] = range(5)  # each image says which row it is
 
     got = classifier.predict(pixels)
 
-    np.testing.assert_array_equal(got, [second[0], answers[1], second[2]])
-    assert rechecked == [[0, 2]]
+    # Rows 0 and 2 are near ties, row 4 is NaN; rows 1 and 3 (0.1 apart) keep their first answer.
+    np.testing.assert_array_equal(got, np.array([second[0], answers[1], second[2], answers[3], second[4]], np.float32))
+    assert calls == [[0, 2], [4]] and classifier.rechecked == 3
+
+
+def test_use_runtime_compiles_and_checks_the_f32_recheck_and_drops_it_when_the_margin_goes(monkeypatch):
+    """A recheck runtime is self-checked like any runtime; switching again without a margin leaves none behind."""
+    reference = np.array([[0.7, 0.2, 0.1]] * 2, np.float32)
+    answers = {"tensorflow": reference, "f32": reference, "bf16": reference + [[-0.01, 0.01, 0.0]]}
+
+    def compile_model(model, runtime, precision="f32", cache_dir=None):
+        return lambda batch: answers["tensorflow" if runtime == "tensorflow" else precision].copy()
+
+    monkeypatch.setattr(models.runtimes, "compile_model", compile_model)
+    classifier = models.Classifier("fake", model=None, preprocess=lambda x: x, weights="none")
+    with pytest.raises(ValueError, match="recheck margin is for precision bf16"):
+        classifier.use_runtime("openvino", "f32", None, recheck_margin=0.02)
+    classifier.use_runtime("openvino", "bf16", None, recheck_margin=0.02)
+    assert classifier._recheck is not None and classifier.recheck_margin == 0.02
+    classifier.use_runtime("openvino", "bf16", None)
+    assert classifier._recheck is None and classifier.recheck_margin == 0.0
+    answers["f32"] = reference[:, ::-1].copy()  # an f32 model that answers wrong: refused, nothing switched
+    with pytest.raises(RuntimeError, match="self-check failed"):
+        classifier.use_runtime("openvino", "bf16", None, recheck_margin=0.02)
+    assert classifier._recheck is None and classifier.recheck_margin == 0.0
