@@ -99,7 +99,9 @@ def infer(name, version=None):
     try:
         config = submission.service().config
         encoding = request.headers.get("Content-Encoding")
-        body = open_inference.inflate(request.get_data(), encoding, config.max_upload_bytes)
+        body = request.get_data()
+        if encoding:
+            body = submission.off_the_hub(open_inference.inflate, body, encoding, config.max_upload_bytes)
         inference = open_inference.parse_request(
             body,
             request.headers.get(HEADER_LENGTH),
