@@ -303,6 +303,7 @@ def _cancel(svc, job_ids, ttl=None):
 # cores this process may run on.
 DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
 _decoders = None  # (pid, _Decoder): made in the process that uses it, after gunicorn's fork
+_off_hub = None  # (pid, gevent ThreadPool of one thread) for off_the_hub, likewise
 
 
 class _Decoder:
@@ -333,10 +334,6 @@ class _Decoder:
             # fail, _turn hands that to the request too, and this lane goes on.
             task = (_caught, (helpers.prepare_image, data, batch.max_pixels))
             result.set(_turn(batch.counted, self._pool.apply, *task))
-
-    def run(self, function, *args):
-        """function(*args) in one of the threads, after the work handed to them before it."""
-        return self._pool.apply(function, args)
 
     def submit(self, uploads, max_pixels, counted):
         batch = _Batch(max_pixels, counted, [gevent.event.AsyncResult() for _ in uploads])
@@ -401,11 +398,21 @@ class _Inline:
 
 
 def off_the_hub(function, *args):
-    """function(*args) in a decoding thread, its exception raised here: for work in C that lets go of the GIL,
-    which in the request's greenlet would stall every other request of the process (inflating a 10 KB gzip body to
-    10 MiB takes 30 ms). In the caller's thread where gevent is not running the app."""
-    decoder = _decoder()
-    return function(*args) if decoder is _Inline else decoder.run(function, *args)
+    """function(*args) in the process's thread for work in C that lets go of the GIL, its exception raised here:
+    in the request's greenlet it would stall every other request of the process (inflating a 10 KB gzip body to
+    10 MiB takes 30 ms). A thread apart from the decoding threads, whose queue admission counts image by image: a
+    stream of such work delays only itself. In the caller's thread where gevent is not running the app."""
+    global _off_hub
+    if not monkey.is_module_patched("threading"):
+        return function(*args)
+    if _off_hub is None or _off_hub[0] != os.getpid():
+        _off_hub = (os.getpid(), gevent.threadpool.ThreadPool(1))
+    # Caught in the thread: gevent's pool prints the traceback of whatever a task raises, and any client can make
+    # an inflate fail.
+    outcome = _off_hub[1].apply(_caught, (function, *args))
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _decoder():

@@ -623,8 +623,9 @@ def predict(image, **environ):
 """
 
 
-def _under_gevent(scenario, request_timeout, *args):
-    """What `scenario` printed last, as JSON, run after _UNDER_GEVENT in a process of its own."""
+def _under_gevent(scenario, request_timeout, *args, stderr=False):
+    """What `scenario` printed last, as JSON, run after _UNDER_GEVENT in a process of its own (and what it wrote to
+    stderr, when asked)."""
     run = subprocess.run(
         [sys.executable, "-c", _UNDER_GEVENT + scenario, str(ROOT), str(request_timeout), *args],
         capture_output=True,
@@ -633,7 +634,8 @@ def _under_gevent(scenario, request_timeout, *args):
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    return (seen, run.stderr) if stderr else seen
 
 
 # A V2 batch of 16 images, 50 ms each, is admitted with 1.5 s to live; then 48 one-image /predict requests come in.
@@ -700,43 +702,60 @@ def test_an_image_s_time_counts_until_its_request_has_it_back_not_only_its_decod
     assert seen["timed"] >= 0.4, seen
 
 
-# A gzip V2 request whose inflating holds its OS thread for 0.3 s, as zlib's C code does without the GIL; a ticker
-# greenlet stands for the process's other requests.
-_SLOW_INFLATE = r"""
+# Three gzip V2 requests whose inflating holds its OS thread for 0.3 s each, as zlib's C code does without the GIL;
+# then a /predict whose image takes 20 ms. A ticker greenlet stands for the process's other requests.
+_SLOW_INFLATES = r"""
 import gzip, open_inference
-inflating, ticks = [], []
+inflated, ticks, prepared = [], [], []
 real_inflate = open_inference.inflate
 def inflate(body, encoding, limit):
-    inflating.append(time.monotonic())
+    began = time.monotonic()
     sleep(0.3)
+    inflated.append((began, time.monotonic()))
     return real_inflate(body, encoding, limit)
 open_inference.inflate = inflate
+real_prepare = helpers.prepare_image
+def prepare_image(data, max_pixels):
+    if data != b"y":
+        return real_prepare(data, max_pixels)
+    sleep(0.02)
+    prepared.append(time.monotonic())
+    return np.zeros((224, 224, 3), np.uint8)
+helpers.prepare_image = prepare_image
 def ticker():
     while True:
         ticks.append(time.monotonic())
         gevent.sleep(0.01)
 gevent.spawn(ticker)
 body, length = triton_request([b"x"])
-request = gevent.spawn(app.test_client().post, "/v2/models/efficientnet_lite0/infer", data=gzip.compress(body),
-                       headers={"Inference-Header-Content-Length": str(length), "Content-Encoding": "gzip"},
-                       environ_base={submission.ARRIVED: time.monotonic()})
-while not inflating:
-    gevent.sleep(0.001)
-gevent.sleep(0.4)
-corrupt = app.test_client().post("/v2/models/efficientnet_lite0/infer", data=gzip.compress(body)[:-9],
-                                 headers={"Inference-Header-Content-Length": str(length), "Content-Encoding": "gzip"})
-print(json.dumps({"ticks": len([t for t in ticks if inflating[0] <= t <= inflating[0] + 0.3]),
-                  "status": request.value.status_code, "corrupt": [corrupt.status_code, corrupt.json["error"]]}))
+def compressed(data):
+    return app.test_client().post("/v2/models/efficientnet_lite0/infer", data=data,
+                                  headers={"Inference-Header-Content-Length": str(length), "Content-Encoding": "gzip"},
+                                  environ_base={submission.ARRIVED: time.monotonic()})
+requests = [gevent.spawn(compressed, gzip.compress(body)) for _ in range(3)]
+gevent.sleep(0.05)
+image = gevent.spawn(predict, b"y", **{submission.ARRIVED: time.monotonic()})
+gevent.joinall(requests, timeout=5)
+corrupt = compressed(gzip.compress(body)[:-9])
+image.kill()
+first_began, first_ended = inflated[0]
+print(json.dumps({"ticks": len([t for t in ticks if first_began <= t <= first_ended]),
+                  "image_before_first_inflate_ended": prepared[0] < first_ended,
+                  "statuses": [r.value.status_code for r in requests],
+                  "corrupt": [corrupt.status_code, corrupt.json["error"]]}))
 """
 
 
-def test_a_compressed_v2_body_is_inflated_without_stalling_the_process_s_other_requests():
+def test_compressed_v2_bodies_are_inflated_without_stalling_the_process_or_its_decoding():
     """Inflated in the request's greenlet, a 10 KB gzip body that inflates to 10 MiB held the whole process for
-    30 ms, and a stream of them held it for good."""
-    seen = _under_gevent(_SLOW_INFLATE, 5.0)
-    assert seen["status"] == 400, seen  # inflated and read: b"x" is no image
+    30 ms, and a stream of them held it for good. In the decoding threads, they held up images that admission had
+    counted as next (review): they have a thread of their own."""
+    seen, stderr = _under_gevent(_SLOW_INFLATES, 5.0, stderr=True)
     assert seen["ticks"] >= 5, seen  # ~30 when the hub runs meanwhile, none when the inflating holds it
-    assert seen["corrupt"] == [400, "the gzip body ends before its compressed data does"], seen  # raised in a thread
+    assert seen["image_before_first_inflate_ended"], seen
+    assert seen["statuses"] == [400] * 3, seen  # inflated and read: b"x" is no image
+    assert seen["corrupt"] == [400, "the gzip body ends before its compressed data does"], seen
+    assert "Traceback" not in stderr  # a client's bad body is its 400, not a traceback in the server's log
 
 
 # One stall of the process's hub while an image is in a thread; then the process is idle (reviewer's scenario).
