@@ -74,7 +74,7 @@ class Settings:
     precision: str = "f32"
     # With bf16: an image whose two best classes are less than this probability apart is classified again in
     # f32 (0: never). bf16's rounding reorders near ties and little else; the cost is an f32 run for each near
-    # tie (README: "What bf16 trades").
+    # tie, or for each image while near ties are common (README: "What bf16 trades").
     recheck_margin: float = 0.0
     tf_intra_op_threads: int = 0
     tf_inter_op_threads: int = 0
