@@ -40,9 +40,10 @@ class Classifier:
         return self.inference_batch_size or runtimes.SLICES[self.runtime]
 
     # With a recheck margin, a batch runs in f32 alone while more than this share of the recent images were near
-    # ties: bf16 for every image and f32 again for that share would cost more. (Break-even, from the worker's CPU per
-    # image: 1 - bf16/f32, 0.43 for Lite0, 0.49 for ResNet50.) The share keeps being measured on f32's answers.
-    F32_ALONE_ABOVE = 0.4
+    # ties: bf16 for every image and f32 again for that share would cost more. Break-even, 1 - bf16/f32 from the
+    # worker's CPU per request: Lite0 0.48-0.52, ResNet50 0.49 (README), a little less in fact, since the near ties
+    # run again in smaller slices. The share keeps being measured on f32's answers.
+    F32_ALONE_ABOVE = 0.45
     NEAR_TIE_MEMORY = 128  # images
 
     def predict(self, pixels):
