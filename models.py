@@ -40,9 +40,9 @@ class Classifier:
         return self.inference_batch_size or runtimes.SLICES[self.runtime]
 
     # With a recheck margin, a batch runs in f32 alone while more than this share of the recent images were near
-    # ties: bf16 for every image and f32 again for that share would cost more. Break-even, 1 - bf16/f32 from the
-    # worker's CPU per request: Lite0 0.48-0.52, ResNet50 0.49 (README), a little less in fact, since the near ties
-    # run again in smaller slices. The share keeps being measured on f32's answers.
+    # ties: bf16 for every image and f32 again for that share would cost more. Break-even, 1 - bf16/f32 of the
+    # worker's CPU per request in `make bench`'s tables: Lite0 0.45, ResNet50 0.49 (README), a little less in fact,
+    # since the near ties run again in smaller slices. The share keeps being measured on f32's answers.
     F32_ALONE_ABOVE = 0.45
     NEAR_TIE_MEMORY = 128  # images
 
@@ -110,7 +110,10 @@ class Classifier:
         recheck = None
         if recheck_margin:
             recheck = runtimes.compile_model(self.model, runtime, "f32", cache_dir)
-            runtimes.self_check(reference, recheck, runtimes.TOLERANCES["f32"], self._preprocess)
+            try:
+                runtimes.self_check(reference, recheck, runtimes.TOLERANCES["f32"], self._preprocess)
+            except RuntimeError as exc:  # else the refusal would read as bf16's
+                raise RuntimeError(f"the f32 copy RECHECK_MARGIN needs: {exc}") from None
         self._run, self.runtime, self.precision = candidate, runtime, precision
         self._recheck, self.recheck_margin, self._near_tie_share = recheck, recheck_margin, 0.0
         return difference

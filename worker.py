@@ -269,7 +269,8 @@ class Worker:
         outcomes = self._classify(valid)
         self.throughput.add(len(valid), time.monotonic() - busy_since)
         inference_ms = (self.clock.now() - started) * 1000
-        rechecked = self.classifier.rechecked - rechecked_before  # near ties a bf16 model ran again in f32
+        # Images a bf16 model answered in f32: its near ties, or whole batches while near ties are common.
+        rechecked = self.classifier.rechecked - rechecked_before
         more = {"rechecked": rechecked} if rechecked else {}
         log("inference_done", worker=self.name, batch_size=len(valid), ms=inference_ms, **more)
         for job, outcome in zip(valid, outcomes, strict=True):

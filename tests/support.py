@@ -30,7 +30,7 @@ class CountingClassifier:
     """
 
     name = "counting"
-    rechecked = 0  # images a bf16 model ran again in f32 (models.Classifier): none here
+    rechecked = 0  # images a bf16 model answered in f32 (models.Classifier.rechecked): none here
 
     def __init__(self):
         self.seen = []

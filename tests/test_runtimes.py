@@ -156,6 +156,22 @@ def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache,
     assert models.load(lite0).runtime == "tensorflow"  # auto falls back, and says so in the log
 
 
+def test_a_recheck_whose_f32_copy_fails_its_self_check_is_refused_saying_so(model_cache, monkeypatch):
+    real_compile = runtimes.compile_model
+
+    def compile_model(model, runtime, precision="f32", *args, **kwargs):
+        if runtime == "openvino" and precision == "f32":  # the recheck's copy answers nonsense
+            return lambda batch: np.full((len(batch), 1000), 1e-3, dtype=np.float32)
+        return real_compile(model, "tensorflow")  # bf16 and the reference: TensorFlow's answers
+
+    monkeypatch.setattr(runtimes, "compile_model", compile_model)
+    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache, precision="bf16", recheck_margin=0.02)
+    for runtime in ("openvino", "auto"):
+        with pytest.raises(models.ModelUnavailable, match="the f32 copy RECHECK_MARGIN needs: runtime self-check"):
+            models.load(lite0.replace(runtime=runtime))
+    assert models.load(lite0.replace(recheck_margin=0.0)).precision == "bf16"  # bf16 alone passes
+
+
 @pytest.mark.skipif(not runtimes.bf16_supported(), reason="this CPU runs no bf16")
 def test_bf16_with_a_recheck_margin_answers_near_ties_in_f32_and_keeps_tensorflows_top1(model_cache):
     import measure_precision
