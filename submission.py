@@ -302,8 +302,19 @@ def _cancel(svc, job_ids, ttl=None):
 # Decoding threads per web process: few, as each may hold a large image's pixels, and never more than the
 # cores this process may run on.
 DECODING_THREADS = min(2, len(os.sched_getaffinity(0)))
-_decoders = None  # (pid, _Decoder): made in the process that uses it, after gunicorn's fork
-_off_hub = None  # (pid, gevent ThreadPool of one thread) for off_the_hub, likewise
+
+
+class _PerProcess:
+    """What `make()` makes, once in each process that asks for it: gevent's thread pools are made after gunicorn's
+    fork, in the process that uses them."""
+
+    def __init__(self, make):
+        self._make, self._made = make, None  # (pid, what make() made there)
+
+    def __call__(self):
+        if self._made is None or self._made[0] != os.getpid():
+            self._made = (os.getpid(), self._make())
+        return self._made[1]
 
 
 class _Decoder:
@@ -402,26 +413,22 @@ def off_the_hub(function, *args):
     in the request's greenlet it would stall every other request of the process (inflating a 10 KB gzip body to
     10 MiB takes 30 ms). A thread apart from the decoding threads, whose queue admission counts image by image: a
     stream of such work delays only itself. In the caller's thread where gevent is not running the app."""
-    global _off_hub
     if not monkey.is_module_patched("threading"):
         return function(*args)
-    if _off_hub is None or _off_hub[0] != os.getpid():
-        _off_hub = (os.getpid(), gevent.threadpool.ThreadPool(1))
     # Caught in the thread: gevent's pool prints the traceback of whatever a task raises, and any client can make
     # an inflate fail.
-    outcome = _off_hub[1].apply(_caught, (function, *args))
+    outcome = _off_hub_thread().apply(_caught, (function, *args))
     if isinstance(outcome, Exception):
         raise outcome
     return outcome
 
 
+_off_hub_thread = _PerProcess(lambda: gevent.threadpool.ThreadPool(1))
+_decoders = _PerProcess(lambda: _Decoder(DECODING_THREADS))
+
+
 def _decoder():
-    global _decoders
-    if not monkey.is_module_patched("threading"):
-        return _Inline
-    if _decoders is None or _decoders[0] != os.getpid():
-        _decoders = (os.getpid(), _Decoder(DECODING_THREADS))
-    return _decoders[1]
+    return _decoders() if monkey.is_module_patched("threading") else _Inline
 
 
 def _turn(counted, function, *args):
