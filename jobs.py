@@ -116,7 +116,9 @@ def encode_header(job: Job) -> bytes:
 def header_of(raw: bytes | str) -> dict | None:
     """The JSON object a raw job holds, or None when it holds none; never raises."""
     try:
-        header = json.loads(raw)
+        # strict=False: raw control characters inside strings, which the Lua scripts' cjson reads too; otherwise a
+        # header the scripts claimed, counted and buried would be nameless here (no id to answer or requeue by).
+        header = json.loads(raw, strict=False)
     except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return header if isinstance(header, dict) else None

@@ -150,3 +150,12 @@ def test_an_unsafe_reply_channel_is_ignored_not_used():
     for unsafe in ("chan\r\nPUBLISH other", "chan\n"):
         raw = _with_header(lambda d, unsafe=unsafe: d.update(reply_to=unsafe))(jobs.encode_header(make_job()))
         assert jobs.decode_job(raw).reply_to is None
+
+
+def test_a_header_with_raw_control_characters_is_read_as_the_scripts_read_it(real_redis):
+    # A producer of our own escapes them (json.dumps), a foreign one may not; cjson in Redis accepts them raw.
+    raw = jobs.encode_header(make_job()).replace(b'"top_k"', b'"note": "tab\there\x01", "top_k"')
+    in_lua = real_redis.eval("local h = cjson.decode(ARGV[1]) return {h.id, h.note}", 0, raw)
+    header = jobs.header_of(raw)
+    assert [header["id"].encode(), header["note"].encode()] == in_lua
+    assert jobs.decode_job(raw).id == header["id"]
