@@ -223,12 +223,12 @@ class Worker:
             self.counts["errors"] += len(raws)
             error = repr(exc)
             log("batch_failed", level="ERROR", worker=self.name, claimed=len(raws), error=error)
-            self._connect_with_backoff(lambda: self.queue.fail(self.name, error), until_stopped=False)
+            self._connect_with_backoff(lambda: self.queue.fail(self.name, raws, error), until_stopped=False)
             return
         finally:
             bind()
         outcome = self._connect_with_backoff(
-            lambda: self.queue.finish(self.name, batch_id, len(raws), replies, retry, dead, gone), until_stopped=False
+            lambda: self.queue.finish(self.name, batch_id, raws, replies, retry, dead, gone), until_stopped=False
         )
         if outcome == "swept":
             log("batch_swept", level="WARNING", worker=self.name, claimed=len(raws))

@@ -139,7 +139,7 @@ class JobQueue:
         self,
         worker: str,
         batch_id: str,
-        claimed: int,
+        claimed: Sequence[bytes],
         replies: Sequence[Reply],
         retry: Sequence[bytes] = (),
         dead_jobs: Iterable[tuple[bytes, str]] = (),
@@ -147,11 +147,11 @@ class JobQueue:
     ) -> str:
         """Store the batch's replies, put `retry` jobs back at the head of the queue, dead-letter `dead_jobs`
         ((job as claimed, reason) pairs; their pixels move into the dead letters), delete the pixels of the
-        `gone` job ids (done for good: answered, or skipped) and acknowledge the `claimed` jobs, in one step
-        that is safe to repeat with the same `batch_id`.
+        `gone` job ids (done for good: answered, or skipped) and acknowledge the `claimed` jobs (as `claim`
+        returned them), in one step that is safe to repeat with the same `batch_id`.
 
         Returns "done", "duplicate" (this batch was finished before) or "swept" (a sweep took the batch
-        back meanwhile: the replies were stored, nothing else changed).
+        back meanwhile: the replies of jobs not answered yet were stored, nothing else changed).
         """
         keys = [
             self.keys.processing(worker),
@@ -164,12 +164,13 @@ class JobQueue:
         args = [
             self.result_ttl,
             batch_id,
-            claimed,
+            len(claimed),
             self.dead_letter_max,
             len(replies),
             len(retry),
             self.keys.pixels_prefix,
             self.keys.status_prefix,
+            *claimed,
         ]
         for reply in replies:
             args += [reply.reply_to or "", reply.job_id, reply.payload, reply.ttl, int(reply.with_result)]
@@ -185,11 +186,12 @@ class JobQueue:
         attempt, and it is unregistered for good (keys.Keys.left)."""
         self._requeue(worker, "leave", "")
 
-    def fail(self, worker: str, error: str = "") -> list:
-        """The worker failed on its whole batch: retry it with an attempt counted, or give up on the jobs
-        out of attempts and answer their requesters. Returns the jobs given up."""
+    def fail(self, worker: str, claimed: Sequence[bytes], error: str = "") -> list:
+        """The worker failed on its whole batch, the `claimed` jobs (as `claim` returned them): retry it with an
+        attempt counted, or give up on the jobs out of attempts and answer their requesters. Returns the jobs
+        given up. Nothing is done when the batch is no longer the worker's (swept, or handed back already)."""
         cause = f"worker {worker} failed on its batch" + (f": {error}" if error else "")
-        return self._requeue(worker, "fail", f"out of attempts ({self.max_attempts}); the last: {cause}")
+        return self._requeue(worker, "fail", f"out of attempts ({self.max_attempts}); the last: {cause}", claimed)
 
     def sweep(self, worker: str) -> list | None:
         """Like `fail`, for a worker whose heartbeat expired (no attempt counted if it left: what a late claim put in
@@ -197,7 +199,7 @@ class JobQueue:
         cause = f"worker {worker} stopped beating while holding it"
         return self._requeue(worker, "sweep", f"out of attempts ({self.max_attempts}); the last: {cause}")
 
-    def _requeue(self, worker, mode, reason):
+    def _requeue(self, worker, mode, reason, claimed=()):
         keys = [
             self.keys.processing(worker),
             self.keys.queue,
@@ -221,6 +223,7 @@ class JobQueue:
             self.keys.pixels_prefix,
             self.keys.status_prefix,
             LEFT_TTL,
+            *claimed,
         ]
         outcome = self._scripts["requeue"](keys=keys, args=args)
         if outcome is None:

@@ -2,7 +2,7 @@
 -- to retry back at the head of the queue, dead-letter jobs that can never succeed, delete the pixels of the
 -- jobs that are done for good, and acknowledge the batch by removing exactly its jobs from the head of the
 -- worker's processing list. Safe to repeat: a call retried after its reply was lost finds its batch id
--- already recorded and changes nothing.
+-- already recorded and changes nothing; a late copy of an earlier batch's call finds other jobs at the head.
 -- KEYS[1] processing       the worker's processing list
 -- KEYS[2] queue            the waiting jobs
 -- KEYS[3] dead             the dead-letter list
@@ -13,7 +13,7 @@
 --                          jobs' pixels into their entries); not those retried, which still need theirs
 -- ARGV[1] ttl              seconds the finished batch id, and a result without its own ttl, are kept
 -- ARGV[2] batch_id         unique per batch
--- ARGV[3] acknowledge      how many jobs the batch took from the head of the processing list (0: none)
+-- ARGV[3] c                how many jobs the batch took from the head of the processing list (0: none)
 -- ARGV[4] dead_max         the dead-letter list keeps this many jobs, dropping the oldest
 -- ARGV[5] n                number of replies
 -- ARGV[6] n_retry          number of jobs to retry
@@ -21,7 +21,8 @@
 -- ARGV[8] status_prefix    the status keys' prefix (Keys.status_prefix): an answered async job's status key,
 --                          prefix .. its id, is deleted with the answer stored, so that once the answer expires
 --                          the job is unknown (404) rather than 'running' again
--- ARGV[9 .. 5n+8]          n replies, five values each: channel ('' for none), job id, result JSON,
+-- ARGV[9 .. c+8]           the batch's jobs as claimed, in the list's order (holds_batch compares them)
+-- ARGV[c+9 .. c+5n+8]      n replies, five values each: channel ('' for none), job id, result JSON,
 --                          seconds the result is kept ('0': ttl), with_result ('1': the job's notify_result)
 -- The message published to a reply's channel is its job id, then for with_result a newline and the result
 -- JSON as stored (jobs.parse_notification): the waiting request needs no read of the result key, which stays
@@ -30,34 +31,45 @@
 -- then n_retry jobs to retry, then the jobs to dead-letter, two values each: the job as claimed, reason
 -- (jobs.lua's bury() moves its pixels into its jobs.DeadLetter entry).
 -- Returns {outcome, dead-lettered jobs dropped from the list}; outcome is 'done', 'duplicate' (already
--- finished) or 'swept' (the batch was swept back to the queue meanwhile: replies stored, nothing else).
+-- finished) or 'swept' (the batch is no longer at the head of the list: a sweep handed it back meanwhile, or
+-- this is a late copy of an earlier call). A swept batch stores only the replies of jobs that have no answer
+-- yet, and announces only those: a sweep may have given a job up and answered it already, or another worker
+-- answered it, and a job gets one answer. Nothing else changes: its jobs are back in the queue or answered.
 local processing, queue, dead, finished = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local ttl, batch_id, acknowledge = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ttl, batch_id, claimed = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local dead_max, n, n_retry, pixels_prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 local status_prefix = ARGV[8]
-local first_retry = 5 * n + 9
+local first_reply = 9 + claimed
+local first_retry = first_reply + 5 * n
 local first_dead = first_retry + n_retry
 
 if redis.call('GET', finished) == batch_id then
   return {'duplicate', 0}
 end
-local outcome = 'done'
-if acknowledge > 0 then
-  if redis.call('LLEN', processing) < acknowledge then
-    outcome = 'swept'
-  else
-    redis.call('LTRIM', processing, acknowledge, -1)
+local outcome = 'swept'
+if holds_batch(processing, 9, claimed) then
+  outcome = 'done'
+  if claimed > 0 then
+    redis.call('LTRIM', processing, claimed, -1)
   end
+  redis.call('SET', finished, batch_id, 'EX', ttl)
 end
-redis.call('SET', finished, batch_id, 'EX', ttl)
 for i = 1, n do
-  local at = 5 * i + 4
+  local at = first_reply + 5 * (i - 1)
   local channel, job_id, result, keep = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local with_result = ARGV[at + 4] == '1'
-  redis.call('SET', KEYS[i + 4], result, 'EX', keep ~= '0' and keep or ttl)
-  redis.call('DEL', status_prefix .. job_id)
-  if channel ~= '' then
-    redis.call('PUBLISH', channel, with_result and (job_id .. '\n' .. result) or job_id)
+  local expiry = keep ~= '0' and keep or ttl
+  local stored
+  if outcome == 'done' then
+    stored = redis.call('SET', KEYS[i + 4], result, 'EX', expiry)
+  else
+    stored = redis.call('SET', KEYS[i + 4], result, 'EX', expiry, 'NX')
+  end
+  if stored then
+    redis.call('DEL', status_prefix .. job_id)
+    if channel ~= '' then
+      redis.call('PUBLISH', channel, with_result and (job_id .. '\n' .. result) or job_id)
+    end
   end
 end
 local dropped = 0

@@ -55,6 +55,27 @@ local function read_dead(entry)
   return envelope, type(envelope.pixels) == 'string' and envelope.pixels or nil
 end
 
+-- Whether the worker's list `processing` starts with exactly the jobs ARGV[first .. first + count - 1], the batch
+-- as its worker claimed it. Only then is the batch still the worker's to acknowledge or hand back: a sweep takes
+-- it away, a late claim (one whose reply timed out) then appends other jobs, and a late copy of an earlier call
+-- (its bytes still on the way when the worker retried it) finds a later batch there. Counting alone took those
+-- other jobs for the batch and trimmed them away unanswered.
+local function holds_batch(processing, first, count)
+  if count == 0 then
+    return true
+  end
+  local head = redis.call('LRANGE', processing, 0, count - 1)
+  if #head ~= count then
+    return false
+  end
+  for i = 1, count do
+    if head[i] ~= ARGV[first + i - 1] then
+      return false
+    end
+  end
+  return true
+end
+
 -- Keep the newest `dead_max` entries of the dead list; returns how many older ones were dropped.
 local function trim_dead(dead, dead_max)
   local dropped = math.max(0, redis.call('LLEN', dead) - dead_max)

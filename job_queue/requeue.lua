@@ -13,7 +13,9 @@
 --                       worker left (the claim's reply had timed out): nothing of them ran, so no attempt counts
 -- ARGV[1] mode          'leave': a graceful exit, no attempt counted, and the worker unregistered (out of
 --                       the workers set, its heartbeat deleted, its left mark set for ARGV[11] seconds);
---                       'fail': the model failed, one attempt counted;
+--                       'fail': the model failed on the batch ARGV[12 ..], one attempt counted; only if that
+--                       batch is still at the head of the list (jobs.lua's holds_batch): a late copy of the call
+--                       must not hand back the batch held by then, nor jobs a late claim appended;
 --                       'sweep': the worker died: one attempt counted (none when it had left, see KEYS[6]), and
 --                       only if its heartbeat is gone, checked in the same step so that a worker that beats
 --                       again is never swept
@@ -28,8 +30,9 @@
 -- ARGV[10] status_prefix the status keys' prefix (Keys.status_prefix): a given-up async job's is deleted with
 --                       its answer stored, as finish.lua does
 -- ARGV[11] left_ttl     'leave' only: seconds the left mark is kept
+-- ARGV[12 ..]           'fail' only: the batch's jobs as claimed, in the list's order
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
--- out to be alive. Safe to repeat: a second call finds the processing list empty.
+-- out to be alive. Safe to repeat: a second call finds the processing list empty ('fail': without its batch).
 local processing, queue, dead, heartbeat, workers, left = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local mode, max_attempts, worker, dead_max, reason = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local answer, result_prefix, ttl, pixels_prefix = cjson.decode(ARGV[6]), ARGV[7], ARGV[8], ARGV[9]
@@ -57,7 +60,15 @@ if mode == 'sweep' and redis.call('EXISTS', heartbeat) == 1 then
   return false
 end
 local count_attempt = mode ~= 'leave' and not (mode == 'sweep' and redis.call('EXISTS', left) == 1)
-local jobs = redis.call('LRANGE', processing, 0, -1)
+local jobs
+if mode == 'fail' then
+  if not holds_batch(processing, 12, #ARGV - 11) then
+    return {{}, 0}
+  end
+  jobs = {unpack(ARGV, 12)}
+else
+  jobs = redis.call('LRANGE', processing, 0, -1)
+end
 local given_up = {}
 for i = #jobs, 1, -1 do
   local raw = jobs[i]
@@ -85,7 +96,11 @@ for i = #jobs, 1, -1 do
     redis.call('LPUSH', queue, raw)
   end
 end
-redis.call('DEL', processing)
+if mode == 'fail' then
+  redis.call('LTRIM', processing, #jobs, -1)
+else
+  redis.call('DEL', processing)
+end
 if mode == 'sweep' then
   redis.call('SREM', workers, worker)
 elseif mode == 'leave' then

@@ -203,7 +203,7 @@ def test_a_stray_message_before_the_answer_does_not_spoil_a_predict(real_redis, 
     predictions = [{"label": "castle", "probability": 0.9}]
     answer = jobs.success_result(job, None, predictions, "m", batch_size=1, inference_ms=5.0, queue_ms=1.0)
     reply = jobs.Reply.of(job.id, job.reply_to, answer, with_result=True)
-    JobQueue(real_redis, settings).finish("w", "batch-1", 0, [reply])
+    JobQueue(real_redis, settings).finish("w", "batch-1", [], [reply])
     request.join(10)
     assert out["response"].status_code == 200, out["response"].get_data(as_text=True)
     assert out["response"].get_json()["predictions"] == answer["predictions"]
@@ -256,7 +256,7 @@ def test_a_stray_result_without_probabilities_does_not_spoil_an_open_inference_r
     del stray["probabilities"]
     real_redis.publish(job.reply_to, job.id.encode() + b"\n" + jobs.encode_result(stray).encode())
     answer = jobs.success_result(job, np.full(1000, 1e-3, np.float32), [], "efficientnet_lite0", 1, 5.0, 1.0)
-    JobQueue(real_redis, settings).finish("w", "batch-1", 0, [jobs.Reply.of(job.id, job.reply_to, answer)])
+    JobQueue(real_redis, settings).finish("w", "batch-1", [], [jobs.Reply.of(job.id, job.reply_to, answer)])
     request.join(10)
     assert out["response"].status_code == 200, out["response"].get_data(as_text=True)
 

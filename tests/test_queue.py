@@ -71,7 +71,7 @@ def test_finish_stores_results_with_ttl_publishes_and_acknowledges(r):
     pubsub.get_message(timeout=1)
     dead_jobs = [(b"garbage", "invalid job: job is not JSON")]
     replies = [Reply(job.id, "chan", '{"ok": 1}', with_result=True)]
-    assert q.finish("w1", "batch-1", 1, replies, dead_jobs=dead_jobs) == "done"
+    assert q.finish("w1", "batch-1", [raw], replies, dead_jobs=dead_jobs) == "done"
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
     assert 0 < r.ttl(q.keys.result(job.id)) <= 60
     assert r.exists(q.keys.processing("w1")) == 0
@@ -90,7 +90,7 @@ def test_a_job_without_notify_result_is_announced_by_its_bare_id(r):
     pubsub = r.pubsub()
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
-    q.finish("w1", "batch-1", 0, [Reply(job.id, "chan", '{"ok": 1}')])
+    q.finish("w1", "batch-1", [], [Reply(job.id, "chan", '{"ok": 1}')])
     assert pubsub.get_message(timeout=1)["data"] == job.id.encode()
 
 
@@ -199,11 +199,11 @@ def test_a_retried_finish_changes_nothing(r):
     [raw] = q.claim("w1", 4, 1)
     job = jobs.decode_job(raw)
     reply = Reply(job.id, None, '{"ok": 1}')
-    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[(b"garbage", "not JSON")]) == "done"
+    assert q.finish("w1", "batch-1", [raw], [reply], dead_jobs=[(b"garbage", "not JSON")]) == "done"
     r.delete(q.keys.result(job.id))  # the web server has taken the result
     q.enqueue(raw_job())
     q.claim("w1", 4, 1)  # the next batch is already claimed when the retry arrives
-    assert q.finish("w1", "batch-1", 1, [reply], dead_jobs=[(b"garbage", "not JSON")]) == "duplicate"
+    assert q.finish("w1", "batch-1", [raw], [reply], dead_jobs=[(b"garbage", "not JSON")]) == "duplicate"
     assert not r.exists(q.keys.result(job.id)) and r.llen(q.keys.dead) == 1
     assert r.llen(q.keys.processing("w1")) == 1  # the new claim is untouched
 
@@ -216,10 +216,81 @@ def test_finish_of_a_swept_batch_stores_results_but_queues_nothing_twice(r):
     assert registry.sweep() == ["slow"]  # the batch is back in the queue, with an attempt counted
     retry = jobs.encode_header(dataclasses.replace(job, attempts=5))
     replies, dead_jobs = [Reply(job.id, None, '{"ok": 1}')], [(raw, "a reason")]
-    outcome = q.finish("slow", "batch-1", 1, replies, retry=[retry], dead_jobs=dead_jobs)
+    outcome = q.finish("slow", "batch-1", [raw], replies, retry=[retry], dead_jobs=dead_jobs)
     assert outcome == "swept"
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'  # the requester is answered all the same
     assert q.length() == 1 and r.llen(q.keys.dead) == 0
+
+
+def retried(raw):
+    return jobs.encode_header(dataclasses.replace(jobs.decode_job(raw), attempts=1))
+
+
+def test_a_late_copy_of_an_earlier_batchs_finish_leaves_the_batch_in_hand_alone(r):
+    """The worker gave up on the reply of a finish whose bytes were still on the way, retried it and went on; the
+    first copy reaches Redis when a later batch is in hand. Counting alone trimmed that batch away unanswered (and
+    queued the old batch's retries a second time)."""
+    q = JobQueue(r, Settings())
+    for _ in range(3):
+        q.enqueue(raw_job())
+    first = q.claim("w1", 2, 1)
+    answered = Reply(jobs.decode_job(first[0]).id, None, '{"ok": 1}')
+    late_copy = ("w1", "batch-1", first, [answered], [retried(first[1])])
+    assert q.finish(*late_copy) == "done"
+    second = q.claim("w1", 2, 0)  # the retried job and the third
+    assert q.finish("w1", "batch-2", second, [], retry=second) == "done"  # the model failed: both again
+    third = q.claim("w1", 2, 0)
+    assert q.finish(*late_copy) == "swept"
+    assert r.lrange(q.keys.processing("w1"), 0, -1) == third and q.length() == 0
+    assert q.finish("w1", "batch-3", third, [], retry=third) == "done"
+    assert r.lrange(q.keys.queue, 0, -1) == third  # nothing lost, nothing queued twice
+
+
+def test_a_late_claim_into_a_swept_workers_list_is_not_taken_for_its_batch(r):
+    """A is swept while it computes and B takes the job; then a claim of A's delivered late moves the next job into
+    A's emptied list. A's finish found the list as long as its batch, called it done and trimmed that job away."""
+    q, registry = worker_holding_a_job(r, "A")
+    [held] = r.lrange(q.keys.processing("A"), 0, -1)
+    q.enqueue(raw_job())
+    r.delete(q.keys.heartbeat("A"))
+    assert registry.sweep() == ["A"]
+    assert len(q.claim("B", 1, 0)) == 1  # B runs the swept job
+    late = r.lmove(q.keys.queue, q.keys.processing("A"), "LEFT", "RIGHT")  # A's BLMOVE, its reply timed out
+    assert q.finish("A", "batch-1", [held], [Reply(jobs.decode_job(held).id, None, "{}")]) == "swept"
+    assert q.claim("A", 1, 0) == [late]  # A still holds it, and runs it next
+
+
+def test_a_job_given_up_by_a_sweep_keeps_that_answer_when_its_worker_finishes_late(r):
+    """Its requester was told 500 (the sweep's answer, published); a later 200 overwrote the stored one, so an
+    async job's GET changed its answer, and a waiting request could read either."""
+    q, registry = queue_and_registry(r, max_attempts=1)
+    job = raw_job(reply_to="chan")
+    q.enqueue(job)
+    registry.beat("slow", {"ready": 1})
+    [held] = q.claim("slow", 1, 1)
+    pubsub = r.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    r.delete(q.keys.heartbeat("slow"))
+    assert registry.sweep() == ["slow"]
+    given_up = r.get(q.keys.result(job.id))
+    assert jobs.decode_result(given_up)["success"] is False
+    assert pubsub.get_message(timeout=1)["data"] == job.id.encode()
+    late = Reply(job.id, "chan", '{"success": true}', with_result=True)
+    assert q.finish("slow", "batch-1", [held], [late], gone=[job.id]) == "swept"
+    assert r.get(q.keys.result(job.id)) == given_up and pubsub.get_message(timeout=0.2) is None
+
+
+def test_a_late_copy_of_a_failure_leaves_the_batch_in_hand_alone(r):
+    """It requeued whatever the list held by then, with an attempt counted for a run that never failed."""
+    q = JobQueue(r, Settings(max_attempts=3))
+    q.enqueue(raw_job())
+    first = q.claim("w1", 1, 1)
+    assert q.fail("w1", first, "boom") == []
+    second = q.claim("w1", 1, 0)  # the same job, one attempt counted
+    assert q.fail("w1", first, "boom") == []  # the first call's late copy
+    assert r.lrange(q.keys.processing("w1"), 0, -1) == second and q.length() == 0
+    assert jobs.decode_job(second[0]).attempts == 1
 
 
 def test_finish_retries_only_the_jobs_it_is_given_and_acknowledges_exactly_its_batch(r):
@@ -229,7 +300,8 @@ def test_finish_retries_only_the_jobs_it_is_given_and_acknowledges_exactly_its_b
     good, poison, other = q.claim("w1", 2, 1) + [None]
     assert other is None and r.llen(q.keys.processing("w1")) == 2
     retry = jobs.encode_header(dataclasses.replace(jobs.decode_job(poison), attempts=1))
-    assert q.finish("w1", "b", 2, [Reply(jobs.decode_job(good).id, None, "{}")], retry=[retry]) == "done"
+    replies = [Reply(jobs.decode_job(good).id, None, "{}")]
+    assert q.finish("w1", "b", [good, poison], replies, retry=[retry]) == "done"
     assert r.llen(q.keys.processing("w1")) == 0
     assert jobs.decode_job(r.lindex(q.keys.queue, 0)).attempts == 1 and q.length() == 2
 
@@ -237,8 +309,8 @@ def test_finish_retries_only_the_jobs_it_is_given_and_acknowledges_exactly_its_b
 def test_the_dead_letter_list_keeps_the_newest(r):
     q = JobQueue(r, Settings(dead_letter_max=2))
     q.enqueue(raw_job())
-    q.claim("w1", 4, 1)
-    q.finish("w1", "b", 1, [], dead_jobs=[(b"first", "1"), (b"second", "2"), (b"third", "3")])
+    claimed = q.claim("w1", 4, 1)
+    q.finish("w1", "b", claimed, [], dead_jobs=[(b"first", "1"), (b"second", "2"), (b"third", "3")])
     assert [jobs.decode_dead_letter(entry).raw for entry in r.lrange(q.keys.dead, 0, -1)] == ["second", "third"]
 
 
@@ -295,7 +367,7 @@ def test_a_repeat_after_a_worker_claimed_the_job_neither_pushes_it_again_nor_tak
     q.enqueue(raw_job())  # other traffic fills the queue
     q.enqueue(job)  # the repeat: answered as the push was, and nothing changes
     assert q.length() == 1 and r.exists(q.keys.pixels(job.id))
-    assert q.finish("w1", "batch", 1, [Reply(job.id, None, '{"ok": 1}')], gone=[job.id]) == "done"
+    assert q.finish("w1", "batch", [claimed], [Reply(job.id, None, '{"ok": 1}')], gone=[job.id]) == "done"
     assert not r.exists(q.keys.pixels(job.id))
     q.enqueue(job)  # a repeat after the answer: still not pushed again, and its pixels, SET again, not kept
     assert q.length() == 1 and not r.exists(q.keys.pixels(job.id))
@@ -379,12 +451,12 @@ def test_finish_deletes_the_pixels_of_jobs_done_for_good_and_keeps_those_retried
     q = JobQueue(r, Settings())
     answered, retried, malformed = raw_job(), raw_job(), raw_job()
     q.enqueue(answered, retried, malformed)
-    q.claim("w1", 3, 1)
+    claimed = q.claim("w1", 3, 1)
     again = jobs.encode_header(dataclasses.replace(jobs.decode_job(retried.header), attempts=1))
     replies = [Reply(answered.id, None, "{}"), Reply(malformed.id, None, "{}")]
     dead_jobs = [(malformed.header, "invalid job: a test")]
     gone = [answered.id, malformed.id]
-    assert q.finish("w1", "b", 3, replies, retry=[again], dead_jobs=dead_jobs, gone=gone) == "done"
+    assert q.finish("w1", "b", claimed, replies, retry=[again], dead_jobs=dead_jobs, gone=gone) == "done"
     assert pixel_keys(r, q) == [q.keys.pixels(retried.id).encode()]
     [letter] = [jobs.decode_dead_letter(entry) for entry in r.lrange(q.keys.dead, 0, -1)]
     assert letter.id == malformed.id and letter.has_pixels  # moved into the dead letter, not lost
@@ -392,9 +464,9 @@ def test_finish_deletes_the_pixels_of_jobs_done_for_good_and_keeps_those_retried
 
 def dead_letter_one(q, job, reason="invalid job: a test"):
     q.enqueue(job)
-    q.claim("w1", 1, 1)
+    claimed = q.claim("w1", 1, 1)
     replies = [Reply(job.id, None, "{}")]
-    assert q.finish("w1", "b", 1, replies, retry=[], dead_jobs=[(job.header, reason)], gone=[job.id]) == "done"
+    assert q.finish("w1", "b", claimed, replies, retry=[], dead_jobs=[(job.header, reason)], gone=[job.id]) == "done"
 
 
 def test_a_dead_letter_holds_its_pixels_as_they_are_and_gives_them_back_on_requeue(r):
@@ -434,7 +506,7 @@ def test_a_swept_batch_keeps_its_pixels_for_the_jobs_next_run(r):
     job = jobs.decode_job(raw)
     r.delete(q.keys.heartbeat("slow"))
     assert registry.sweep() == ["slow"]
-    assert q.finish("slow", "b", 1, [Reply(job.id, None, "{}")], gone=[job.id]) == "swept"
+    assert q.finish("slow", "b", [raw], [Reply(job.id, None, "{}")], gone=[job.id]) == "swept"
     assert r.exists(q.keys.pixels(job.id))
 
 
@@ -657,11 +729,11 @@ def test_a_batch_that_fails_while_the_worker_stops_keeps_its_attempt_through_a_r
     worker = Worker(BrokenTopK(), config, name="stopping")
     fail, calls = worker.queue.fail, []
 
-    def flaky_fail(name, error=""):
+    def flaky_fail(name, claimed, error=""):
         calls.append(name)
         if len(calls) == 1:
             raise redis.ConnectionError("Connection reset by peer")
-        return fail(name, error)
+        return fail(name, claimed, error)
 
     monkeypatch.setattr(worker.queue, "fail", flaky_fail)
     classify = worker._classify
