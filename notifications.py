@@ -189,7 +189,10 @@ class ResultWaiter:
                 return None
             notified = pending.event.wait(min(interval, remaining))
             pending.event.clear()
-            result = pending.take_delivered() if notified else None
+            # Taken even when the wait timed out: a notification may land between the timeout and the clear, and
+            # with Redis unreachable for the read below, its result would otherwise be left until the deadline.
+            result = pending.take_delivered()
+            notified = notified or result is not None
             if result is None:
                 try:
                     result = self.fetch(pending.job_id)

@@ -16,7 +16,7 @@ from job_queue import JobQueue
 from keys import Keys
 from notifications import ResultWaiter
 from open_inference import HEADER_LENGTH
-from support import CASTLE, wait_for
+from support import CASTLE, free_port, wait_for
 from worker_registration import WorkerRegistry
 
 KEYS = Keys("image_queue")
@@ -282,3 +282,22 @@ def test_a_later_message_for_the_job_does_not_take_the_place_of_its_delivered_re
         real_redis.publish(channel, b"6" * 32 + second)
         wait_for(lambda: len(woken) == 2, 5, "both messages to reach the listener")
         assert waiter.wait(pending, time.monotonic() + 2) == answer
+
+
+def test_a_result_delivered_just_as_the_wait_timed_out_is_taken_while_redis_cannot_be_read(config, waiter_for):
+    # The listener sets the event between the waiter's timeout and its clear(): the clear swallows the wake-up,
+    # and the result must be taken from the notification, since every read of the key fails.
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=0.05, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    job_id = "7" * 32
+    answer = {"id": job_id, "success": True, "model": "m", "predictions": []}
+    answer.update(batch_size=1, inference_ms=5.0, queue_ms=1.0)
+    with waiter.expect(job_id) as pending:
+        timed_out = pending.event.wait
+
+        def wait_then_deliver(timeout):
+            notified = timed_out(timeout)
+            waiter._wake(job_id, jobs.encode_result(answer).encode())
+            return notified
+
+        pending.event.wait = wait_then_deliver
+        assert waiter.wait(pending, time.monotonic() + 1.5) == answer
