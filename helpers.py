@@ -9,7 +9,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from jobs import IMAGE_SHAPE
 
@@ -87,16 +87,20 @@ def prepare_image(data, max_pixels):
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"image is too large: {width}x{height} pixels, at most {max_pixels} accepted", 413)
-            image = next(ImageSequence.Iterator(image))  # animated images: the first frame
+            # An animated image is opened on its first frame, the one classified. (Seeking to it again, as
+            # ImageSequence does, fails on a valid single-image SPIDER file.)
             box = _draft(image)  # after the size check: it changes image.size
             image.load()
+            resized = _to_rgb(image).resize(IMAGE_SHAPE[1::-1], box=box)
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError("the uploaded file is not an image format we can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image is too large: {exc}", 413) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise more than OSError and ValueError on bad files
+        # (NotImplementedError for an unknown BLP encoding or DDS pixel format, among others): a bad upload is a 400.
         raise ImageError(f"the image could not be decoded: {exc}") from None
-    resized = _to_rgb(image).resize(IMAGE_SHAPE[1::-1], box=box)
     return np.asarray(resized, dtype=np.uint8)

@@ -6,6 +6,7 @@ GET /v2 (server metadata), /v2/health/live, /v2/health/ready, /v2/models/<name> 
 waiting are submission.py's, as for every protocol. Errors are the protocol's {"error": "..."}.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -117,6 +118,10 @@ def infer(name, version=None):
         # is decoded, which is what costs.
         submission.admit(len(inference.images))
         pixels = submission.prepare(inference.images)
+        # The answer may take the whole deadline, and nothing of the request's bytes is needed for it: a 10 KB gzip
+        # body inflates to up to MAX_UPLOAD_BYTES, 20 MiB held with its images' copies until the answer came.
+        del body
+        inference = dataclasses.replace(inference, images=[])
         # The classification is made here, from all the probabilities: it needs the classes' indices, which
         # the worker's labelled top k does not give (ImageNet has two "crane"s). So top_k is the least.
         results = submission.classify(pixels, top_k=1, probabilities=True)

@@ -55,6 +55,10 @@ def _animated_gif():
         ("16-bit", _sixteen_bit_png),
         ("cmyk jpeg", lambda: encode(_gradient("CMYK"), "JPEG")),
         ("1x1", lambda: encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")),
+        (
+            "spider",
+            lambda: encode(Image.fromarray(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)), "SPIDER"),
+        ),
     ],
 )
 def test_unusual_but_valid_images_are_prepared(name, data):
@@ -73,6 +77,13 @@ def test_animated_gif_uses_the_first_frame():
     assert tuple(pixels[100, 100]) == (255, 0, 0)
 
 
+def _corrupted(image, fmt, at, value):
+    """The image saved as `fmt`, then `value` written over its header at offset `at`."""
+    data = bytearray(encode(image, fmt))
+    data[at : at + len(value)] = value
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     "data, status, message",
     [
@@ -81,6 +92,13 @@ def test_animated_gif_uses_the_first_frame():
         (b"%PDF-1.4\n1 0 obj << >> endobj\n", 400, "not an image"),
         (CASTLE.read_bytes()[:5000], 400, "could not be decoded"),
         (png_bomb(), 413, "too large"),
+        # Pillow raises NotImplementedError for these, which was answered 500.
+        (_corrupted(Image.new("P", (16, 16)), "BLP", at=8, value=b"\x09"), 400, "could not be decoded.*BLP encoding"),
+        (
+            _corrupted(Image.new("RGB", (16, 16)), "DDS", at=80, value=bytes(4)),
+            400,
+            "could not be decoded.*pixel format",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(data, status, message):

@@ -137,6 +137,8 @@ def _binary(elements, size=None, count=None, header_length=None):
         (_json(shape=[2]), "list of 2 base64 strings"),
         (_json(data=["not base64!"]), "image[0] is not a base64 string"),
         (_json(data=[3]), "image[0] is not a base64 string"),
+        (_json(data=["\u00e9"]), "image[0] is not a base64 string"),  # b64decode raises ValueError, was a 500
+        (_json({"x": [[]] * 2000}), "holds 4009 JSON values or more, at most 1032"),  # see the next test
         (_json(data="aW1n"), "list of 1 base64 strings"),
         (_json({"id": 42}), "id must be a string"),
         (_json({"parameters": {"shared_memory_region": "r"}}), "shared memory"),
@@ -151,6 +153,23 @@ def test_malformed_requests_are_refused_saying_why(request_body, text):
     with pytest.raises(ProtocolError) as refused:
         parse(*request_body)
     assert text in str(refused.value)
+
+
+def test_a_body_of_countless_tiny_values_is_refused_before_it_is_parsed(monkeypatch):
+    """json.loads holds the GIL: 10 MiB of "[]," (a 10 KB gzip body) held up the whole web process for 0.2-0.6 s."""
+    parsed = []
+    monkeypatch.setattr(open_inference.json, "loads", lambda text: parsed.append(text) or {})
+    body = b'{"x": [' + b"[]," * 3_000_000 + b'[]], "inputs": []}'
+    with pytest.raises(ProtocolError, match="JSON values or more"):
+        parse(body, None)
+    assert parsed == []
+    # A request of MAX_IMAGES base64 strings and every option is well within the bound.
+    images = [b"\x89PNG" * 100] * MAX_IMAGES
+    outputs = [triton.InferRequestedOutput("probabilities", binary_data=False, class_count=5)]
+    options = {"priority": 1, "timeout": 5, "parameters": {"tag": "x,y"}}
+    body, header_length = triton_request(images, False, outputs, request_id="a,b,c", as_base64=True, **options)
+    monkeypatch.undo()
+    assert len(parse(body, header_length).images) == MAX_IMAGES
 
 
 def _probabilities():

@@ -1,11 +1,15 @@
 """The Open Inference Protocol's routes on Flask's test client: metadata, probes, and every refusal of infer."""
 
+import gc
 import gzip
+import io
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from PIL import Image
 from test_open_inference import triton_request
 
 import submission
@@ -127,6 +131,32 @@ def test_a_compressed_request_is_inflated_before_it_is_read(make_client, fake_re
     assert_error(infer(small, (packed, length), headers={"Content-Encoding": "gzip"}), 413, "inflates to more")
     assert_error(infer(make_client(), (packed, length), headers={"Content-Encoding": "br"}), 415, "gzip, deflate")
     assert fake_redis.llen(QUEUE) == 0
+
+
+def test_a_compressed_request_lets_go_of_what_it_inflated_to_while_it_waits(make_client, fake_redis, monkeypatch):
+    """A 10 KB gzip body that inflates to MAX_UPLOAD_BYTES held that, and its image's copy, until its answer came:
+    20 MiB a request, which admission lets hundreds of wait at once."""
+    serve(fake_redis)
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, "PNG")
+    body, length = triton_request([tiny.getvalue() + bytes(8 << 20)])  # a PNG ends at its IEND: the rest is ignored
+    packed = gzip.compress(body)
+    assert len(packed) < 20_000
+    held = []
+
+    def classify(pixels, top_k, probabilities=False):
+        gc.collect()
+        held.append(tracemalloc.get_traced_memory()[0])
+        return [_success(MODEL, 483)]
+
+    monkeypatch.setattr(submission, "classify", classify)
+    tracemalloc.start()
+    try:
+        response = infer(make_client(), (packed, length), headers={"Content-Encoding": "gzip"})
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert held[0] < 2 << 20, f"{held[0] >> 20} MiB held while waiting"
 
 
 def test_a_request_in_two_gzip_members_is_read_whole_and_trailing_bytes_are_refused_first(make_client, fake_redis):
