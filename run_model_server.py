@@ -9,7 +9,7 @@ from worker import Worker
 
 
 def main():
-    config = Settings.from_env()
+    config = Settings.for_program("run_model_server")
     logger.configure(config)
     log(
         "worker_starting",

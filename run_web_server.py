@@ -42,7 +42,7 @@ import redis_client  # noqa: E402
 from logger import log  # noqa: E402
 from settings import Settings  # noqa: E402
 
-config = Settings.from_env()
+config = Settings.for_program("run_web_server")
 logger.configure(config)
 # prometheus_client picks per-process value files at import; web imports it, so this comes first.
 if config.web_processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

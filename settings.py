@@ -9,6 +9,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import redis.connection
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -144,6 +146,10 @@ class Settings:
             raise ValueError(f"RECHECK_MARGIN must be below 1 (probabilities apart), not {self.recheck_margin!r}")
         if self.recheck_margin and self.precision != "bf16":
             raise ValueError("RECHECK_MARGIN is for PRECISION=bf16: f32 has no near ties to run again")
+        try:
+            redis.connection.parse_url(self.redis_url)  # what every client of ours does with it, later
+        except ValueError as exc:  # its message names no part of the URL, so no password is shown
+            raise ValueError(f"REDIS_URL is not a Redis URL: {exc}") from None
         if max(1, round(self.heartbeat_ttl)) <= self.heartbeat_interval:
             raise ValueError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL, or live workers get swept")
 
@@ -159,6 +165,15 @@ class Settings:
         if "log_level" in values:
             values["log_level"] = values["log_level"].upper()
         return cls(**values)
+
+    @classmethod
+    def for_program(cls, program: str) -> "Settings":
+        """`from_env()` for an entry point: a bad value ends it with "<program>: <what is wrong>" and exit status 1,
+        no traceback (the message names the variable)."""
+        try:
+            return cls.from_env()
+        except ValueError as exc:
+            raise SystemExit(f"{program}: {exc}") from None
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -307,6 +307,14 @@ def test_a_malformed_setting_exits_1_naming_it(redis_server):
     result = admin(redis_server.url, "info", REDIS_SOCKET_TIMEOUT="soon")
     assert result.returncode == 1
     assert result.stderr == "queue_admin: REDIS_SOCKET_TIMEOUT must be a number, not 'soon'\n"
+    result = admin("redis://:s3cret@127.0.0.1:99999/0", "info")  # was redis-py's traceback, password and all
+    assert result.returncode == 1
+    assert result.stderr == "queue_admin: REDIS_URL is not a Redis URL: Port out of range 0-65535\n"
+
+
+def test_a_count_past_what_redis_takes_is_a_usage_error(redis_server):
+    result = admin(redis_server.url, "dead", "list", "--limit", str(2**63))
+    assert result.returncode == 2 and f"must be from 1 to {2**63 - 1}" in result.stderr
 
 
 def test_dead_list_escapes_control_characters(real_redis, redis_server):

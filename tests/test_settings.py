@@ -1,5 +1,10 @@
 """Settings: read from the environment once, and a bad value stops the start with the variable's name."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from settings import Settings
@@ -25,11 +30,14 @@ def test_the_environment_overrides_the_defaults():
         ({"RECHECK_MARGIN": "0.02"}, "RECHECK_MARGIN is for PRECISION=bf16"),  # f32, the default, has nothing to redo
         ({"RECHECK_MARGIN": "1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be below 1"),
         ({"RECHECK_MARGIN": "-0.1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be a finite number, at least 0"),
+        ({"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL is not a Redis URL: .*schemes"),  # was a traceback at first use
+        ({"REDIS_URL": "redis://:s3cret@127.0.0.1:99999/0"}, "REDIS_URL is not a Redis URL: Port out of range"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(environ, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as refused:
         Settings.from_env(environ)
+    assert "s3cret" not in str(refused.value)
 
 
 def test_a_whole_number_setting_built_in_code_refuses_a_fraction():
@@ -50,3 +58,19 @@ def test_a_yes_no_setting_built_in_code_refuses_anything_but_true_or_false():
     with pytest.raises(ValueError, match="LOG_TO_REDIS must be True or False, not '0'"):
         Settings(log_to_redis="0")
     assert Settings(log_to_redis=True).log_to_redis is True
+
+
+@pytest.mark.parametrize("program", ["run_web_server", "run_model_server"])
+def test_a_server_with_a_bad_setting_stops_saying_which_without_a_traceback(program):
+    root = Path(__file__).resolve().parent.parent
+    environ = {**os.environ, "REDIS_URL": "redis://:s3cret@127.0.0.1:99999/0"}
+    result = subprocess.run(
+        [sys.executable, str(root / f"{program}.py")],
+        cwd=root,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr == f"{program}: REDIS_URL is not a Redis URL: Port out of range 0-65535\n"
