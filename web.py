@@ -32,6 +32,9 @@ from submission import Refused
 from worker_registration import WorkerRegistry
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # with fullmatch: "$" lets a trailing newline through
+# ASCII digits only: int() and float() also take "٣", "1_0" and " 5 ", and str.isdigit() takes "²", which int() refuses.
+_TOP_K = re.compile(r"[0-9]{1,3}")
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{0,9})?|\.[0-9]{1,9}")
 
 bp = Blueprint("classifier", __name__)
 
@@ -130,7 +133,7 @@ def prometheus_metrics():
 def _parse_top_k(raw):
     if raw is None:
         return 5
-    if not raw.isdigit() or not 1 <= int(raw) <= jobs.MAX_TOP_K:
+    if not _TOP_K.fullmatch(raw) or not 1 <= int(raw) <= jobs.MAX_TOP_K:
         raise ValueError(f"top_k must be an integer from 1 to {jobs.MAX_TOP_K}, got {raw!r}")
     return int(raw)
 
@@ -139,11 +142,8 @@ def _parse_timeout(raw):
     """/predict's `timeout`: seconds, a number above 0; None when not given."""
     if raw is None:
         return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
+    seconds = float(raw) if _SECONDS.fullmatch(raw) else math.nan
+    if not seconds > 0:
         raise ValueError(f"timeout must be a number of seconds above 0, got {raw!r}")
     return seconds
 

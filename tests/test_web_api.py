@@ -63,6 +63,11 @@ def assert_error(response, status, text):
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=nan"), 400, "timeout"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=inf"), 400, "timeout"),
         (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=soon"), 400, "timeout"),
+        # Python's int() and float() read these; a client that sends them made a mistake.
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?top_k=%C2%B2"), 400, "top_k must be an integer"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?top_k=%D9%A3"), 400, "top_k must be an integer"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=1_0"), 400, "timeout must be a number"),
+        (lambda c: post_image(c, CASTLE.read_bytes(), query="?timeout=1e1"), 400, "timeout must be a number"),
         (lambda c: c.post("/jobs?timeout=5", data={"image": (io.BytesIO(CASTLE.read_bytes()), "c.jpg")}), 400, "async"),
         (lambda c: c.get("/predict"), 405, "method"),
     ],
