@@ -31,9 +31,11 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from http import HTTPStatus  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.local  # noqa: E402
+from gunicorn import util as gunicorn_util  # noqa: E402
 from gunicorn.app.base import BaseApplication  # noqa: E402
 from gunicorn.workers.ggevent import GeventWorker  # noqa: E402
 
@@ -63,6 +65,21 @@ def _json_response(status, message):
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     return status, headers, body
 
+
+def _write_error(sock, status_int, reason, mesg):
+    """gunicorn's answer to a request it cannot read (a bad chunk size, two Content-Lengths, an unknown
+    transfer coding), as JSON like every other error of ours; gunicorn's own is an HTML page."""
+    try:
+        phrase = HTTPStatus(status_int).phrase  # gunicorn says "501 Bad Request" for an unknown transfer coding
+    except ValueError:
+        phrase = reason
+    status, headers, body = _json_response(f"{status_int} {phrase}", mesg or phrase)
+    head = f"HTTP/1.1 {status}\r\nConnection: close\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + b"\r\n" + body)
+
+
+# gunicorn's workers call util.write_error for these, at module level: there is no setting for it.
+gunicorn_util.write_error = _write_error
 
 _408 = _json_response("408 Request Timeout", f"the request did not arrive within {config.client_read_timeout:g} s")
 

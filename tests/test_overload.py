@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from http import HTTPStatus
 
 import numpy as np
 import pytest
@@ -569,6 +570,28 @@ def test_stalled_clients_do_not_starve_the_others_and_are_cut_off(service):
     text = requests.get(f"{service.url}/metrics", timeout=10).text
     assert sample(text, "imgclf_requests_total", '{endpoint="predict",status="408"}') == 100
     assert sample(text, "imgclf_read_timeouts_total", '{answer="408"}') == 200
+
+
+@pytest.mark.slow
+def test_a_request_gunicorn_cannot_read_is_answered_in_json_like_every_other_error(service):
+    service.start_web()
+    framing = {
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n": (400, "chunk"),  # a chunk size that is not hex
+        b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n": (400, "CONTENT-LENGTH"),
+        b"Transfer-Encoding: xchunked\r\n\r\n": (501, "xchunked"),  # gunicorn's own page said "501 Bad Request"
+    }
+    for headers, (status, text) in framing.items():
+        client = connect(service.port)
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n" + headers)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        client.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0] == f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", answer
+        assert "Content-Type: application/json" in lines
+        assert json.loads(body)["success"] is False and text in json.loads(body)["error"], body
 
 
 @pytest.mark.slow
