@@ -148,8 +148,13 @@ class Settings:
             raise ValueError("RECHECK_MARGIN is for PRECISION=bf16: f32 has no near ties to run again")
         try:
             redis.connection.parse_url(self.redis_url)  # what every client of ours does with it, later
-        except ValueError as exc:  # its message names no part of the URL, so no password is shown
-            raise ValueError(f"REDIS_URL is not a Redis URL: {exc}") from None
+        except ValueError:
+            # Not redis-py's message: it may quote part of the URL, and a password with an unencoded "/" or "#"
+            # in it is read as the port ("Port could not be cast to integer value as 'hunter2'").
+            raise ValueError(
+                "REDIS_URL is not a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... or "
+                "unix://path, with / ? # @ in a password percent-encoded"
+            ) from None
         if max(1, round(self.heartbeat_ttl)) <= self.heartbeat_interval:
             raise ValueError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL, or live workers get swept")
 

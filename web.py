@@ -33,8 +33,9 @@ from worker_registration import WorkerRegistry
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # with fullmatch: "$" lets a trailing newline through
 # ASCII digits only: int() and float() also take "٣", "1_0" and " 5 ", and str.isdigit() takes "²", which int() refuses.
-_TOP_K = re.compile(r"[0-9]{1,3}")
-_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{0,9})?|\.[0-9]{1,9}")
+# A client may send its remaining time as a float's full text ("2.4999871253967285").
+_TOP_K = re.compile(r"[0-9]{1,9}")
+_SECONDS = re.compile(r"[0-9]{1,20}(\.[0-9]{0,40})?|\.[0-9]{1,40}")
 
 bp = Blueprint("classifier", __name__)
 

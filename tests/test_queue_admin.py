@@ -309,7 +309,10 @@ def test_a_malformed_setting_exits_1_naming_it(redis_server):
     assert result.stderr == "queue_admin: REDIS_SOCKET_TIMEOUT must be a number, not 'soon'\n"
     result = admin("redis://:s3cret@127.0.0.1:99999/0", "info")  # was redis-py's traceback, password and all
     assert result.returncode == 1
-    assert result.stderr == "queue_admin: REDIS_URL is not a Redis URL: Port out of range 0-65535\n"
+    assert (
+        result.stderr.startswith("queue_admin: REDIS_URL is not a Redis URL: redis://")
+        and "s3cret" not in result.stderr
+    )
 
 
 def test_a_count_past_what_redis_takes_is_a_usage_error(redis_server):

@@ -30,8 +30,9 @@ def test_the_environment_overrides_the_defaults():
         ({"RECHECK_MARGIN": "0.02"}, "RECHECK_MARGIN is for PRECISION=bf16"),  # f32, the default, has nothing to redo
         ({"RECHECK_MARGIN": "1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be below 1"),
         ({"RECHECK_MARGIN": "-0.1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be a finite number, at least 0"),
-        ({"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL is not a Redis URL: .*schemes"),  # was a traceback at first use
-        ({"REDIS_URL": "redis://:s3cret@127.0.0.1:99999/0"}, "REDIS_URL is not a Redis URL: Port out of range"),
+        ({"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL is not a Redis URL: redis://"),  # was a traceback at first use
+        ({"REDIS_URL": "redis://:s3cret@127.0.0.1:99999/0"}, "REDIS_URL is not a Redis URL"),
+        ({"REDIS_URL": "redis://:s3cret/x#y@redis:6379/0"}, "REDIS_URL is not a Redis URL"),  # "port" 's3cret
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(environ, message):
@@ -73,4 +74,6 @@ def test_a_server_with_a_bad_setting_stops_saying_which_without_a_traceback(prog
         timeout=120,
     )
     assert result.returncode == 1
-    assert result.stderr == f"{program}: REDIS_URL is not a Redis URL: Port out of range 0-65535\n"
+    assert (
+        result.stderr.startswith(f"{program}: REDIS_URL is not a Redis URL: redis://") and "s3cret" not in result.stderr
+    )

@@ -41,6 +41,13 @@ def assert_error(response, status, text):
     assert "Traceback" not in response.get_data(as_text=True)
 
 
+@pytest.mark.parametrize("timeout", ["2.5", "30", "0.5", "10.", ".5", "2.4999871253967285", "1234567890"])
+def test_a_timeout_as_clients_write_it_is_read(timeout):
+    # e.g. requests.post(..., params={"timeout": deadline - time.time()}): a float's whole repr
+    assert web._parse_timeout(timeout) == float(timeout)
+    assert web._parse_top_k("0005") == 5
+
+
 @pytest.mark.parametrize(
     "send, status, text",
     [
