@@ -74,6 +74,8 @@ class Worker:
         self.registry = WorkerRegistry(self.redis, self.queue, config.heartbeat_ttl)
         self.clock = RedisClock(self.redis)
         self.counts = {"batches": 0, "jobs": 0, "errors": 0, "expired": 0, "cancelled": 0}
+        # Batch ids '<token>:<n>', numbered: finish.lua tells a late copy of an earlier batch's call by its number.
+        self._batch_ids = (f"{uuid.uuid4().hex[:12]}:{n}" for n in itertools.count(1))
         self.throughput = Throughput()  # images/s while busy, published in the heartbeat for admission
         self.stopping = threading.Event()  # asked to stop: take no new batch
         self.finished = threading.Event()  # the last batch is done: stop beating
@@ -214,7 +216,7 @@ class Worker:
 
     def process(self, raws):
         """Classify the claimed jobs and finish the batch; no job, however malformed, ends the worker."""
-        batch_id = uuid.uuid4().hex
+        batch_id = next(self._batch_ids)
         try:
             replies, retry, dead, done, gone = self._work(raws)
         except Exception as exc:  # noqa: BLE001 - a fault of ours, not of one job: see below

@@ -148,7 +148,8 @@ class JobQueue:
         """Store the batch's replies, put `retry` jobs back at the head of the queue, dead-letter `dead_jobs`
         ((job as claimed, reason) pairs; their pixels move into the dead letters), delete the pixels of the
         `gone` job ids (done for good: answered, or skipped) and acknowledge the `claimed` jobs (as `claim`
-        returned them), in one step that is safe to repeat with the same `batch_id`.
+        returned them), in one step that is safe to repeat with the same `batch_id`. A worker numbers its batches,
+        `<token>:<n>` (token: unique per Worker), so that a late copy of an earlier batch's call is told as well.
 
         Returns "done", "duplicate" (this batch was finished before) or "swept" (a sweep took the batch
         back meanwhile: the replies of jobs not answered yet were stored, nothing else changed).
@@ -170,6 +171,7 @@ class JobQueue:
             len(retry),
             self.keys.pixels_prefix,
             self.keys.status_prefix,
+            LEFT_TTL,
             *claimed,
         ]
         for reply in replies:

@@ -7,22 +7,27 @@
 -- KEYS[2] queue          the waiting jobs
 -- ARGV[1] mode           'requeue': move the matching jobs to the tail of the queue with attempts 0 and no
 --                        reply channel (their requesters were answered when the jobs died), their pixels back
---                        in their key; 'purge': delete the entries (their pixels go with them)
+--                        in their key, and the answer they died with deleted: a job's first answer stands
+--                        (finish.lua), and this one is to be replaced; an async job says 'queued' again;
+--                        'purge': delete the entries (their pixels go with them)
 -- ARGV[2] force          'requeue' only. '0': a job whose deadline has passed stays dead (a worker would drop
 --                        it unprocessed); '1': requeue it too, with a new deadline of now + ARGV[3]
 -- ARGV[3] timeout        seconds from now of the new deadline (REQUEST_TIMEOUT)
 -- ARGV[4] grace          seconds the pixels' key outlives the job's deadline (JobQueue.pixels_grace)
 -- ARGV[5] pixels_prefix  the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
--- ARGV[6 ..]             the job ids to match; none: every entry
+-- ARGV[6] result_prefix  the result keys' prefix (Keys.result_prefix)
+-- ARGV[7] status_prefix  the status keys' prefix (Keys.status_prefix): an async job (one with a result_ttl)'s
+--                        says 'queued' for twice its result_ttl, as when it was submitted
+-- ARGV[8 ..]             the job ids to match; none: every entry
 -- Returns {ids done, ids left dead because their deadline passed, ids left dead because their pixels were
 -- gone, entries left because they hold no job with an id}.
 local dead, queue = KEYS[1], KEYS[2]
 local mode, force, timeout = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
-local grace, pixels_prefix = tonumber(ARGV[4]), ARGV[5]
+local grace, pixels_prefix, result_prefix, status_prefix = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local wanted = nil
-if #ARGV >= 6 then
+if #ARGV >= 8 then
   wanted = {}
-  for i = 6, #ARGV do
+  for i = 8, #ARGV do
     wanted[ARGV[i]] = true
   end
 end
@@ -58,6 +63,11 @@ for index, entry in ipairs(entries) do
         -- already requeued, and a script is not rolled back: such an entry is left dead, before any write.
         if encoded and expires_ms == expires_ms and expires_ms > 0 and expires_ms < 2 ^ 53 then
           redis.call('SET', pixels_prefix .. id, pixels, 'PXAT', expires_ms)
+          redis.call('DEL', result_prefix .. id)
+          local keep = tonumber(job.result_ttl)
+          if keep and keep >= 1 and keep <= 10000000 and keep == math.floor(keep) then
+            redis.call('SET', status_prefix .. id, 'queued', 'EX', 2 * keep)
+          end
           redis.call('RPUSH', queue, requeued)
           redis.call('LSET', dead, index - 1, removed)
           table.insert(done, id)

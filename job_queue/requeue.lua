@@ -49,7 +49,11 @@ local function answer_requester(job)
     keep = ttl
   end
   answer.id = id
-  redis.call('SET', result_prefix .. id, cjson.encode(answer), 'EX', keep)
+  -- Only a job without an answer is answered (the first answer stands, as in finish.lua): a job handed back by
+  -- an earlier sweep may have been answered since by the late finish of the worker swept.
+  if not redis.call('SET', result_prefix .. id, cjson.encode(answer), 'EX', keep, 'NX') then
+    return
+  end
   redis.call('DEL', status_prefix .. id)
   if type(reply_to) == 'string' and #reply_to <= 200 and string.match(reply_to, '^[%w%._:%-]+$') then
     redis.call('PUBLISH', reply_to, id)

@@ -226,24 +226,32 @@ def retried(raw):
     return jobs.encode_header(dataclasses.replace(jobs.decode_job(raw), attempts=1))
 
 
-def test_a_late_copy_of_an_earlier_batchs_finish_leaves_the_batch_in_hand_alone(r):
+def test_a_late_copy_of_an_earlier_batchs_finish_changes_nothing(r):
     """The worker gave up on the reply of a finish whose bytes were still on the way, retried it and went on; the
     first copy reaches Redis when a later batch is in hand. Counting alone trimmed that batch away unanswered (and
-    queued the old batch's retries a second time)."""
+    queued the old batch's retries a second time); and once the old answer had expired, it was stored again."""
     q = JobQueue(r, Settings())
     for _ in range(3):
         q.enqueue(raw_job())
     first = q.claim("w1", 2, 1)
-    answered = Reply(jobs.decode_job(first[0]).id, None, '{"ok": 1}')
-    late_copy = ("w1", "batch-1", first, [answered], [retried(first[1])])
+    answered = Reply(jobs.decode_job(first[0]).id, "chan", '{"ok": 1}')
+    late_copy = ("w1", "t:1", first, [answered], [retried(first[1])])  # the worker numbers its batches
     assert q.finish(*late_copy) == "done"
     second = q.claim("w1", 2, 0)  # the retried job and the third
-    assert q.finish("w1", "batch-2", second, [], retry=second) == "done"  # the model failed: both again
+    assert q.finish("w1", "t:2", second, [], retry=second) == "done"  # the model failed: both again
     third = q.claim("w1", 2, 0)
-    assert q.finish(*late_copy) == "swept"
+    r.delete(q.keys.result(answered.job_id))  # the answer was read, and has expired
+    pubsub = r.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    assert q.finish(*late_copy) == "duplicate"
     assert r.lrange(q.keys.processing("w1"), 0, -1) == third and q.length() == 0
-    assert q.finish("w1", "batch-3", third, [], retry=third) == "done"
+    assert not r.exists(q.keys.result(answered.job_id)) and pubsub.get_message(timeout=0.2) is None
+    assert q.finish("w1", "t:3", third, [], retry=third) == "done"
     assert r.lrange(q.keys.queue, 0, -1) == third  # nothing lost, nothing queued twice
+    other = JobQueue(r, Settings())  # another Worker's numbers are its own
+    q.enqueue(raw_job())
+    assert other.finish("w1", "u:1", q.claim("w1", 1, 0), []) == "done"
 
 
 def test_a_late_claim_into_a_swept_workers_list_is_not_taken_for_its_batch(r):
@@ -279,6 +287,63 @@ def test_a_job_given_up_by_a_sweep_keeps_that_answer_when_its_worker_finishes_la
     late = Reply(job.id, "chan", '{"success": true}', with_result=True)
     assert q.finish("slow", "batch-1", [held], [late], gone=[job.id]) == "swept"
     assert r.get(q.keys.result(job.id)) == given_up and pubsub.get_message(timeout=0.2) is None
+
+
+def test_the_first_answer_stands_when_a_swept_batch_finishes_before_its_rerun(r):
+    """The slow worker was swept; its finish lands first and answers. The job's rerun on another worker then
+    overwrote that answer and announced a second one."""
+    q, registry = queue_and_registry(r)
+    job = raw_job(reply_to="chan")
+    q.enqueue(job)
+    registry.beat("slow", {"ready": 1})
+    [held] = q.claim("slow", 1, 1)
+    r.delete(q.keys.heartbeat("slow"))
+    assert registry.sweep() == ["slow"]
+    pubsub = r.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    first = Reply(job.id, "chan", '{"answer": "first"}')
+    assert q.finish("slow", "s:1", [held], [first]) == "swept"
+    assert pubsub.get_message(timeout=1)["data"] == job.id.encode()
+    rerun = q.claim("other", 1, 0)
+    assert q.finish("other", "o:1", rerun, [Reply(job.id, "chan", '{"answer": "second"}')], gone=[job.id]) == "done"
+    assert r.get(q.keys.result(job.id)) == b'{"answer": "first"}' and pubsub.get_message(timeout=0.2) is None
+
+
+def test_a_sweep_that_gives_up_a_job_answered_meanwhile_keeps_that_answer(r):
+    """Swept once, the job was answered by its first worker's late finish; its second worker dies too, and the
+    sweep gives it up: its 500 replaced the answer already given, and was announced as a second one."""
+    q, registry = queue_and_registry(r, max_attempts=2)
+    job = raw_job(reply_to="chan")
+    q.enqueue(job)
+    registry.beat("first", {"ready": 1})
+    [held] = q.claim("first", 1, 1)
+    r.delete(q.keys.heartbeat("first"))
+    assert registry.sweep() == ["first"]
+    assert q.finish("first", "f:1", [held], [Reply(job.id, "chan", '{"ok": 1}')]) == "swept"
+    registry.beat("second", {"ready": 1})
+    q.claim("second", 1, 0)
+    pubsub = r.pubsub()
+    pubsub.subscribe("chan")
+    pubsub.get_message(timeout=1)
+    r.delete(q.keys.heartbeat("second"))
+    assert registry.sweep() == ["second"]
+    assert r.llen(q.keys.dead) == 1  # given up all the same: the operator sees it
+    assert r.get(q.keys.result(job.id)) == b'{"ok": 1}' and pubsub.get_message(timeout=0.2) is None
+
+
+def test_a_requeued_dead_letter_is_answered_again_and_an_async_one_says_queued(r):
+    """A job's first answer stands; the operator's requeue is what replaces the one it died with."""
+    q = JobQueue(r, Settings())
+    job = raw_job(result_ttl=600)
+    dead_letter_one(q, job)
+    assert r.get(q.keys.result(job.id)) == b"{}"
+    assert DeadLetters(r, Settings()).requeue([job.id]).done == [job.id]
+    assert not r.exists(q.keys.result(job.id)) and r.get(q.keys.status(job.id)) == b"queued"
+    assert 1100 < r.ttl(q.keys.status(job.id)) <= 1200
+    claimed = q.claim("w2", 1, 0)
+    assert q.finish("w2", "w:1", claimed, [Reply(job.id, None, '{"ok": 1}')], gone=[job.id]) == "done"
+    assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
 
 
 def test_a_late_copy_of_a_failure_leaves_the_batch_in_hand_alone(r):
