@@ -15,6 +15,7 @@ import redis
 
 import jobs
 import redis_client
+from catalog import load_labels
 from clock import RedisClock
 from job_queue import LEFT_TTL, JobQueue, result_grace
 from jobs import Reply
@@ -55,6 +56,10 @@ class Throughput:
         has taken (a batch costs far less per image than a single one, and a rate measured on single images
         would make a burst of 32 look 32 times as long). 0.0 before anything was measured."""
         return min(images / self.rate, self.seconds) if self.rate > 0 else 0.0
+
+
+# Every model of the catalog answers ImageNet's classes; an answer of another width would be labelled wrongly.
+CLASSES = len(load_labels())
 
 
 class Worker:
@@ -219,6 +224,8 @@ class Worker:
         batch_id = next(self._batch_ids)
         try:
             replies, retry, dead, done, gone = self._work(raws)
+        except _Interrupted:
+            raise  # a stop while Redis was away, before the model ran: serve() hands the batch back unattempted
         except Exception as exc:  # noqa: BLE001 - a fault of ours, not of one job: see below
             # Hand the batch back with an attempt counted: if a job causes it, that job ends in the
             # dead-letter list after MAX_ATTEMPTS instead of taking every worker down in turn.
@@ -421,16 +428,26 @@ class Worker:
         that their batch-mates are answered and only they use up attempts.
         """
         try:
-            probabilities = self.classifier.predict(np.stack([job.pixels for job in batch]))
-            if len(probabilities) != len(batch):
-                raise ValueError(f"the model answered {len(probabilities)} rows for {len(batch)} images")
-            return list(probabilities)
+            probabilities = np.asarray(self.classifier.predict(np.stack([job.pixels for job in batch])))
+            if probabilities.shape != (len(batch), CLASSES):
+                raise ValueError(
+                    f"the model answered shape {probabilities.shape} for {len(batch)} images of {CLASSES} classes"
+                )
         except Exception as exc:  # noqa: BLE001 - any model failure is pinned on its jobs, then retried
             log("inference_failed", level="ERROR", worker=self.name, batch_size=len(batch), error=repr(exc))
             if len(batch) == 1:
                 return [exc]
             middle = len(batch) // 2
             return self._classify(batch[:middle]) + self._classify(batch[middle:])
+        # A row with NaN or infinity (bf16 gone wrong, say) is no answer: it was sent as success, in a body that
+        # is not JSON. It fails its own job alone, which is retried and in the end dead-lettered.
+        finite = np.isfinite(probabilities).all(axis=1)
+        if not finite.all():
+            log("inference_not_finite", level="ERROR", worker=self.name, images=int((~finite).sum()))
+        return [
+            row if ok else ValueError("the model answered NaN or infinity")
+            for row, ok in zip(probabilities, finite, strict=True)
+        ]
 
     def _retry_or_give_up(self, job, error, replies, retry, dead):
         self.counts["errors"] += 1

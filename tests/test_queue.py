@@ -620,6 +620,67 @@ def test_a_retried_job_keeps_its_pixels_and_is_classified_with_them(real_redis, 
     assert pixel_keys(real_redis, q) == []
 
 
+class OddRows(CountingClassifier):
+    """NaN or infinity for the images marked 13 or 14; with `width`, answers of that many classes."""
+
+    def __init__(self, width=1000):
+        super().__init__()
+        self.width = width
+
+    def predict(self, pixels):
+        rows = np.resize(super().predict(pixels), (len(pixels), self.width))
+        rows[[int(p[0, 0, 0]) == 13 for p in pixels]] = np.nan
+        rows[[int(p[0, 0, 0]) == 14 for p in pixels]] = np.inf
+        return rows
+
+
+def test_an_answer_of_nan_or_infinity_fails_its_own_job_and_its_batch_mates_are_answered(real_redis, config):
+    # It was sent as success: {"probability": NaN}, which is not JSON.
+    config = config.replace(block_timeout=0.2, max_attempts=1)
+    q = JobQueue(real_redis, config)
+    nan, inf, fine = marked_job(13), marked_job(14), marked_job(15)
+    q.enqueue(nan, inf, fine)
+    assert Worker(OddRows(), config, name="odd").run_once() == 3
+    assert jobs.decode_result(real_redis.get(q.keys.result(fine.id)))["success"]
+    for job in (nan, inf):
+        answer = jobs.decode_result(real_redis.get(q.keys.result(job.id)))
+        assert (answer["success"], answer["status"]) == (False, 500) and "NaN or infinity" in answer["error"]
+    assert sorted(jobs.decode_dead_letter(e).id for e in real_redis.lrange(q.keys.dead, 0, -1)) == sorted(
+        [nan.id, inf.id]
+    )
+
+
+def test_an_answer_of_the_wrong_number_of_classes_is_no_answer(real_redis, config):
+    config = config.replace(block_timeout=0.2, max_attempts=1)
+    q = JobQueue(real_redis, config)
+    job = marked_job(1)
+    q.enqueue(job)
+    assert Worker(OddRows(width=1001), config, name="wide").run_once() == 1
+    answer = jobs.decode_result(real_redis.get(q.keys.result(job.id)))
+    assert answer["success"] is False and "shape (1, 1001) for 1 images of 1000 classes" in answer["error"]
+
+
+def test_a_stop_while_redis_is_away_mid_batch_hands_the_batch_back_unattempted(real_redis, config, monkeypatch):
+    # The stop ended the wait for Redis as a fault of the batch: an attempt counted for a job the model never saw.
+    config = config.replace(block_timeout=0.2, max_attempts=1)
+    q = JobQueue(real_redis, config)
+    q.enqueue(marked_job(3))
+    classifier = CountingClassifier()
+    worker = Worker(classifier, config, name="blip")
+    mget = worker.redis.mget
+
+    def blip(*args, **kwargs):  # the batch's read of its pixels, as SIGTERM arrives
+        worker.stopping.set()
+        monkeypatch.setattr(worker.redis, "mget", mget)
+        raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(worker.redis, "mget", blip)
+    worker.serve()
+    assert classifier.seen == [] and real_redis.llen(q.keys.dead) == 0
+    [raw] = real_redis.lrange(q.keys.queue, 0, -1)
+    assert jobs.decode_job(raw).attempts == 0
+
+
 def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redis, config):
     config = config.replace(block_timeout=0.2)
     q = JobQueue(real_redis, config)
