@@ -60,6 +60,8 @@ class Settings:
     dead_letter_max: int = 500
     heartbeat_interval: float = 5.0
     heartbeat_ttl: float = 15.0
+    # A batch still running after this long is taken for a hung model: handed back, and the worker process ends.
+    max_batch_seconds: float = 120.0
 
     # Model worker
     model: str = "auto"
@@ -133,6 +135,7 @@ class Settings:
             "listener_ping_interval",
             "heartbeat_interval",
             "heartbeat_ttl",
+            "max_batch_seconds",
             "client_read_timeout",
             "admission_wait_fraction",
         )

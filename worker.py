@@ -60,6 +60,11 @@ class Throughput:
 
 # Every model of the catalog answers ImageNet's classes; an answer of another width would be labelled wrongly.
 CLASSES = len(load_labels())
+EXIT_HUNG = 3  # the exit status of a worker whose model hung (Worker._give_up_hung_batch)
+
+
+def _end_process(status):
+    os._exit(status)  # not sys.exit: the main thread is stuck in the model, and would never unwind
 
 
 class Worker:
@@ -70,6 +75,8 @@ class Worker:
         self.block_timeout = config.block_timeout
         self.heartbeat_interval = config.heartbeat_interval
         self.heartbeat_ttl = config.heartbeat_ttl
+        self.max_batch_seconds = config.max_batch_seconds
+        self._in_hand = None  # (the batch being processed, when it began): the heartbeat watches it
         self.max_attempts = config.max_attempts
         self.result_ttl, self.result_grace = config.result_ttl, result_grace(config)
         self.redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
@@ -113,8 +120,12 @@ class Worker:
 
     def _heartbeat_loop(self):
         # Beats go on while a stopping worker finishes its batch, however long it takes: a worker that fell
-        # silent would be swept, and its batch computed twice.
+        # silent would be swept, and its batch computed twice. Up to MAX_BATCH_SECONDS: then the model is hung.
         while not self.finished.wait(self.heartbeat_interval):
+            in_hand = self._in_hand
+            if in_hand and time.monotonic() - in_hand[1] > self.max_batch_seconds:
+                self._give_up_hung_batch(in_hand[0])
+                return
             try:
                 self.clock.sync()
                 self._beat()
@@ -219,8 +230,29 @@ class Worker:
             self.process(raws)
         return len(raws)
 
+    def _give_up_hung_batch(self, raws):
+        """The model has not come back from the batch in MAX_BATCH_SECONDS. Beating on, the worker would hold the
+        batch for ever, and be counted as ready by readiness and admission while requests wait out their deadlines.
+        The batch goes back with an attempt counted (a batch that hangs every worker ends dead-lettered), the
+        worker unregisters, and its process ends: a thread stuck in the model cannot be stopped, and a supervisor
+        (Kubernetes, compose's restart policy) starts a fresh one."""
+        log("batch_hung", level="ERROR", worker=self.name, claimed=len(raws), limit_s=self.max_batch_seconds)
+        try:
+            self.queue.fail(self.name, raws, f"the batch ran past MAX_BATCH_SECONDS ({self.max_batch_seconds:g} s)")
+            self.registry.unregister(self.name)
+        except redis.RedisError as exc:  # then its heartbeat lapses, and a sweep hands the batch back
+            log("hung_batch_not_handed_back", level="ERROR", worker=self.name, error=str(exc))
+        _end_process(EXIT_HUNG)
+
     def process(self, raws):
         """Classify the claimed jobs and finish the batch; no job, however malformed, ends the worker."""
+        self._in_hand = (raws, time.monotonic())
+        try:
+            self._process(raws)
+        finally:
+            self._in_hand = None
+
+    def _process(self, raws):
         batch_id = next(self._batch_ids)
         try:
             replies, retry, dead, done, gone = self._work(raws)

@@ -126,6 +126,13 @@ def test_configmap_holds_only_real_settings_with_valid_values():
     assert settings.host == "0.0.0.0"  # the default, loopback, would be unreachable from the Service
 
 
+def test_every_worker_of_a_deployment_serves_the_same_model():
+    # MODEL=auto decides per process (ResNet50 if its weights download then): scaled workers could mix models on
+    # one queue, answering a V2 request for one model with the other's.
+    assert configmap_settings().model == "efficientnet_lite0"
+    assert Settings.from_env(compose()["x-app"]["environment"]).model == "efficientnet_lite0"
+
+
 def test_web_and_worker_run_the_image_scripts_with_the_settings():
     web_deployment, worker_deployment = one("Deployment", "web"), one("Deployment", "worker")
     for deployment, script in ((web_deployment, "run_web_server.py"), (worker_deployment, "run_model_server.py")):

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 import jobs
+import worker as worker_module
 from job_queue import JobQueue, QueueFull
 from job_queue.dead_letters import DeadLetters
 from jobs import Reply
@@ -679,6 +680,37 @@ def test_a_stop_while_redis_is_away_mid_batch_hands_the_batch_back_unattempted(r
     assert classifier.seen == [] and real_redis.llen(q.keys.dead) == 0
     [raw] = real_redis.lrange(q.keys.queue, 0, -1)
     assert jobs.decode_job(raw).attempts == 0
+
+
+def test_a_model_that_hangs_has_its_batch_handed_back_and_its_worker_ends(real_redis, config, monkeypatch, capfd):
+    """It beat on while stuck, so no sweep took its batch, and readiness and admission counted it as serving:
+    every request after it waited out its deadline."""
+    config = config.replace(block_timeout=0.2, heartbeat_interval=0.2, heartbeat_ttl=1, max_batch_seconds=0.6)
+    q = JobQueue(real_redis, config)
+    job = marked_job(5)
+    q.enqueue(job)
+    release, ended = threading.Event(), []
+
+    class Hangs(CountingClassifier):
+        def predict(self, pixels):
+            release.wait(30)
+            return super().predict(pixels)
+
+    worker = Worker(Hangs(), config, name="stuck")
+    monkeypatch.setattr(worker_module, "_end_process", lambda status: ended.append(status) or release.set())
+    serving = threading.Thread(target=worker.serve)
+    serving.start()
+    try:
+        assert release.wait(10), "the hung batch was never given up"
+        assert ended == [worker_module.EXIT_HUNG]
+        [raw] = real_redis.lrange(q.keys.queue, 0, -1)
+        assert jobs.decode_job(raw).id == job.id and jobs.decode_job(raw).attempts == 1  # a hang counts
+        assert not real_redis.sismember(q.keys.workers, "stuck") and not real_redis.exists(q.keys.heartbeat("stuck"))
+    finally:
+        worker.stopping.set()
+        release.set()
+        serving.join(10)
+    assert "batch_hung worker=stuck" in capfd.readouterr().err
 
 
 def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redis, config):
