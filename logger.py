@@ -13,6 +13,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from settings import Settings
@@ -145,14 +146,30 @@ def _redis_sink(config):
 
 def tail(config, from_start=False, follow=True, out=sys.stdout):
     """Print the merged log of every server from the Redis stream."""
+    import redis
+
     import redis_client
     from keys import Keys
 
     r = redis_client.connect(config.redis_url, None, decode=True)
     stream = Keys(config.image_queue).log_stream
     last = "0" if from_start else "$"
+    backoff = redis_client.Backoff()
     while True:
-        entries = r.xread({stream: last}, block=0 if follow else None, count=1000)
+        try:
+            if last == "$":  # from the newest entry's id on, so that a reconnect misses nothing logged meanwhile
+                newest = r.xrevrange(stream, count=1)
+                last = newest[0][0] if newest else "0"
+            entries = r.xread({stream: last}, block=0 if follow else None, count=1000)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not follow:
+                raise
+            # Following, it outlives a Redis restart (it died with a traceback) and goes on where it was.
+            delay = backoff.next()
+            sys.stderr.write(f"logger: Redis unavailable ({exc}); again in {delay:g} s\n")
+            time.sleep(delay)
+            continue
+        backoff.reset()
         if not entries:
             return
         for _, fields in entries[0][1]:
@@ -177,7 +194,14 @@ if __name__ == "__main__":
     parser.add_argument("--from-start", action="store_true", help="print the whole retained log first")
     parser.add_argument("--no-follow", action="store_true", help="exit after printing what is there")
     args = parser.parse_args()
+    import redis
+
+    import redis_client
+
+    config = Settings.for_program("logger")
     try:
-        tail(Settings.from_env(), from_start=args.from_start, follow=not args.no_follow)
+        tail(config, from_start=args.from_start, follow=not args.no_follow)
     except KeyboardInterrupt:
         pass
+    except redis.RedisError as exc:  # --no-follow: one read, and Redis did not answer it
+        sys.exit(f"logger: cannot read the log from Redis at {redis_client.describe(config.redis_url)}: {exc}")

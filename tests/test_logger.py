@@ -1,11 +1,15 @@
 """One log format for every process: timestamp, server, the started script, action, key=value details."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 
-from support import ROOT
+from keys import Keys
+from settings import Settings
+from support import ROOT, wait_for
 
 LINE = re.compile(
     r"^(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (?P<level>\w+)\s+(?P<server>\S+) (?P<script>\S+) "
@@ -64,3 +68,32 @@ def test_json_format(tmp_path):
 def test_level_filter(tmp_path):
     lines = run_script(tmp_path, 'log("quiet", level="DEBUG")\nlog("loud", level="ERROR")', LOG_LEVEL="WARNING")
     assert len(lines) == 1 and "loud" in lines[0]
+
+
+def test_tail_follows_the_merged_log_across_a_redis_restart(redis_server, real_redis, tmp_path):
+    # It ended with redis-py's traceback, and what was logged after Redis came back never appeared.
+    stream = Keys(Settings().image_queue).log_stream
+    entry = {"ts": "2026-11-29T12:00:00.000Z", "level": "INFO", "server": "s1", "script": "run_web_server.py"}
+    real_redis.xadd(stream, {**entry, "action": "before_restart"})
+    out = tmp_path / "tail.out"
+    with out.open("w") as sink:
+        tail = subprocess.Popen(
+            [sys.executable, "logger.py", "tail", "--from-start"],
+            cwd=ROOT,
+            env={**os.environ, "REDIS_URL": redis_server.url, "LOG_TO_REDIS": "0"},
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        wait_for(lambda: "before_restart" in out.read_text(), 20, "the first line")
+        redis_server.stop()
+        time.sleep(0.5)  # the tail's read fails, and it waits to try again
+        redis_server.start()
+        redis_server.client().xadd(stream, {**entry, "action": "after_restart"})
+        wait_for(lambda: "after_restart" in out.read_text(), 20, "the line logged after the restart")
+        assert tail.poll() is None
+    finally:
+        tail.terminate()
+        stderr = tail.communicate(timeout=10)[1]
+    assert "Traceback" not in stderr and "logger: Redis unavailable" in stderr
