@@ -1,5 +1,6 @@
 """The model registry: which network serves, its weights, its input normalisation and its labels."""
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -186,18 +187,45 @@ def _efficientnet_lite0(weights, cache_dir):
     with open(checkpoint, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
     cache = Path(cache_dir) / f"efficientnet_lite0-{digest}.keras"
-    if cache.is_file():
-        model = keras.saving.load_model(cache)
-    else:
+    model = _cached_keras_model(keras, cache)
+    if model is None:
         model = efficientnet_lite.load_weights(efficientnet_lite.build(), checkpoint)
+        _cache_keras_model(model, cache)
+    return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, str(checkpoint))
+
+
+def _cached_keras_model(keras, cache):
+    """The model saved at `cache`, or None when there is none, or none that Keras reads (a file cut short by a full
+    disk or a kill: it failed every start with Keras's "File not found"); such a file is removed."""
+    if not cache.is_file():
+        return None
+    try:
+        return keras.saving.load_model(cache)
+    except Exception as exc:  # noqa: BLE001 - whatever Keras raises for a damaged archive, the checkpoint remains
+        log("model_cache_unreadable", level="WARNING", path=str(cache), error=repr(exc)[:200])
+        with contextlib.suppress(OSError):
+            cache.unlink()
+        return None
+
+
+def _cache_keras_model(model, cache):
+    """Save `model` at `cache` for the next start. The cache only saves time: a directory that cannot be written
+    (read-only, full) is logged and done without, where it stopped the worker."""
+    tmp = None
+    try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         # Several workers may start at once: write aside, then rename, so nobody reads half a file.
         with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".keras", delete=False) as tmp:
             pass
         model.save(tmp.name)
+        os.chmod(tmp.name, 0o644)  # as the IR beside it: NamedTemporaryFile's 0600 shut out other users
         os.replace(tmp.name, cache)
         log("model_cached", path=str(cache))
-    return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, str(checkpoint))
+    except OSError as exc:
+        log("model_cache_not_written", level="WARNING", path=str(cache), error=str(exc))
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp.name)
 
 
 def load(config: Settings) -> Classifier:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from logger import log
+
 RUNTIMES = ("openvino", "tensorflow")
 PRECISIONS = ("f32", "bf16")
 # f32 differs from TensorFlow by ~1e-6 (summation order only). bf16 keeps 8 bits of mantissa: it moved probabilities
@@ -82,11 +84,7 @@ def compile_model(keras_model, runtime, precision="f32", cache_dir=None, config=
         )
     # Always set the precision: OpenVINO's own default is bf16 wherever the CPU has it, f32 elsewhere.
     config = {**OPENVINO_CONFIG, **(config or {}), "INFERENCE_PRECISION_HINT": precision}
-    if cache_dir is None:
-        with tempfile.TemporaryDirectory(prefix="openvino-ir-") as scratch:
-            compiled = _core().compile_model(_core().read_model(convert(keras_model, scratch)), "CPU", config)
-    else:
-        compiled = _core().compile_model(_core().read_model(convert(keras_model, cache_dir)), "CPU", config)
+    compiled = _compile(keras_model, config) if cache_dir is None else _compile_cached(keras_model, cache_dir, config)
     request = compiled.create_infer_request()
 
     def predict(batch):
@@ -96,6 +94,37 @@ def compile_model(keras_model, runtime, precision="f32", cache_dir=None, config=
 
     predict.compiled_model = compiled
     return predict
+
+
+def _compile(keras_model, config, xml=None):
+    """The model compiled from the IR `xml`, or from one converted into a directory of its own for the while."""
+    if xml is not None:
+        return _core().compile_model(_core().read_model(xml), "CPU", config)
+    with tempfile.TemporaryDirectory(prefix="openvino-ir-") as scratch:
+        return _compile(keras_model, config, convert(keras_model, scratch))
+
+
+def _compile_cached(keras_model, cache_dir, config):
+    """As `_compile`, through the IR cache in `cache_dir`, which only saves the conversion's time: one that cannot
+    be written (read-only, full) is done without, and a cached IR OpenVINO cannot read (cut short by a full disk or
+    a kill) is converted again. Each stopped the worker at every start."""
+    try:
+        xml = convert(keras_model, cache_dir)
+    except OSError as exc:
+        log("model_cache_not_written", level="WARNING", path=str(cache_dir), error=str(exc))
+        return _compile(keras_model, config)
+    try:
+        return _compile(keras_model, config, xml)
+    except RuntimeError as exc:  # OpenVINO's error for a bad IR ("Incorrect weights in bin file!")
+        log("model_cache_unreadable", level="WARNING", path=str(xml), error=str(exc)[:200])
+    try:
+        for stale in (xml, xml.with_suffix(".bin")):
+            stale.unlink(missing_ok=True)
+        xml = convert(keras_model, cache_dir)
+    except OSError as exc:
+        log("model_cache_not_written", level="WARNING", path=str(cache_dir), error=str(exc))
+        return _compile(keras_model, config)
+    return _compile(keras_model, config, xml)
 
 
 def cache_key(keras_model):

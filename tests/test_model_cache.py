@@ -26,12 +26,18 @@ def conversions(monkeypatch, tmp_path):
     """Checkpoints converted from scratch, in order; loading a cached model returns the checkpoint it came from."""
     converted = []
 
+    def load_model(path):
+        text = Path(path).read_text()
+        if text.startswith("damaged"):
+            raise ValueError(f"File not found: filepath={path}")  # what Keras said of a truncated archive
+        return FakeModel(text)
+
     def load_weights(_model, checkpoint):
         converted.append(checkpoint)
         return FakeModel(checkpoint.read_text())
 
     keras = ModuleType("keras")
-    keras.saving = SimpleNamespace(load_model=lambda path: FakeModel(Path(path).read_text()))
+    keras.saving = SimpleNamespace(load_model=load_model)
     network = ModuleType("efficientnet_lite")
     network.build, network.load_weights = lambda: None, load_weights
     monkeypatch.setitem(sys.modules, "keras", keras)
@@ -62,3 +68,26 @@ def test_a_different_checkpoint_with_the_same_name_is_not_served_from_the_cache(
     assert served(first) == "replaced in place"
     assert conversions == [first, second, first]
     assert len(list((tmp_path / "cache").glob("efficientnet_lite0-*.keras"))) == 3
+
+
+def test_a_cached_model_keras_cannot_read_is_converted_again(tmp_path, conversions, capfd):
+    # Cut short by a full disk or a kill, it stopped the worker at every start with Keras's "File not found".
+    (tmp_path / "a").mkdir()
+    checkpoint = tmp_path / "a" / "weights.pth"
+    checkpoint.write_text("first weights")
+    assert served(checkpoint) == "first weights"
+    [cached] = (tmp_path / "cache").glob("efficientnet_lite0-*.keras")
+    cached.write_text("damaged: half an archive")
+    assert served(checkpoint) == "first weights"
+    assert conversions == [checkpoint, checkpoint] and cached.read_text() == "first weights"
+    assert cached.stat().st_mode & 0o777 == 0o644  # readable by another user's worker, as the IR beside it
+    assert "model_cache_unreadable" in capfd.readouterr().err
+
+
+def test_a_cache_directory_that_cannot_be_written_is_done_without(tmp_path, conversions, capfd):
+    checkpoint = tmp_path / "weights.pth"
+    checkpoint.write_text("first weights")
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "cache"  # mkdir under a file fails as on a read-only file system
+    assert models._efficientnet_lite0(str(checkpoint), str(unwritable)).model.checkpoint == "first weights"
+    assert "model_cache_not_written" in capfd.readouterr().err

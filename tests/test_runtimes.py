@@ -193,3 +193,33 @@ def test_bf16_with_a_recheck_margin_answers_near_ties_in_f32_and_keeps_tensorflo
     np.testing.assert_allclose(got[near], keras[near], rtol=0, atol=1e-4)  # the near ties: f32's answers
     sure = np.setdiff1d(np.arange(len(batch)), near)
     np.testing.assert_array_equal(got[sure], bf16[sure])  # the others: bf16's, untouched
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small Keras model and an input: what is under test is the IR cache, not the network."""
+    import keras
+
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(5, activation="softmax")], name="tiny")
+    return model, np.random.default_rng(3).random((2, 8), dtype=np.float32)
+
+
+def test_a_cached_ir_openvino_cannot_read_is_converted_again(tiny, tmp_path, capfd):
+    # A .bin cut short (a full disk, a kill) stopped the worker at every start: "Incorrect weights in bin file!".
+    model, x = tiny
+    expected = runtimes.compile_model(model, "openvino", "f32", cache_dir=tmp_path)(x)
+    [binary] = tmp_path.glob("*.bin")
+    size = binary.stat().st_size
+    binary.write_bytes(binary.read_bytes()[: size // 2])
+    np.testing.assert_allclose(runtimes.compile_model(model, "openvino", "f32", cache_dir=tmp_path)(x), expected)
+    assert binary.stat().st_size == size and "model_cache_unreadable" in capfd.readouterr().err
+
+
+def test_a_cache_directory_that_cannot_be_written_is_done_without(tiny, tmp_path, capfd):
+    # Read-only or full, it stopped the worker, though the cache only saves the conversion's time.
+    model, x = tiny
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "cache"  # mkdir under a file fails as on a read-only file system
+    expected = runtimes.compile_model(model, "openvino", "f32")(x)
+    np.testing.assert_allclose(runtimes.compile_model(model, "openvino", "f32", cache_dir=unwritable)(x), expected)
+    assert "model_cache_not_written" in capfd.readouterr().err
