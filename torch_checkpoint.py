@@ -69,6 +69,17 @@ class _TensorRef(_Frozen):
         return np.array(view)  # a copy: the checkpoint's buffer can then be freed
 
 
+def _shown(value):
+    """An untrusted value as an error message names it: the repr of a number or of a string's start, else its type.
+    A list nested N deep whose levels are one shared object is a few bytes of pickle and 2**N characters of repr:
+    a 245-byte file kept the reader building one message for good."""
+    if isinstance(value, (bool, float)) or (isinstance(value, int) and -(2**63) <= value < 2**64):
+        return repr(value)
+    if isinstance(value, (str, bytes)):
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    return f"a {type(value).__name__}"
+
+
 def _is_count(value):
     return type(value) is int and value >= 0  # not bool, not float: torch writes plain ints
 
@@ -83,18 +94,21 @@ def _check_extent(name, offset, size, stride, storage_numel):
         and all(map(_is_count, size))
         and all(map(_is_count, stride))
     ):
-        raise ValueError(f"tensor {name!r} has an invalid offset, size or stride: {offset!r}, {size!r}, {stride!r}")
+        raise ValueError(
+            f"tensor {_shown(name)} has an invalid offset, size or stride: "
+            f"{_shown(offset)}, {_shown(size)}, {_shown(stride)}"
+        )
     numel = math.prod(size)
     # The highest element as_strided will touch; an empty tensor touches none but must still start in range.
     end = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1 if numel else offset
     if end > storage_numel:
         raise ValueError(
-            f"tensor {name!r} (offset {offset}, size {size}, stride {stride}) reaches element {end - 1} "
+            f"tensor {_shown(name)} (offset {offset}, size {size}, stride {stride}) reaches element {end - 1} "
             f"of a storage of {storage_numel}"
         )
     # A state dict holds weights, never broadcast views; one would copy out more elements than the file has.
     if numel > storage_numel:
-        raise ValueError(f"tensor {name!r} has {numel} elements, more than its storage's {storage_numel}")
+        raise ValueError(f"tensor {_shown(name)} has {numel} elements, more than its storage's {storage_numel}")
 
 
 class _RebuildTensor(_Frozen):
@@ -109,14 +123,16 @@ class _RebuildTensor(_Frozen):
 _REBUILD_TENSOR = _RebuildTensor()
 
 
-class _NoClasses(pickle.Unpickler):
+# The pure-Python unpickler: the C one grows its memo to the largest index a PUT names, so a 20-byte file asked for
+# 2 GB with one LONG_BINPUT of 2**27 before anything could be checked. Only the small state pickle goes through it.
+class _NoClasses(pickle._Unpickler):
     """For the header pickles and the key list: plain ints, strings, lists and dicts, nothing that can run."""
 
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint")
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError(f"refusing persistent id {pid!r} outside the state dict")
+        raise pickle.UnpicklingError(f"refusing persistent id {_shown(pid)} outside the state dict")
 
 
 class _StateDict(_NoClasses):
@@ -137,7 +153,7 @@ class _StateDict(_NoClasses):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+            raise pickle.UnpicklingError(f"unknown persistent id {_shown(pid)}")
         _, storage_type, key, location, numel, view = pid
         if not (
             isinstance(storage_type, _StorageType)
@@ -145,12 +161,14 @@ class _StateDict(_NoClasses):
             and isinstance(location, str)
             and _is_count(numel)
         ):
-            raise pickle.UnpicklingError(f"malformed storage reference {pid!r}")
+            raise pickle.UnpicklingError(f"malformed storage reference {_shown(pid)}")
         if view is not None:
-            raise pickle.UnpicklingError(f"storage {key!r} is a view into another storage, which is not supported")
+            raise pickle.UnpicklingError(
+                f"storage {_shown(key)} is a view into another storage, which is not supported"
+            )
         storage = self._storages.setdefault(key, _Storage(key, storage_type, numel))
         if (storage.type, storage.numel) != (storage_type, numel):
-            raise pickle.UnpicklingError(f"storage {key!r} is referenced with two different types or sizes")
+            raise pickle.UnpicklingError(f"storage {_shown(key)} is referenced with two different types or sizes")
         return storage
 
 
@@ -169,7 +187,7 @@ def _read_header(f, path):
         raise ValueError(f"{path} is not a legacy PyTorch checkpoint")
     version = _unpickle(_NoClasses(f), "protocol version")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ValueError(f"{path} has protocol version {version!r}, not {PROTOCOL_VERSION}")
+        raise ValueError(f"{path} has protocol version {_shown(version)}, not {PROTOCOL_VERSION}")
     sys_info = _unpickle(_NoClasses(f), "system info")
     if not isinstance(sys_info, dict):
         raise ValueError(f"{path}: the system info is a {type(sys_info).__name__}, not a dict")
@@ -180,7 +198,7 @@ def _read_header(f, path):
 def _read_keys(f):
     keys = _unpickle(_NoClasses(f), "storage keys")
     if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
-        raise ValueError(f"the storage keys are not a list of strings: {keys!r:.200}")
+        raise ValueError(f"the storage keys are not a list of strings: {_shown(keys)}")
     if len(set(keys)) != len(keys):
         raise ValueError("a storage key is listed more than once")
     return keys
@@ -190,18 +208,20 @@ def _read_storage(f, storage, file_size):
     """One storage's bytes: an 8-byte element count, then the elements; the count is checked before reading."""
     header = f.read(8)
     if len(header) != 8:
-        raise ValueError(f"the file ends before storage {storage.key!r}")
+        raise ValueError(f"the file ends before storage {_shown(storage.key)}")
     (count,) = struct.unpack("<q", header)
     if count < 0:
-        raise ValueError(f"storage {storage.key!r} has a negative element count {count}")
+        raise ValueError(f"storage {_shown(storage.key)} has a negative element count {count}")
     nbytes = count * storage.type.dtype.itemsize
     if nbytes > file_size - f.tell():
         raise ValueError(
-            f"storage {storage.key!r} claims {nbytes} bytes, more than the {file_size - f.tell()} "
+            f"storage {_shown(storage.key)} claims {nbytes} bytes, more than the {file_size - f.tell()} "
             "bytes left in the file"
         )
     if count != storage.numel:
-        raise ValueError(f"storage {storage.key!r} has {count} elements but its reference declares {storage.numel}")
+        raise ValueError(
+            f"storage {_shown(storage.key)} has {count} elements but its reference declares {storage.numel}"
+        )
     storage.array = np.frombuffer(f.read(nbytes), dtype=storage.type.dtype)
 
 
@@ -209,11 +229,11 @@ def _read_storages(f, storages, file_size):
     keys = _read_keys(f)
     for key in keys:
         if key not in storages:
-            raise ValueError(f"storage {key!r} is in the file but no tensor uses it")
+            raise ValueError(f"storage {_shown(key)} is in the file but no tensor uses it")
         _read_storage(f, storages[key], file_size)
     missing = sorted(set(storages) - set(keys))
     if missing:
-        raise ValueError(f"storage {missing[0]!r} is used by a tensor but not in the file")
+        raise ValueError(f"storage {_shown(missing[0])} is used by a tensor but not in the file")
 
 
 def _check_state(state, path):
@@ -221,9 +241,9 @@ def _check_state(state, path):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     for name, ref in state.items():
         if not isinstance(name, str):
-            raise ValueError(f"the state dict has a {type(name).__name__} key {name!r}, not a string")
+            raise ValueError(f"the state dict has a {type(name).__name__} key, not a string")
         if not isinstance(ref, _TensorRef):
-            raise ValueError(f"the value of {name!r} is not a tensor but a {type(ref).__name__}")
+            raise ValueError(f"the value of {_shown(name)} is not a tensor but a {type(ref).__name__}")
 
 
 def load_state_dict(path):
@@ -235,4 +255,19 @@ def load_state_dict(path):
         state = _unpickle(_StateDict(f, storages), "state dict")
         _check_state(state, path)
         _read_storages(f, storages, file_size)
+    _check_total(state, storages)
     return {name: ref.to_numpy(name) for name, ref in state.items()}
+
+
+# Elements all tensors may hold, as a multiple of the storages' own: views may overlap (a weight and a slice of it),
+# but 20000 names for one tensor took a 1.3 MiB file to 20 GB.
+_VIEWS_PER_ELEMENT = 4
+
+
+def _check_total(state, storages):
+    for name, ref in state.items():  # before any size is multiplied out: each must be a tuple of counts
+        _check_extent(name, ref.offset, ref.size, ref.stride, ref.storage.numel)
+    total = sum(math.prod(ref.size) for ref in state.values())
+    stored = sum(storage.numel for storage in storages.values())
+    if total > _VIEWS_PER_ELEMENT * stored:
+        raise ValueError(f"the tensors hold {total} elements, more than {_VIEWS_PER_ELEMENT}x their storages' {stored}")

@@ -11,6 +11,7 @@ import os
 import pickle
 import struct
 import sys
+import tracemalloc
 from contextlib import contextmanager
 from types import ModuleType
 from unittest import mock
@@ -274,3 +275,38 @@ def test_a_pickle_cannot_rewrite_the_loaders_own_objects(tmp_path, state):
     with pytest.raises(pickle.UnpicklingError, match="refusing to set state"):
         torch_checkpoint.load_state_dict(write(tmp_path, checkpoint_bytes(state, storages)))
     assert torch_checkpoint._STORAGE_TYPES["FloatStorage"].dtype == np.float32
+
+
+def test_a_value_whose_repr_explodes_is_named_by_its_type(tmp_path):
+    # A list nested 24 deep, each level one shared object: ~100 bytes of pickle, a repr of 2**24 * 4 characters.
+    # Its refusal message took seconds and hundreds of MB to build; at 40 levels it never ended.
+    version = []
+    for _ in range(24):
+        version = [version, version]
+    state, storages = tiny()
+    with pytest.raises(REFUSED) as refused:
+        torch_checkpoint.load_state_dict(write(tmp_path, checkpoint_bytes(state, storages, protocol=version)))
+    assert str(refused.value).endswith("has protocol version a list, not 1001")
+
+
+def test_a_pickle_cannot_make_the_reader_allocate_a_huge_memo(tmp_path):
+    # One LONG_BINPUT at index 2**27: CPython's C unpickler grew its memo array to it, 2 GB for a 20-byte pickle.
+    state, storages = tiny()
+    huge_put = Raw(b"\x80\x02N" + b"r" + struct.pack("<I", 2**27) + b".")
+    tracemalloc.start()
+    try:
+        with pytest.raises(REFUSED, match="not a state dict"):
+            torch_checkpoint.load_state_dict(write(tmp_path, checkpoint_bytes(huge_put, storages)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 << 20, f"{peak >> 20} MiB"
+
+
+def test_many_names_for_one_tensor_are_refused(tmp_path):
+    # 20000 names for one tensor of a 1 MiB storage asked for 20 GB; views that overlap a little still load (tiny()).
+    weights = Storage("100", FloatStorage, np.zeros(1000))
+    shared = Tensor(weights, 0, (1000,), (1,))
+    state = collections.OrderedDict((f"layer{i}.weight", shared) for i in range(200))
+    with pytest.raises(REFUSED, match="200000 elements, more than 4x their storages' 1000"):
+        torch_checkpoint.load_state_dict(write(tmp_path, checkpoint_bytes(state, [weights])))
