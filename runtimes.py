@@ -110,7 +110,7 @@ def _compile_cached(keras_model, cache_dir, config):
     a kill) is converted again. Each stopped the worker at every start."""
     try:
         xml = convert(keras_model, cache_dir)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # OpenVINO's writer says RuntimeError of a full disk ("iostream error")
         log("model_cache_not_written", level="WARNING", path=str(cache_dir), error=str(exc))
         return _compile(keras_model, config)
     try:
@@ -121,7 +121,7 @@ def _compile_cached(keras_model, cache_dir, config):
         for stale in (xml, xml.with_suffix(".bin")):
             stale.unlink(missing_ok=True)
         xml = convert(keras_model, cache_dir)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         log("model_cache_not_written", level="WARNING", path=str(cache_dir), error=str(exc))
         return _compile(keras_model, config)
     return _compile(keras_model, config, xml)

@@ -76,7 +76,8 @@ class Worker:
         self.heartbeat_interval = config.heartbeat_interval
         self.heartbeat_ttl = config.heartbeat_ttl
         self.max_batch_seconds = config.max_batch_seconds
-        self._in_hand = None  # (the batch being processed, when it began): the heartbeat watches it
+        self._in_hand = None  # the batch being processed, handed back if the model hangs on it
+        self._in_model_since = None  # when the model was given the batch: the heartbeat watches it
         self.max_attempts = config.max_attempts
         self.result_ttl, self.result_grace = config.result_ttl, result_grace(config)
         self.redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
@@ -122,9 +123,10 @@ class Worker:
         # Beats go on while a stopping worker finishes its batch, however long it takes: a worker that fell
         # silent would be swept, and its batch computed twice. Up to MAX_BATCH_SECONDS: then the model is hung.
         while not self.finished.wait(self.heartbeat_interval):
-            in_hand = self._in_hand
-            if in_hand and time.monotonic() - in_hand[1] > self.max_batch_seconds:
-                self._give_up_hung_batch(in_hand[0])
+            # Only the model's time counts: waiting out a Redis outage, before or after it, is no hang.
+            since, in_hand = self._in_model_since, self._in_hand
+            if since is not None and in_hand and time.monotonic() - since > self.max_batch_seconds:
+                self._give_up_hung_batch(in_hand)
                 return
             try:
                 self.clock.sync()
@@ -246,7 +248,7 @@ class Worker:
 
     def process(self, raws):
         """Classify the claimed jobs and finish the batch; no job, however malformed, ends the worker."""
-        self._in_hand = (raws, time.monotonic())
+        self._in_hand = raws
         try:
             self._process(raws)
         finally:
@@ -307,7 +309,11 @@ class Worker:
         if not valid:
             return replies, retry, dead, done, claimed_ids
         rechecked_before = self.classifier.rechecked
-        outcomes = self._classify(valid)
+        self._in_model_since = time.monotonic()
+        try:
+            outcomes = self._classify(valid)
+        finally:
+            self._in_model_since = None
         self.throughput.add(len(valid), time.monotonic() - busy_since)
         inference_ms = (self.clock.now() - started) * 1000
         # Images a bf16 model answered in f32: its near ties, or whole batches while near ties are common.

@@ -713,6 +713,28 @@ def test_a_model_that_hangs_has_its_batch_handed_back_and_its_worker_ends(real_r
     assert "batch_hung worker=stuck" in capfd.readouterr().err
 
 
+def test_a_batch_waiting_out_a_redis_outage_is_not_taken_for_a_hung_model(real_redis, config, monkeypatch):
+    # Only the model's time counts: the guard fired on a finish that waited for Redis, and the answer was lost.
+    config = config.replace(block_timeout=0.2, heartbeat_interval=0.2, heartbeat_ttl=1, max_batch_seconds=0.6)
+    q = JobQueue(real_redis, config)
+    job = marked_job(6)
+    q.enqueue(job)
+    worker, ended = Worker(CountingClassifier(), config, name="patient"), []
+    monkeypatch.setattr(worker_module, "_end_process", ended.append)
+    finish, back_at = worker.queue.finish, time.monotonic() + 1.5
+
+    def finish_once_redis_is_back(*args, **kwargs):
+        if time.monotonic() < back_at:
+            raise redis.ConnectionError("Connection refused")
+        worker.stopping.set()
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(worker.queue, "finish", finish_once_redis_is_back)
+    worker.serve()
+    assert ended == []
+    assert jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+
+
 def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redis, config):
     config = config.replace(block_timeout=0.2)
     q = JobQueue(real_redis, config)

@@ -223,3 +223,19 @@ def test_a_cache_directory_that_cannot_be_written_is_done_without(tiny, tmp_path
     expected = runtimes.compile_model(model, "openvino", "f32")(x)
     np.testing.assert_allclose(runtimes.compile_model(model, "openvino", "f32", cache_dir=unwritable)(x), expected)
     assert "model_cache_not_written" in capfd.readouterr().err
+
+
+def test_a_cache_on_a_full_disk_is_done_without(tiny, tmp_path, monkeypatch, capfd):
+    # OpenVINO's writer reports a full disk as RuntimeError ("basic_ios::clear: iostream error"), not OSError.
+    model, x = tiny
+    expected = runtimes.compile_model(model, "openvino", "f32")(x)
+    export = type(model).export
+
+    def export_but_not_into_the_cache(self, path, **kwargs):
+        if Path(path).is_relative_to(tmp_path):
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return export(self, path, **kwargs)
+
+    monkeypatch.setattr(type(model), "export", export_but_not_into_the_cache)
+    np.testing.assert_allclose(runtimes.compile_model(model, "openvino", "f32", cache_dir=tmp_path)(x), expected)
+    assert "model_cache_not_written" in capfd.readouterr().err
