@@ -132,6 +132,23 @@ def worker_holding_a_job(r, name):
     return q, registry
 
 
+def listening(r, channel):
+    pubsub = r.pubsub()
+    pubsub.subscribe(channel)
+    pubsub.get_message(timeout=1)  # the subscription's confirmation
+    return pubsub
+
+
+def dies_holding_its_claim(r, q, registry, name):
+    """`name` registers and claims, then its heartbeat lapses and a sweep hands its claim back (or gives it up);
+    returns what it held."""
+    registry.beat(name, {"ready": 1})
+    held = q.claim(name, 4, 1)
+    r.delete(q.keys.heartbeat(name))
+    assert registry.sweep() == [name]
+    return held
+
+
 def test_sweep_leaves_live_workers_alone(r):
     q, registry = worker_holding_a_job(r, "alive")
     assert registry.sweep() == []
@@ -275,13 +292,8 @@ def test_a_job_given_up_by_a_sweep_keeps_that_answer_when_its_worker_finishes_la
     q, registry = queue_and_registry(r, max_attempts=1)
     job = raw_job(reply_to="chan")
     q.enqueue(job)
-    registry.beat("slow", {"ready": 1})
-    [held] = q.claim("slow", 1, 1)
-    pubsub = r.pubsub()
-    pubsub.subscribe("chan")
-    pubsub.get_message(timeout=1)
-    r.delete(q.keys.heartbeat("slow"))
-    assert registry.sweep() == ["slow"]
+    pubsub = listening(r, "chan")
+    [held] = dies_holding_its_claim(r, q, registry, "slow")
     given_up = r.get(q.keys.result(job.id))
     assert jobs.decode_result(given_up)["success"] is False
     assert pubsub.get_message(timeout=1)["data"] == job.id.encode()
@@ -296,13 +308,8 @@ def test_the_first_answer_stands_when_a_swept_batch_finishes_before_its_rerun(r)
     q, registry = queue_and_registry(r)
     job = raw_job(reply_to="chan")
     q.enqueue(job)
-    registry.beat("slow", {"ready": 1})
-    [held] = q.claim("slow", 1, 1)
-    r.delete(q.keys.heartbeat("slow"))
-    assert registry.sweep() == ["slow"]
-    pubsub = r.pubsub()
-    pubsub.subscribe("chan")
-    pubsub.get_message(timeout=1)
+    [held] = dies_holding_its_claim(r, q, registry, "slow")
+    pubsub = listening(r, "chan")
     first = Reply(job.id, "chan", '{"answer": "first"}')
     assert q.finish("slow", "s:1", [held], [first]) == "swept"
     assert pubsub.get_message(timeout=1)["data"] == job.id.encode()
@@ -317,18 +324,10 @@ def test_a_sweep_that_gives_up_a_job_answered_meanwhile_keeps_that_answer(r):
     q, registry = queue_and_registry(r, max_attempts=2)
     job = raw_job(reply_to="chan")
     q.enqueue(job)
-    registry.beat("first", {"ready": 1})
-    [held] = q.claim("first", 1, 1)
-    r.delete(q.keys.heartbeat("first"))
-    assert registry.sweep() == ["first"]
+    [held] = dies_holding_its_claim(r, q, registry, "first")
     assert q.finish("first", "f:1", [held], [Reply(job.id, "chan", '{"ok": 1}')]) == "swept"
-    registry.beat("second", {"ready": 1})
-    q.claim("second", 1, 0)
-    pubsub = r.pubsub()
-    pubsub.subscribe("chan")
-    pubsub.get_message(timeout=1)
-    r.delete(q.keys.heartbeat("second"))
-    assert registry.sweep() == ["second"]
+    pubsub = listening(r, "chan")
+    dies_holding_its_claim(r, q, registry, "second")
     assert r.llen(q.keys.dead) == 1  # given up all the same: the operator sees it
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}' and pubsub.get_message(timeout=0.2) is None
 
@@ -442,13 +441,8 @@ def test_a_repeat_after_a_worker_claimed_the_job_neither_pushes_it_again_nor_tak
 def test_a_given_up_job_is_answered_by_the_same_step_that_dead_letters_it(r):
     q, registry = queue_and_registry(r, max_attempts=1)
     q.enqueue(raw_job(reply_to="image_queue:notify:web-1"))
-    registry.beat("doomed", {"ready": 1})
-    [raw] = q.claim("doomed", 4, 1)
-    pubsub = r.pubsub()
-    pubsub.subscribe("image_queue:notify:web-1")
-    pubsub.get_message(timeout=1)
-    r.delete(q.keys.heartbeat("doomed"))
-    assert registry.sweep() == ["doomed"]
+    pubsub = listening(r, "image_queue:notify:web-1")
+    [raw] = dies_holding_its_claim(r, q, registry, "doomed")
     assert q.sweep("doomed") == []  # redis-py's retry after a lost reply: nothing left, and nothing lost
     answer = jobs.decode_result(r.get(q.keys.result(jobs.decode_job(raw).id)))
     assert (answer["success"], answer["status"], answer["id"]) == (False, 500, jobs.decode_job(raw).id)
