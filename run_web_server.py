@@ -26,6 +26,7 @@ monkey.patch_all()
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -47,8 +48,11 @@ from settings import Settings  # noqa: E402
 config = Settings.for_program("run_web_server")
 logger.configure(config)
 # prometheus_client picks per-process value files at import; web imports it, so this comes first.
+# A directory of our own is removed when the server stops (one was left behind at every start); one named by the
+# environment is the operator's.
+_OWN_METRICS_DIR = None
 if config.web_processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-classifier-metrics-")
+    _OWN_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-classifier-metrics-")
 
 import metrics  # noqa: E402
 import submission  # noqa: E402
@@ -283,8 +287,13 @@ def main():
         wait_mode=config.wait_mode,
         nice=config.web_nice,
         redis=redis_client.describe(config.redis_url),
+        metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""),
     )
-    _Server().run()
+    try:
+        _Server().run()
+    finally:  # gunicorn's master ends with sys.exit: this runs in it alone, after its workers are gone
+        if _OWN_METRICS_DIR:
+            shutil.rmtree(_OWN_METRICS_DIR, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """What operators and users get: probes, Prometheus metrics, request ids, one merged log, the upload page."""
 
+import re
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -29,7 +32,7 @@ def test_probes_follow_redis_and_workers(service, redis_server):
 
 def test_metrics_add_up_across_gunicorn_processes(service):
     service.start_worker()
-    service.start_web(WEB_PROCESSES="2")
+    web = service.start_web(WEB_PROCESSES="2")
     for _ in range(6):
         assert post(service.url).status_code == 200
     for _ in range(3):
@@ -46,6 +49,12 @@ def test_metrics_add_up_across_gunicorn_processes(service):
         assert sample(text, "imgclf_result_wakeups_total", '{via="notification"}') == 6
         assert sample(text, "imgclf_queue_depth") == 0
         assert sample(text, "imgclf_workers_alive") == 1
+    # The server made the metrics directory: it removes it when it stops (one was left at every start).
+    [metrics_dir] = re.findall(r"web_starting .* metrics_dir=(\S+)", service.log_text(web))
+    assert Path(metrics_dir).is_dir()
+    web.send_signal(signal.SIGTERM)
+    assert web.wait(30) == 0
+    assert not Path(metrics_dir).exists()
 
 
 def test_request_id_follows_the_job_through_every_log(service):
