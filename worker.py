@@ -76,8 +76,7 @@ class Worker:
         self.heartbeat_interval = config.heartbeat_interval
         self.heartbeat_ttl = config.heartbeat_ttl
         self.max_batch_seconds = config.max_batch_seconds
-        self._in_hand = None  # the batch being processed, handed back if the model hangs on it
-        self._in_model_since = None  # when the model was given the batch: the heartbeat watches it
+        self._in_model = None  # (the batch, when the model was given it): the heartbeat watches it
         self.max_attempts = config.max_attempts
         self.result_ttl, self.result_grace = config.result_ttl, result_grace(config)
         self.redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
@@ -124,9 +123,9 @@ class Worker:
         # silent would be swept, and its batch computed twice. Up to MAX_BATCH_SECONDS: then the model is hung.
         while not self.finished.wait(self.heartbeat_interval):
             # Only the model's time counts: waiting out a Redis outage, before or after it, is no hang.
-            since, in_hand = self._in_model_since, self._in_hand
-            if since is not None and in_hand and time.monotonic() - since > self.max_batch_seconds:
-                self._give_up_hung_batch(in_hand)
+            in_model = self._in_model
+            if in_model and time.monotonic() - in_model[1] > self.max_batch_seconds:
+                self._give_up_hung_batch(in_model[0])
                 return
             try:
                 self.clock.sync()
@@ -248,13 +247,6 @@ class Worker:
 
     def process(self, raws):
         """Classify the claimed jobs and finish the batch; no job, however malformed, ends the worker."""
-        self._in_hand = raws
-        try:
-            self._process(raws)
-        finally:
-            self._in_hand = None
-
-    def _process(self, raws):
         batch_id = next(self._batch_ids)
         try:
             replies, retry, dead, done, gone = self._work(raws)
@@ -309,11 +301,11 @@ class Worker:
         if not valid:
             return replies, retry, dead, done, claimed_ids
         rechecked_before = self.classifier.rechecked
-        self._in_model_since = time.monotonic()
+        self._in_model = (raws, time.monotonic())  # the whole claimed batch is what goes back if the model hangs
         try:
             outcomes = self._classify(valid)
         finally:
-            self._in_model_since = None
+            self._in_model = None
         self.throughput.add(len(valid), time.monotonic() - busy_since)
         inference_ms = (self.clock.now() - started) * 1000
         # Images a bf16 model answered in f32: its near ties, or whole batches while near ties are common.
