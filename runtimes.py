@@ -108,23 +108,27 @@ def _compile_cached(keras_model, cache_dir, config):
     """As `_compile`, through the IR cache in `cache_dir`, which only saves the conversion's time: one that cannot
     be written (read-only, full) is done without, and a cached IR OpenVINO cannot read (cut short by a full disk or
     a kill) is converted again. Each stopped the worker at every start."""
+    xml = _cached_ir(keras_model, cache_dir)
+    if xml is not None:
+        try:
+            return _compile(keras_model, config, xml)
+        except RuntimeError as exc:  # OpenVINO's error for a bad IR ("Incorrect weights in bin file!")
+            log("model_cache_unreadable", level="WARNING", path=str(xml), error=str(exc)[:200])
+            xml = _cached_ir(keras_model, cache_dir, stale=xml)
+    return _compile(keras_model, config, xml)
+
+
+def _cached_ir(keras_model, cache_dir, stale=None):
+    """The IR's .xml in `cache_dir` (converted there unless it is there, after removing a `stale` one), or None,
+    logged, when the cache cannot be written."""
     try:
-        xml = convert(keras_model, cache_dir)
+        if stale is not None:
+            for path in (stale, stale.with_suffix(".bin")):
+                path.unlink(missing_ok=True)
+        return convert(keras_model, cache_dir)
     except (OSError, RuntimeError) as exc:  # OpenVINO's writer says RuntimeError of a full disk ("iostream error")
         log("model_cache_not_written", level="WARNING", path=str(cache_dir), error=str(exc))
-        return _compile(keras_model, config)
-    try:
-        return _compile(keras_model, config, xml)
-    except RuntimeError as exc:  # OpenVINO's error for a bad IR ("Incorrect weights in bin file!")
-        log("model_cache_unreadable", level="WARNING", path=str(xml), error=str(exc)[:200])
-    try:
-        for stale in (xml, xml.with_suffix(".bin")):
-            stale.unlink(missing_ok=True)
-        xml = convert(keras_model, cache_dir)
-    except (OSError, RuntimeError) as exc:
-        log("model_cache_not_written", level="WARNING", path=str(cache_dir), error=str(exc))
-        return _compile(keras_model, config)
-    return _compile(keras_model, config, xml)
+        return None
 
 
 def cache_key(keras_model):
