@@ -64,8 +64,8 @@ for index, entry in ipairs(entries) do
         if encoded and expires_ms == expires_ms and expires_ms > 0 and expires_ms < 2 ^ 53 then
           redis.call('SET', pixels_prefix .. id, pixels, 'PXAT', expires_ms)
           redis.call('DEL', result_prefix .. id)
-          local keep = tonumber(job.result_ttl)
-          if keep and keep >= 1 and keep <= 10000000 and keep == math.floor(keep) then
+          local keep = result_ttl(job)
+          if keep then
             redis.call('SET', status_prefix .. id, 'queued', 'EX', 2 * keep)
           end
           redis.call('RPUSH', queue, requeued)

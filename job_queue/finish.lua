@@ -65,9 +65,7 @@ end
 local outcome = 'swept'
 if holds_batch(processing, 10, claimed) then
   outcome = 'done'
-  if claimed > 0 then
-    redis.call('LTRIM', processing, claimed, -1)
-  end
+  redis.call('LTRIM', processing, claimed, -1)
   redis.call('SET', finished, batch_id, 'EX', finished_ttl)
 end
 for i = 1, n do

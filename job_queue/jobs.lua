@@ -20,6 +20,15 @@ local function job_id(job)
   return nil
 end
 
+-- The job's own result_ttl when it has one (jobs.py's check: a whole number from 1 to MAX_RESULT_TTL), else nil.
+local function result_ttl(job)
+  local keep = tonumber(job.result_ttl)
+  if keep and keep >= 1 and keep <= 10000000 and keep == math.floor(keep) then
+    return keep
+  end
+  return nil
+end
+
 -- Redis's clock, unix seconds.
 local function redis_now()
   local time = redis.call('TIME')

@@ -44,10 +44,7 @@ local function answer_requester(job)
   if not id then
     return
   end
-  local keep = tonumber(job.result_ttl)
-  if not keep or keep < 1 or keep > 10000000 or keep ~= math.floor(keep) then
-    keep = ttl
-  end
+  local keep = result_ttl(job) or ttl
   answer.id = id
   -- Only a job without an answer is answered (the first answer stands, as in finish.lua): a job handed back by
   -- an earlier sweep may have been answered since by the late finish of the worker swept.
