@@ -5,7 +5,7 @@
     python queue_admin.py dead requeue (ID... | --all) [--force]
     python queue_admin.py dead purge (ID... | --all)
 
-It works against whatever REDIS_URL and IMAGE_QUEUE say (read once, with Settings.from_env()). Exit status:
+It works against whatever REDIS_URL and IMAGE_QUEUE say (read once, with Settings.for_program()). Exit status:
 0 done; 1 Redis unreachable, a bad setting, an unknown id, or a job left dead; 2 bad usage.
 """
 
@@ -247,10 +247,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.command == "dead" and args.action in ("requeue", "purge") and bool(args.ids) == args.all:
         parser().error(f"dead {args.action}: give either job ids or --all")
-    try:
-        config = Settings.from_env()
-    except ValueError as exc:
-        return _fail(str(exc))
+    config = Settings.for_program("queue_admin")
     connection = redis_client.connect(config.redis_url, config.redis_socket_timeout)
     keys = Keys(config.image_queue)
     try:

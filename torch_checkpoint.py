@@ -59,9 +59,9 @@ class _TensorRef(_Frozen):
     def __init__(self, storage, offset, size, stride):
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
-    def to_numpy(self, name):
+    def to_numpy(self):
+        """The tensor's elements, once _check_tensors has found them inside its storage."""
         flat = self.storage.array
-        _check_extent(name, self.offset, self.size, self.stride, len(flat))
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset :], shape=self.size, strides=[s * itemsize for s in self.stride]
@@ -255,8 +255,8 @@ def load_state_dict(path):
         state = _unpickle(_StateDict(f, storages), "state dict")
         _check_state(state, path)
         _read_storages(f, storages, file_size)
-    _check_total(state, storages)
-    return {name: ref.to_numpy(name) for name, ref in state.items()}
+    _check_tensors(state, storages)
+    return {name: ref.to_numpy() for name, ref in state.items()}
 
 
 # Elements all tensors may hold, as a multiple of the storages' own: views may overlap (a weight and a slice of it),
@@ -264,9 +264,10 @@ def load_state_dict(path):
 _VIEWS_PER_ELEMENT = 4
 
 
-def _check_total(state, storages):
+def _check_tensors(state, storages):
+    """Every tensor inside its storage, and all of them together not many times the storages' elements."""
     for name, ref in state.items():  # before any size is multiplied out: each must be a tuple of counts
-        _check_extent(name, ref.offset, ref.size, ref.stride, ref.storage.numel)
+        _check_extent(name, ref.offset, ref.size, ref.stride, len(ref.storage.array))
     total = sum(math.prod(ref.size) for ref in state.values())
     stored = sum(storage.numel for storage in storages.values())
     if total > _VIEWS_PER_ELEMENT * stored:
