@@ -70,6 +70,12 @@ def _json_response(status, message):
     return status, headers, body
 
 
+def _closing(status, headers, body):
+    """The bytes of an answer written to the socket by hand, outside the WSGI app; the connection closes after it."""
+    head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "Connection: close\r\n"
+    return head.encode("latin-1") + b"\r\n" + body
+
+
 def _write_error(sock, status_int, reason, mesg):
     """gunicorn's answer to a request it cannot read (a bad chunk size, two Content-Lengths, an unknown
     transfer coding), as JSON like every other error of ours; gunicorn's own is an HTML page."""
@@ -77,9 +83,7 @@ def _write_error(sock, status_int, reason, mesg):
         phrase = HTTPStatus(status_int).phrase  # gunicorn says "501 Bad Request" for an unknown transfer coding
     except ValueError:
         phrase = reason
-    status, headers, body = _json_response(f"{status_int} {phrase}", mesg or phrase)
-    head = f"HTTP/1.1 {status}\r\nConnection: close\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + b"\r\n" + body)
+    gunicorn_util.write_nonblock(sock, _closing(*_json_response(f"{status_int} {phrase}", mesg or phrase)))
 
 
 # gunicorn's workers call util.write_error for these, at module level: there is no setting for it.
@@ -153,10 +157,8 @@ def _read_deadline(connection, seconds):
         # Swallowed: gunicorn sees no request and closes the connection.
         if connection.received:
             metrics.READ_TIMEOUTS.labels("408").inc()
-            status, headers, body = _408
-            head = f"HTTP/1.1 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "Connection: close\r\n"
             try:
-                connection.sendall(head.encode() + b"\r\n" + body)
+                connection.sendall(_closing(*_408))
             except OSError:
                 pass
         elif not connection.served:  # (an idle kept-alive connection closing is no news)
