@@ -11,6 +11,8 @@ Anything else, however slightly unusual (a preamble, bare LF line breaks, folded
 delimiter, the boundary inside a part, a missing closing delimiter, more parts than `max_form_parts`, a field over
 `max_form_memory_size`), goes to Werkzeug's parser unchanged, so the answers (including its errors) are Werkzeug's.
 Where the quick split does answer, it gives what Werkzeug would (tests/test_forms.py compares the two).
+
+`Request.release_body` lets go of the body once the request no longer needs it, before it waits.
 """
 
 import io
@@ -100,3 +102,12 @@ class QuickFormDataParser(FormDataParser):
 
 class Request(FlaskRequest):
     form_data_parser_class = QuickFormDataParser
+
+    def release_body(self):
+        """Let go of the body and of everything parsed from it, once the images are prepared: a request then
+        waits for its answer holding its pixels (150 KB an image), not the body and its parts (two copies of an
+        upload of up to MAX_UPLOAD_BYTES). A later read of the form finds it empty."""
+        self.environ["wsgi.input"] = io.BytesIO()
+        self.environ["CONTENT_LENGTH"] = "0"
+        for cached in ("stream", "form", "files", "_cached_data"):  # Werkzeug's caches of them
+            self.__dict__.pop(cached, None)

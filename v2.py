@@ -122,6 +122,7 @@ def infer(name, version=None):
         # body inflates to up to MAX_UPLOAD_BYTES, 20 MiB held with its images' copies until the answer came.
         del body
         inference = dataclasses.replace(inference, images=[])
+        request.release_body()
         # The classification is made here, from all the probabilities: it needs the classes' indices, which
         # the worker's labelled top k does not give (ImageNet has two "crane"s). So top_k is the least.
         results = submission.classify(pixels, top_k=1, probabilities=True)

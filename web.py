@@ -177,7 +177,9 @@ def _uploads(budget=None):
     # admission counts the images it holds; decoding them is what costs, and comes after.
     images = _form_images()
     submission.admit(len(images), budget=budget)
-    return submission.prepare(images), top_k
+    pixels = submission.prepare(images)
+    request.release_body()
+    return pixels, top_k
 
 
 def _form_images():

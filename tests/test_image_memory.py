@@ -10,14 +10,23 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
+from test_open_inference import triton_request
 
 import helpers
+from job_queue import JobQueue
+from settings import Settings
 from support import ROOT
+from v2 import HEADER_LENGTH
+from worker_registration import WorkerRegistry
 
 SIDE = 6300
 PIXELS = SIDE * SIDE
@@ -119,3 +128,56 @@ def _image(mode, low, high, dtype):
 def test_scaling_in_bands_gives_the_same_pixels_as_the_whole_image(monkeypatch, image, band_pixels):
     monkeypatch.setattr(helpers, "_BAND_PIXELS", band_pixels)
     assert np.array_equal(np.asarray(helpers._to_rgb(image))[..., 0], _whole_image(image))
+
+
+# -- a request waiting for its answer -----------------------------------------------------------------------------
+def _resident(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def _predict(url, upload, seconds):
+    return requests.post(f"{url}/predict?timeout={seconds}", files={"image": ("noise.jpg", upload)}, timeout=60)
+
+
+def _v2_infer(url, upload, seconds):
+    body, header_length = triton_request([upload], timeout=int(seconds * 1e6))
+    headers = {HEADER_LENGTH: str(header_length)}
+    return requests.post(f"{url}/v2/models/efficientnet_lite0/infer", data=body, headers=headers, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("send", [_predict, _v2_infer], ids=["predict", "v2"])
+def test_a_request_waits_for_its_answer_holding_its_pixels_not_its_upload(service, real_redis, send):
+    """Up to MAX_QUEUE_LENGTH requests of one web process may wait, each until its deadline. A /predict held its body
+    and the file's copy split from it (two copies of up to MAX_UPLOAD_BYTES: 10 GB at the defaults), a V2 infer its
+    body. Now each holds its pixels. A worker's heartbeat says it serves, and none does: every request waits out
+    its deadline."""
+    WorkerRegistry(real_redis, JobQueue(real_redis, Settings()), heartbeat_ttl=300).beat(
+        "asleep", {"model": "efficientnet_lite0", "ready": 1}
+    )
+    noise = np.random.default_rng(1).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    upload = io.BytesIO()
+    Image.fromarray(noise).save(upload, "JPEG", quality=95)  # noise hardly compresses: 1.2 MB
+    upload = upload.getvalue()
+    web = service.start_web(REQUEST_TIMEOUT="30")
+    pid = int(Path(f"/proc/{web.pid}/task/{web.pid}/children").read_text().split()[0])  # gunicorn's one worker
+    assert [send(service.url, upload, 0.3).status_code for _ in range(3)] == [504] * 3  # the allocator warmed up
+    before = _resident(pid)
+    count, statuses = 50, []
+    threads = [
+        threading.Thread(target=lambda: statuses.append(send(service.url, upload, 10).status_code))
+        for _ in range(count)
+    ]
+    for thread in threads:  # one after another, as a queue builds up: each is prepared before the next comes
+        thread.start()
+        time.sleep(0.1)
+    time.sleep(0.5)
+    grown = _resident(pid) - before
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [504] * count  # all of them were admitted and waited (none refused, none answered)
+    # A copy of each upload held would be 60 MB; the pixels are 150 KB a request.
+    assert grown < count * len(upload) / 2, f"{count} waiting requests grew the process by {grown / 2**20:.0f} MB"
