@@ -3,11 +3,11 @@
 import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+import model_cache
 import runtimes
 from catalog import MODELS, load_labels
 from jobs import IMAGE_SHAPE
@@ -211,21 +211,13 @@ def _cached_keras_model(keras, cache):
 def _cache_keras_model(model, cache):
     """Save `model` at `cache` for the next start. The cache only saves time: a directory that cannot be written
     (read-only, full) is logged and done without, where it stopped the worker."""
-    tmp = None
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # Several workers may start at once: write aside, then rename, so nobody reads half a file.
-        with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".keras", delete=False) as tmp:
-            pass
-        model.save(tmp.name)
-        os.chmod(tmp.name, 0o644)  # as the IR beside it: NamedTemporaryFile's 0600 shut out other users
-        os.replace(tmp.name, cache)
+        with model_cache.writing_aside(cache.parent) as scratch:
+            model.save(str(scratch / "model.keras"))  # the umask's mode, as the IR beside it (a temp file's was 0600)
+            os.replace(scratch / "model.keras", cache)
         log("model_cached", path=str(cache))
     except OSError as exc:
         log("model_cache_not_written", level="WARNING", path=str(cache), error=str(exc))
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp.name)
 
 
 def load(config: Settings) -> Classifier:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+import model_cache
 from logger import log
 
 RUNTIMES = ("openvino", "tensorflow")
@@ -155,17 +156,10 @@ def convert(keras_model, cache_dir):
     xml = cache_dir / f"{cache_key(keras_model)}.xml"
     if xml.is_file():
         return xml
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Several workers may start at once: write aside, then rename the .bin before the .xml that names it.
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".converting-"))
-    try:
-        keras_model.export(str(tmp / "model.xml"), format="openvino", verbose=False)
-        os.replace(tmp / "model.bin", xml.with_suffix(".bin"))
-        os.replace(tmp / "model.xml", xml)
-    finally:
-        for leftover in tmp.iterdir():
-            leftover.unlink()
-        tmp.rmdir()
+    with model_cache.writing_aside(cache_dir) as scratch:
+        keras_model.export(str(scratch / "model.xml"), format="openvino", verbose=False)
+        os.replace(scratch / "model.bin", xml.with_suffix(".bin"))  # before the .xml that names it
+        os.replace(scratch / "model.xml", xml)
     return xml
 
 

@@ -3,12 +3,15 @@
 Keras and the network are replaced by fakes: what is under test is which file is read or written, not the model.
 """
 
+import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 
+import model_cache
 import models
 
 
@@ -90,4 +93,44 @@ def test_a_cache_directory_that_cannot_be_written_is_done_without(tmp_path, conv
     (tmp_path / "a-file").write_text("")
     unwritable = tmp_path / "a-file" / "cache"  # mkdir under a file fails as on a read-only file system
     assert models._efficientnet_lite0(str(checkpoint), str(unwritable)).model.checkpoint == "first weights"
+    assert "model_cache_not_written" in capfd.readouterr().err
+
+
+def _scratch(cache_dir, name, age):
+    """A scratch directory as a writer killed mid-conversion left it, `age` seconds ago."""
+    scratch = cache_dir / f"{model_cache.SCRATCH_PREFIX}{name}"
+    scratch.mkdir(parents=True)
+    (scratch / "model.keras").write_bytes(b"half a model")
+    os.utime(scratch, (time.time() - age, time.time() - age))
+    return scratch
+
+
+def test_a_conversion_removes_what_killed_writers_left_and_leaves_nothing_of_its_own(tmp_path, conversions):
+    # Each kill -9, OOM kill or early SIGTERM mid-conversion left a model's worth behind, for good.
+    (tmp_path / "a").mkdir()
+    checkpoint = tmp_path / "a" / "weights.pth"
+    checkpoint.write_text("first weights")
+    cache_dir = tmp_path / "cache"
+    stale = _scratch(cache_dir, "killed", model_cache.STALE_AFTER + 60)
+    live = _scratch(cache_dir, "converting-now", 60)  # another worker's conversion in progress: not touched
+    assert served(checkpoint) == "first weights"
+    assert not stale.exists() and (live / "model.keras").exists()
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted(
+        [live.name, *(p.name for p in cache_dir.glob("*.keras"))]
+    )
+    assert len(list(cache_dir.glob("*.keras"))) == 1
+
+
+def test_a_conversion_that_fails_leaves_no_scratch_behind(tmp_path, conversions, monkeypatch, capfd):
+    (tmp_path / "a").mkdir()
+    checkpoint = tmp_path / "a" / "weights.pth"
+    checkpoint.write_text("first weights")
+
+    def save_until_the_disk_is_full(self, path):
+        Path(path).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FakeModel, "save", save_until_the_disk_is_full)
+    assert served(checkpoint) == "first weights"
+    assert list((tmp_path / "cache").iterdir()) == []
     assert "model_cache_not_written" in capfd.readouterr().err

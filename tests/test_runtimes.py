@@ -1,13 +1,16 @@
 """The runtimes: OpenVINO gives Keras-on-TensorFlow's answers, the self-check and the precision guard refuse,
 and MODEL/RUNTIME/PRECISION pick what the worker serves."""
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import helpers
+import model_cache
 import models
 import runtimes
 from settings import Settings
@@ -239,3 +242,14 @@ def test_a_cache_on_a_full_disk_is_done_without(tiny, tmp_path, monkeypatch, cap
     monkeypatch.setattr(type(model), "export", export_but_not_into_the_cache)
     np.testing.assert_allclose(runtimes.compile_model(model, "openvino", "f32", cache_dir=tmp_path)(x), expected)
     assert "model_cache_not_written" in capfd.readouterr().err
+
+
+def test_a_conversion_removes_what_killed_converters_left(tiny, tmp_path):
+    model, x = tiny
+    stale = tmp_path / f"{model_cache.SCRATCH_PREFIX}killed"
+    stale.mkdir()
+    (stale / "model.bin").write_bytes(b"\0" * 1000)
+    old = time.time() - model_cache.STALE_AFTER - 60
+    os.utime(stale, (old, old))
+    runtimes.compile_model(model, "openvino", "f32", cache_dir=tmp_path)(x)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".bin", ".xml"]  # the IR, and nothing else
