@@ -9,7 +9,7 @@ from settings import Settings
 
 
 def main(argv=None):
-    config = Settings.from_env()
+    config = Settings.for_program("simple_request")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("image", nargs="?", default="castle_image.jpg")
     parser.add_argument("--url", default=f"http://{config.host}:{config.port}/predict")

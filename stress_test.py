@@ -298,7 +298,7 @@ def plot(outcomes, path):
 
 
 def build_parser():
-    config = Settings.from_env()
+    config = Settings.for_program("stress_test")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=f"http://{config.host}:{config.port}/predict")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)

@@ -61,8 +61,8 @@ def test_a_yes_no_setting_built_in_code_refuses_anything_but_true_or_false():
     assert Settings(log_to_redis=True).log_to_redis is True
 
 
-@pytest.mark.parametrize("program", ["run_web_server", "run_model_server"])
-def test_a_server_with_a_bad_setting_stops_saying_which_without_a_traceback(program):
+@pytest.mark.parametrize("program", ["run_web_server", "run_model_server", "simple_request", "stress_test"])
+def test_a_program_with_a_bad_setting_stops_saying_which_without_a_traceback(program):
     root = Path(__file__).resolve().parent.parent
     environ = {**os.environ, "REDIS_URL": "redis://:s3cret@127.0.0.1:99999/0"}
     result = subprocess.run(
