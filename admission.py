@@ -50,6 +50,10 @@ class Refusal(Exception):  # not frozen: raising sets __traceback__
 class Admission:
     # The throughput changes at most once per heartbeat; reading every worker's hash per request would not pay.
     THROUGHPUT_MAX_AGE = 1.0
+    # While one request reads them, the others go on with values at most this old, then read for themselves: a
+    # read stuck on a hung connection (up to its pool and socket timeouts, tens of seconds) must not keep them on
+    # workers long gone.
+    READING_MAX_AGE = 3.0
     # The queue's length is asked for (LLEN, a round trip) when the last one known is older than this. Every
     # enqueue reports it (`queue_length`), so under load it is never asked: a tenth of a second of drift is
     # nothing against a budget of seconds, and the cap itself is enforced by the enqueue in any case.
@@ -130,10 +134,12 @@ class Admission:
 
         While one reads (three round trips), the requests that arrive meanwhile use the values of the read
         before: under load, every request of those milliseconds read them again, ten times a second in all
-        instead of once. Only before the first read has anything come back does each request read for itself.
+        instead of once. Before the first read has come back, or once the last is READING_MAX_AGE old, each
+        request reads for itself.
         """
         now = self.clock()
-        if now - self._read_at < self.THROUGHPUT_MAX_AGE or (self._refreshing and self._read_at > -math.inf):
+        age = now - self._read_at
+        if age < self.THROUGHPUT_MAX_AGE or (self._refreshing and age < self.READING_MAX_AGE):
             return
         self._refreshing = True
         try:

@@ -107,6 +107,7 @@ class Request(FlaskRequest):
         """Let go of the body and of everything parsed from it, once the images are prepared: a request then
         waits for its answer holding its pixels (150 KB an image), not the body and its parts (two copies of an
         upload of up to MAX_UPLOAD_BYTES). A later read of the form finds it empty."""
+        self.close()  # the files Werkzeug's own parser spooled to disk, which the request's teardown no longer sees
         self.environ["wsgi.input"] = io.BytesIO()
         self.environ["CONTENT_LENGTH"] = "0"
         for cached in ("stream", "form", "files", "_cached_data"):  # Werkzeug's caches of them

@@ -213,8 +213,8 @@ def _cache_keras_model(model, cache):
     (read-only, full) is logged and done without, where it stopped the worker."""
     try:
         with model_cache.writing_aside(cache.parent) as scratch:
-            model.save(str(scratch / "model.keras"))  # the umask's mode, as the IR beside it (a temp file's was 0600)
-            os.replace(scratch / "model.keras", cache)
+            model.save(str(scratch / "model.keras"))
+            model_cache.publish(scratch / "model.keras", cache)
         log("model_cached", path=str(cache))
     except OSError as exc:
         log("model_cache_not_written", level="WARNING", path=str(cache), error=str(exc))

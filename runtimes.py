@@ -6,7 +6,6 @@ Every predict callable takes a preprocessed float32 NHWC batch and returns float
 import functools
 import hashlib
 import importlib
-import os
 import tempfile
 from pathlib import Path
 
@@ -158,8 +157,8 @@ def convert(keras_model, cache_dir):
         return xml
     with model_cache.writing_aside(cache_dir) as scratch:
         keras_model.export(str(scratch / "model.xml"), format="openvino", verbose=False)
-        os.replace(scratch / "model.bin", xml.with_suffix(".bin"))  # before the .xml that names it
-        os.replace(scratch / "model.xml", xml)
+        model_cache.publish(scratch / "model.bin", xml.with_suffix(".bin"))  # before the .xml that names it
+        model_cache.publish(scratch / "model.xml", xml)
     return xml
 
 

@@ -133,3 +133,12 @@ def test_a_body_that_is_not_multipart_is_left_alone():
     got = parsed(forms.Request, data, content_type="application/x-www-form-urlencoded")
     assert got == parsed(WerkzeugRequest, data, content_type="application/x-www-form-urlencoded")
     assert parsed(forms.Request, b"--x\r\n", content_type="multipart/form-data") == ([], [])  # no boundary
+
+
+@pytest.mark.parametrize("preamble", [b"", b"a preamble: Werkzeug's own parser, which spools a large file to disk"])
+def test_releasing_the_body_lets_go_of_it_and_closes_the_uploaded_files(preamble):
+    request = forms.Request(environ(body(part("image", b"\xff" * 600_000, "big.jpg"), preamble=preamble)))
+    upload = request.files["image"].stream
+    request.release_body()
+    assert upload.closed  # a spooled file's descriptor too, which the request's teardown no longer sees
+    assert request.get_data() == b"" and not request.files and not request.form

@@ -3,6 +3,7 @@
 Keras and the network are replaced by fakes: what is under test is which file is read or written, not the model.
 """
 
+import fcntl
 import os
 import sys
 import time
@@ -96,13 +97,22 @@ def test_a_cache_directory_that_cannot_be_written_is_done_without(tmp_path, conv
     assert "model_cache_not_written" in capfd.readouterr().err
 
 
-def _scratch(cache_dir, name, age):
-    """A scratch directory as a writer killed mid-conversion left it, `age` seconds ago."""
-    scratch = cache_dir / f"{model_cache.SCRATCH_PREFIX}{name}"
-    scratch.mkdir(parents=True)
-    (scratch / "model.keras").write_bytes(b"half a model")
-    os.utime(scratch, (time.time() - age, time.time() - age))
-    return scratch
+def _leftover(cache_dir, name, age, locked=False):
+    """A scratch directory (or an older version's temporary file) as a writer left it `age` seconds ago; `locked`:
+    its writer is still at work."""
+    path = cache_dir / name
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".keras"):
+        path.write_bytes(b"half a model")
+    else:
+        path.mkdir()
+        (path / "model.keras").write_bytes(b"half a model")
+    os.utime(path, (time.time() - age, time.time() - age))
+    if locked:
+        held = os.open(path, os.O_RDONLY)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return held
+    return None
 
 
 def test_a_conversion_removes_what_killed_writers_left_and_leaves_nothing_of_its_own(tmp_path, conversions):
@@ -111,14 +121,32 @@ def test_a_conversion_removes_what_killed_writers_left_and_leaves_nothing_of_its
     checkpoint = tmp_path / "a" / "weights.pth"
     checkpoint.write_text("first weights")
     cache_dir = tmp_path / "cache"
-    stale = _scratch(cache_dir, "killed", model_cache.STALE_AFTER + 60)
-    live = _scratch(cache_dir, "converting-now", 60)  # another worker's conversion in progress: not touched
-    assert served(checkpoint) == "first weights"
-    assert not stale.exists() and (live / "model.keras").exists()
-    assert sorted(p.name for p in cache_dir.iterdir()) == sorted(
-        [live.name, *(p.name for p in cache_dir.glob("*.keras"))]
-    )
-    assert len(list(cache_dir.glob("*.keras"))) == 1
+    old = model_cache.STALE_AFTER + 60
+    for name in (".partial-killed", ".converting-killed", "tmpq1w2e3r4.keras"):  # the last two: older versions'
+        _leftover(cache_dir, name, old)
+    recent = ".partial-converting-now"  # another worker's, just made: not locked yet
+    _leftover(cache_dir, recent, 60)
+    held = _leftover(cache_dir, ".partial-converting-for-hours", old, locked=True)
+    try:
+        assert served(checkpoint) == "first weights"
+    finally:
+        os.close(held)
+    [cached] = cache_dir.glob("efficientnet_lite0-*.keras")
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([cached.name, recent, ".partial-converting-for-hours"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_cached_model_is_readable_by_other_users_workers_whatever_the_umask(tmp_path, conversions, umask):
+    (tmp_path / "a").mkdir()
+    checkpoint = tmp_path / "a" / "weights.pth"
+    checkpoint.write_text("first weights")
+    before = os.umask(umask)
+    try:
+        served(checkpoint)
+    finally:
+        os.umask(before)
+    [cached] = (tmp_path / "cache").glob("efficientnet_lite0-*.keras")
+    assert cached.stat().st_mode & 0o777 == 0o644
 
 
 def test_a_conversion_that_fails_leaves_no_scratch_behind(tmp_path, conversions, monkeypatch, capfd):

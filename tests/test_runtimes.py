@@ -253,3 +253,14 @@ def test_a_conversion_removes_what_killed_converters_left(tiny, tmp_path):
     os.utime(stale, (old, old))
     runtimes.compile_model(model, "openvino", "f32", cache_dir=tmp_path)(x)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".bin", ".xml"]  # the IR, and nothing else
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_cached_ir_is_readable_by_other_users_workers_whatever_the_umask(tiny, tmp_path, umask):
+    model, x = tiny
+    before = os.umask(umask)
+    try:
+        runtimes.compile_model(model, "openvino", "f32", cache_dir=tmp_path)(x)
+    finally:
+        os.umask(before)
+    assert sorted(p.stat().st_mode & 0o777 for p in tmp_path.iterdir()) == [0o644, 0o644]
