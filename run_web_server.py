@@ -13,6 +13,9 @@ What the server adds around the app (`_GeventWorker`, `_serve`):
 - the request line and headers must arrive within CLIENT_READ_TIMEOUT: else the connection is closed,
   after a 408 if part of a request had come (nothing is sent to a connection that never said anything);
 - the body must arrive within CLIENT_READ_TIMEOUT of the request's start (and before its deadline): else 408;
+- a request whose body is not read to its end (over MAX_UPLOAD_BYTES: 413; or that 408) is answered with
+  `Connection: close`, and the connection is closed lingering, so that the rest of its body is never read as the
+  next request and the client gets to read its answer;
 - the app can watch for the client hanging up while its request waits (submission.WATCH_DISCONNECT).
 
 `run_web_server:app` is the bare app for any other WSGI host (without these guarantees). Configuration comes
@@ -31,7 +34,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import contextmanager, suppress  # noqa: E402
 from http import HTTPStatus  # noqa: E402
 
 import gevent  # noqa: E402
@@ -100,7 +103,8 @@ class _Connection:
         self.began = time.monotonic()  # accepted: the first request's clock starts now
         self.received = 0  # bytes of the current request read so far
         self.served = 0  # requests answered on this connection
-        self.close_after_response = False
+        self.request = None  # gunicorn's Request being served on it
+        self.unread_body = False  # the client may still be sending a body nobody will read
         self._between_requests = False
 
     def recv(self, size, *flags):
@@ -114,6 +118,15 @@ class _Connection:
     def next_request(self):
         self.received, self._between_requests = 0, True
         self.served += 1
+
+    def close_after_response(self, unread_body=False):
+        """Have gunicorn answer with `Connection: close` and close the connection after the response; with
+        `unread_body`, lingering (`_linger`). Else gunicorn would read the next request from whatever bytes the
+        client sends next: the rest of a body the app did not read, which it drained, and a client slow to send
+        it got a second, unasked-for answer (408) to its one request, which a kept-alive client would take for the
+        answer to its next one."""
+        self.request.must_close = True
+        self.unread_body = unread_body
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
@@ -139,10 +152,24 @@ class _GeventWorker(GeventWorker):
         return _read_deadline(self._current.connection, config.client_read_timeout)
 
     def handle_request(self, listener_name, req, sock, addr):
-        super().handle_request(listener_name, req, sock, addr)
-        if sock.close_after_response:
-            raise StopIteration()  # gunicorn closes the connection: the rest of the body never came
+        sock.request = req
+        try:
+            super().handle_request(listener_name, req, sock, addr)
+        except StopIteration:  # gunicorn closes the connection after this response
+            if sock.unread_body:
+                _linger(sock, config.client_read_timeout)
+            raise
         sock.next_request()
+
+
+def _linger(connection, seconds):
+    """Half-close, then read and drop what the client still sends until it closes its side too, for at most
+    `seconds`. Closing at once with its bytes unread sends a reset, and the client's TCP then drops the answer it
+    had not read yet: a 413 to an upload it is still sending."""
+    with suppress(OSError), gevent.Timeout(seconds, False):
+        connection.shutdown(socket.SHUT_WR)
+        while connection.recv(65536):
+            pass
 
 
 @contextmanager
@@ -168,11 +195,14 @@ def _read_deadline(connection, seconds):
 
 
 def _buffer_body(environ, deadline):
-    """Read the whole body before the app runs, within the deadline (raises gevent.Timeout)."""
+    """Read the whole body before the app runs, within the deadline (raises gevent.Timeout). False when some of it
+    is left unread: more than MAX_UPLOAD_BYTES, which the app answers 413 without reading."""
     length = environ.get("CONTENT_LENGTH") or ""
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    if not chunked and (not length.isdigit() or int(length) == 0 or int(length) > config.max_upload_bytes):
-        return  # nothing to read, or too big: the app answers 413 without reading it
+    if not chunked and (not length.isdigit() or int(length) == 0):
+        return True  # nothing to read
+    if not chunked and int(length) > config.max_upload_bytes:
+        return False
     stream, limit, parts, size = environ["wsgi.input"], config.max_upload_bytes + 1, [], 0
     with gevent.Timeout(max(0.001, deadline - time.monotonic())):
         while size < limit:
@@ -187,6 +217,7 @@ def _buffer_body(environ, deadline):
     environ["wsgi.input"] = io.BytesIO(b"".join(parts))
     environ["CONTENT_LENGTH"] = str(size)
     environ.pop("HTTP_TRANSFER_ENCODING", None)
+    return size < limit
 
 
 def _watch_disconnect(connection, callback):
@@ -236,22 +267,24 @@ def _serve(environ, start_response):
     environ[submission.ARRIVED] = began
     environ[submission.WATCH_DISCONNECT] = lambda callback: _watch_disconnect(connection, callback)
     try:
-        _buffer_body(environ, began + min(config.client_read_timeout, config.request_timeout))
+        whole = _buffer_body(environ, began + min(config.client_read_timeout, config.request_timeout))
     except gevent.Timeout:
-        connection.close_after_response = True
+        connection.close_after_response(unread_body=True)
         metrics.READ_TIMEOUTS.labels("408").inc()
         web.count_server_answer(app, environ, 408)
         log("request_read_timeout", level="WARNING", path=environ.get("PATH_INFO"))
         status, headers, body = _408
         start_response(status, headers)
         return [body]
+    if not whole:
+        connection.close_after_response(unread_body=True)
     net = _SafetyNet(began + config.request_timeout + SAFETY_MARGIN)
     environ[submission.MOVE_DEADLINE] = lambda seconds: net.move(began + seconds + SAFETY_MARGIN)
     try:
         with net:
             return app(environ, start_response)
     except gevent.Timeout:
-        connection.close_after_response = True  # the app was cut off mid-way: start afresh on a new connection
+        connection.close_after_response()  # the app was cut off mid-way: start afresh on a new connection
         log("request_deadline_safety_net", level="ERROR", path=environ.get("PATH_INFO"))
         metrics.TIMEOUTS.inc()
         web.count_server_answer(app, environ, 504)

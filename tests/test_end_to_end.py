@@ -4,8 +4,10 @@ import concurrent.futures
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -141,3 +143,35 @@ def test_an_upload_over_the_limit_is_413_with_or_without_a_length(service):
         timeout=60,
     )
     assert chunked.stdout == "413"
+
+
+@pytest.mark.slow
+def test_an_upload_over_the_limit_gets_one_answer_and_the_connection_closes(service):
+    """The 413 left the body unread, and gunicorn drained it as the start of the next request: a client still
+    sending it after CLIENT_READ_TIMEOUT got a second answer to its one request (408), which a kept-alive client
+    would have taken for the answer to its next one. Now the 413 says `Connection: close`, and the server stops
+    sending, lets the client stop too, then closes."""
+    service.start_web(MAX_UPLOAD_BYTES="20000", CLIENT_READ_TIMEOUT="2")
+    client = socket.create_connection(("127.0.0.1", service.port))
+    client.sendall(
+        b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 10000000\r\n\r\n"
+    )
+    client.settimeout(0.2)
+    received, until = b"", time.monotonic() + 6
+    while time.monotonic() < until:
+        try:
+            client.sendall(b"x" * 4096)  # a slow upload: 80 KB/s
+            time.sleep(0.05)
+            data = client.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:  # the server closed: nothing more can come
+            break
+        if not data:
+            break
+        received += data
+    client.close()
+    head = received.partition(b"\r\n\r\n")[0]
+    assert received.count(b"HTTP/1.1 ") == 1 and head.startswith(b"HTTP/1.1 413"), received
+    assert b"Connection: close" in head.split(b"\r\n")
