@@ -65,6 +65,9 @@ app = web.create_app(config)
 
 # Past its deadline a request is answered by this at the latest, whatever the app is doing.
 SAFETY_MARGIN = 0.5
+# A lingering close reads what a client still sends for at most this long (Apache's is 2 s): the connection then
+# holds its slot, and a stopping worker, little longer than the read that timed out.
+LINGER_SECONDS = 2.0
 
 
 def _json_response(status, message):
@@ -126,7 +129,7 @@ class _Connection:
         it got a second, unasked-for answer (408) to its one request, which a kept-alive client would take for the
         answer to its next one."""
         self.request.must_close = True
-        self.unread_body = unread_body
+        self.unread_body = self.unread_body or unread_body  # a 504 after a 413 left unsent: the body is still unread
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
@@ -157,7 +160,7 @@ class _GeventWorker(GeventWorker):
             super().handle_request(listener_name, req, sock, addr)
         except StopIteration:  # gunicorn closes the connection after this response
             if sock.unread_body:
-                _linger(sock, config.client_read_timeout)
+                _linger(sock, min(config.client_read_timeout, LINGER_SECONDS))
             raise
         sock.next_request()
 
@@ -166,10 +169,11 @@ def _linger(connection, seconds):
     """Half-close, then read and drop what the client still sends until it closes its side too, for at most
     `seconds`. Closing at once with its bytes unread sends a reset, and the client's TCP then drops the answer it
     had not read yet: a 413 to an upload it is still sending."""
+    until = time.monotonic() + seconds
     with suppress(OSError), gevent.Timeout(seconds, False):
         connection.shutdown(socket.SHUT_WR)
-        while connection.recv(65536):
-            pass
+        while connection.recv(65536) and time.monotonic() < until:
+            gevent.sleep(0)  # a recv that finds data waiting does not yield: a fast sender would hold the process
 
 
 @contextmanager
