@@ -129,7 +129,7 @@ class _Connection:
         it got a second, unasked-for answer (408) to its one request, which a kept-alive client would take for the
         answer to its next one."""
         self.request.must_close = True
-        self.unread_body = self.unread_body or unread_body  # a 504 after a 413 left unsent: the body is still unread
+        self.unread_body = self.unread_body or unread_body  # the safety net's 504 keeps an unread body's linger
 
     def __getattr__(self, name):
         return getattr(self._sock, name)

@@ -42,18 +42,18 @@ def config(redis_server):
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
+def model_cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("model-cache"))
 
 
 @pytest.fixture
-def service(real_redis, redis_server, model_cache, tmp_path):
+def service(real_redis, redis_server, model_cache_dir, tmp_path):
     """Real workers and web servers; EfficientNet-Lite0 with its real weights, fast heartbeats for the sweeps."""
     svc = launcher.Processes(
         redis_server.url,
         tmp_path,
         MODEL="efficientnet_lite0",
-        MODEL_CACHE_DIR=model_cache,
+        MODEL_CACHE_DIR=model_cache_dir,
         HEARTBEAT_INTERVAL="0.5",
         HEARTBEAT_TTL="2",
     )

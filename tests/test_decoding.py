@@ -169,8 +169,8 @@ def test_real_photos_keep_their_pixels_to_a_bound(photo_jpegs):
 
 
 @pytest.mark.slow
-def test_real_photos_keep_their_answers(photo_jpegs, model_cache):
-    classifier = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache))
+def test_real_photos_keep_their_answers(photo_jpegs, model_cache_dir):
+    classifier = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir))
     reduced = np.stack([helpers.prepare_image(data, LIMIT) for data in photo_jpegs.values()])
     full = np.stack([original_preparation(data) for data in photo_jpegs.values()])
     reduced_probabilities, full_probabilities = classifier.predict(reduced), classifier.predict(full)

@@ -100,7 +100,7 @@ def test_two_workers_under_concurrent_load_answer_every_request_once(service, re
     assert len(clients) < 30, len(clients)
 
 
-def test_run_script_serves_and_stops_everything_on_ctrl_c(redis_server, real_redis, model_cache):
+def test_run_script_serves_and_stops_everything_on_ctrl_c(redis_server, real_redis, model_cache_dir):
     """`make run`'s script: one worker and the web server against REDIS_URL; Ctrl-C (SIGINT) stops them all."""
     port = free_port()
     env = {
@@ -108,7 +108,7 @@ def test_run_script_serves_and_stops_everything_on_ctrl_c(redis_server, real_red
         "REDIS_URL": redis_server.url,
         "PORT": str(port),
         "MODEL": "efficientnet_lite0",
-        "MODEL_CACHE_DIR": model_cache,
+        "MODEL_CACHE_DIR": model_cache_dir,
         "VENV": os.path.dirname(os.path.dirname(sys.executable)),
     }
     script = subprocess.Popen(

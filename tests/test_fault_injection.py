@@ -43,7 +43,9 @@ def load(url, total, concurrency):
 
 
 @pytest.mark.slow
-def test_lost_replies_and_cut_connections_under_load_lose_no_request(redis_server, real_redis, model_cache, tmp_path):
+def test_lost_replies_and_cut_connections_under_load_lose_no_request(
+    redis_server, real_redis, model_cache_dir, tmp_path
+):
     # Cuts after 6 to 30 reply packets: fewer round trips per request (no LLEN, no GETEX since 2026-11-29)
     # had made 6 to 60 give fewer than 20 cuts in 300 requests.
     proxy = FaultyProxy(redis_server.port, min_replies=6, max_replies=30, seed=7)
@@ -52,7 +54,7 @@ def test_lost_replies_and_cut_connections_under_load_lose_no_request(redis_serve
         proxy.url,
         tmp_path,
         MODEL="efficientnet_lite0",
-        MODEL_CACHE_DIR=model_cache,
+        MODEL_CACHE_DIR=model_cache_dir,
         HEARTBEAT_INTERVAL="0.5",
         HEARTBEAT_TTL="3",
         BATCH_SIZE="4",

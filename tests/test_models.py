@@ -16,8 +16,8 @@ RESNET50_CACHE = Path.home() / ".keras" / "models" / "resnet50_weights_tf_dim_or
 
 
 @pytest.fixture(scope="module")
-def lite0_settings(model_cache):
-    return Settings(model="efficientnet_lite0", model_cache_dir=model_cache)
+def lite0_settings(model_cache_dir):
+    return Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_efficientnet_lite0_sees_the_beagle(efficientnet):
     assert top[0]["label"] == "beagle" and top[0]["probability"] == pytest.approx(0.95, abs=0.01)
 
 
-def test_cached_model_gives_the_same_probabilities(efficientnet, lite0_settings, model_cache):
-    assert list(Path(model_cache).glob("efficientnet_lite0-*.keras"))
+def test_cached_model_gives_the_same_probabilities(efficientnet, lite0_settings, model_cache_dir):
+    assert list(Path(model_cache_dir).glob("efficientnet_lite0-*.keras"))
     again = models.load(lite0_settings)  # now read from the cache
     pixels = helpers.prepare_image(CASTLE.read_bytes(), 40_000_000)[None]
     np.testing.assert_allclose(again.predict(pixels), efficientnet.predict(pixels), atol=1e-6)

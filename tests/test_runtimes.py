@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def efficientnet(model_cache):
+def efficientnet(model_cache_dir):
     """EfficientNet-Lite0 with its real weights, on Keras-on-TensorFlow."""
-    return models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, runtime="tensorflow"))
+    return models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, runtime="tensorflow"))
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,9 @@ def test_unknown_runtime_and_precision_are_refused(efficientnet):
         runtimes.compile_model(efficientnet.model, "tensorflow", "bf16")
 
 
-def test_the_served_lite0_runs_a_batch_in_slices_with_the_answers_of_the_whole_batch(model_cache, photos):
-    served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache))
-    keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, runtime="tensorflow"))
+def test_the_served_lite0_runs_a_batch_in_slices_with_the_answers_of_the_whole_batch(model_cache_dir, photos):
+    served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir))
+    keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, runtime="tensorflow"))
     assert (served.runtime, served.slice, keras.slice) == ("openvino", 4, 0)
     noise = np.random.default_rng(7).integers(0, 256, (8, *photos.shape[1:]), dtype=np.uint8)
     batch = np.concatenate([photos, noise])  # 10 images: slices of 4, 4 and 2
@@ -127,23 +127,23 @@ def test_the_served_lite0_runs_a_batch_in_slices_with_the_answers_of_the_whole_b
     got, expected = served.predict(batch), keras.predict(batch)
     assert calls == [4, 4, 2] and got.shape == (10, 1000)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)  # each row is its own image's, in order
-    custom = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, inference_batch_size=3))
+    custom = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, inference_batch_size=3))
     np.testing.assert_allclose(custom.predict(batch), expected, rtol=0, atol=1e-4)
     assert custom.slice == 3
-    keras.use_runtime("openvino", "f32", model_cache)  # as bench.py and measure_precision.py switch runtimes
+    keras.use_runtime("openvino", "f32", model_cache_dir)  # as bench.py and measure_precision.py switch runtimes
     assert keras.slice == 4
 
 
-def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache, photos):
-    served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache))
-    keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache, runtime="tensorflow"))
+def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache_dir, photos):
+    served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir))
+    keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, runtime="tensorflow"))
     assert (served.runtime, served.precision) == ("openvino", "f32") and keras.runtime == "tensorflow"
     for got, expected in zip(served.predict(photos), keras.predict(photos), strict=True):
         assert [p["label"] for p in served.top_k(got, 5)] == [p["label"] for p in keras.top_k(expected, 5)]
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 
-def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache, monkeypatch):
+def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache_dir, monkeypatch):
     def broken(batch):
         return np.full((len(batch), 1000), 1e-3, dtype=np.float32)
 
@@ -153,13 +153,13 @@ def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache,
         "compile_model",
         lambda model, runtime, *a, **k: broken if runtime == "openvino" else real_compile(model, runtime),
     )
-    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache)
+    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir)
     with pytest.raises(models.ModelUnavailable, match="RUNTIME=openvino cannot serve.*self-check failed"):
         models.load(lite0.replace(runtime="openvino"))
     assert models.load(lite0).runtime == "tensorflow"  # auto falls back, and says so in the log
 
 
-def test_a_recheck_whose_f32_copy_fails_its_self_check_is_refused_saying_so(model_cache, monkeypatch):
+def test_a_recheck_whose_f32_copy_fails_its_self_check_is_refused_saying_so(model_cache_dir, monkeypatch):
     real_compile = runtimes.compile_model
 
     def compile_model(model, runtime, precision="f32", *args, **kwargs):
@@ -168,7 +168,7 @@ def test_a_recheck_whose_f32_copy_fails_its_self_check_is_refused_saying_so(mode
         return real_compile(model, "tensorflow")  # bf16 and the reference: TensorFlow's answers
 
     monkeypatch.setattr(runtimes, "compile_model", compile_model)
-    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache, precision="bf16", recheck_margin=0.02)
+    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, precision="bf16", recheck_margin=0.02)
     for runtime in ("openvino", "auto"):
         with pytest.raises(models.ModelUnavailable, match="the f32 copy RECHECK_MARGIN needs: runtime self-check"):
             models.load(lite0.replace(runtime=runtime))
@@ -176,12 +176,12 @@ def test_a_recheck_whose_f32_copy_fails_its_self_check_is_refused_saying_so(mode
 
 
 @pytest.mark.skipif(not runtimes.bf16_supported(), reason="this CPU runs no bf16")
-def test_bf16_with_a_recheck_margin_answers_near_ties_in_f32_and_keeps_tensorflows_top1(model_cache):
+def test_bf16_with_a_recheck_margin_answers_near_ties_in_f32_and_keeps_tensorflows_top1(model_cache_dir):
     import measure_precision
 
     pixels = measure_precision.prepared(measure_precision.photos())  # the castle, jemma, scikit-image's photos
     batch = np.stack(list(pixels.values()))
-    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache)
+    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir)
     keras = models.load(lite0.replace(runtime="tensorflow")).predict(batch)
     bf16 = models.load(lite0.replace(precision="bf16")).predict(batch)
     served = models.load(lite0.replace(precision="bf16", recheck_margin=0.02))
