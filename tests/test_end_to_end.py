@@ -175,3 +175,18 @@ def test_an_upload_over_the_limit_gets_one_answer_and_the_connection_closes(serv
     head = received.partition(b"\r\n\r\n")[0]
     assert received.count(b"HTTP/1.1 ") == 1 and head.startswith(b"HTTP/1.1 413"), received
     assert b"Connection: close" in head.split(b"\r\n")
+
+
+@pytest.mark.slow
+def test_an_upload_announced_over_the_limit_is_refused_before_it_is_sent(service):
+    """gunicorn answered `Expect: 100-continue` with 100 Continue before the app saw the request, so curl uploaded
+    all of a file that was then refused unread (curl asks before sending more than 1 MB)."""
+    service.start_web(MAX_UPLOAD_BYTES="20000")  # the castle is 77 KB
+    sent = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}", "-H", "Expect: 100-continue"]
+        + ["-F", f"image=@{CASTLE}", f"{service.url}/predict"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.stdout == "413 0"  # refused, and not a byte of the body sent
