@@ -135,14 +135,14 @@ def test_an_upload_over_the_limit_is_413_with_or_without_a_length(service):
     service.start_web(MAX_UPLOAD_BYTES="20000")  # the castle is 77 KB; no worker: nothing gets that far
     assert post(service.url).status_code == 413
     # In chunks there is no length to refuse by: the web counts what it reads (up to the limit) as the length.
-    chunked = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Transfer-Encoding: chunked"]
-        + ["-F", f"image=@{CASTLE}", f"{service.url}/predict"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert chunked.stdout == "413"
+    assert curl_upload(service.url, "Transfer-Encoding: chunked", "%{http_code}") == "413"
+
+
+def curl_upload(url, header, write_out):
+    """What curl's --write-out says of its upload of the castle to /predict, sent with one header of ours."""
+    command = ["curl", "-s", "-o", "/dev/null", "-w", write_out, "-H", header, "-F", f"image=@{CASTLE}"]
+    command.append(f"{url}/predict")
+    return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
 
 
 @pytest.mark.slow
@@ -182,11 +182,5 @@ def test_an_upload_announced_over_the_limit_is_refused_before_it_is_sent(service
     """gunicorn answered `Expect: 100-continue` with 100 Continue before the app saw the request, so curl uploaded
     all of a file that was then refused unread (curl asks before sending more than 1 MB)."""
     service.start_web(MAX_UPLOAD_BYTES="20000")  # the castle is 77 KB
-    sent = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}", "-H", "Expect: 100-continue"]
-        + ["-F", f"image=@{CASTLE}", f"{service.url}/predict"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert sent.stdout == "413 0"  # refused, and not a byte of the body sent
+    sent = curl_upload(service.url, "Expect: 100-continue", "%{http_code} %{size_upload}")
+    assert sent == "413 0"  # refused, and not a byte of the body sent
