@@ -16,7 +16,8 @@ What the server adds around the app (`_GeventWorker`, `_serve`):
 - a request whose body is not read to its end (over MAX_UPLOAD_BYTES: 413; or that 408) is answered with
   `Connection: close`, and the connection is closed lingering, so that the rest of its body is never read as the
   next request and the client gets to read its answer; one that announces more than MAX_UPLOAD_BYTES and asks
-  `Expect: 100-continue` gets its 413 without being invited to send the body;
+  `Expect: 100-continue` gets its 413 without being invited to send the body; a request gunicorn cannot read
+  (bad framing) is answered in JSON and closed lingering too;
 - the app can watch for the client hanging up while its request waits (submission.WATCH_DISCONNECT).
 
 `run_web_server:app` is the bare app for any other WSGI host (without these guarantees). Configuration comes
@@ -85,12 +86,14 @@ def _closing(status, headers, body):
 
 def _write_error(sock, status_int, reason, mesg):
     """gunicorn's answer to a request it cannot read (a bad chunk size, two Content-Lengths, an unknown
-    transfer coding), as JSON like every other error of ours; gunicorn's own is an HTML page."""
+    transfer coding), as JSON like every other error of ours; gunicorn's own is an HTML page. gunicorn closes the
+    connection next, with the rest of the request unread: lingering first, or the client is reset."""
     try:
         phrase = HTTPStatus(status_int).phrase  # gunicorn says "501 Bad Request" for an unknown transfer coding
     except ValueError:
         phrase = reason
     gunicorn_util.write_nonblock(sock, _closing(*_json_response(f"{status_int} {phrase}", mesg or phrase)))
+    _linger(sock, LINGER_SECONDS)
 
 
 # gunicorn's workers call util.write_error for these, at module level: there is no setting for it.

@@ -648,6 +648,34 @@ def test_a_request_gunicorn_cannot_read_is_answered_in_json_like_every_other_err
 
 
 @pytest.mark.slow
+def test_a_client_still_sending_a_request_gunicorn_cannot_read_is_not_reset_before_it_reads_the_answer(service):
+    """gunicorn closes such a connection with the rest of the request unread: the client's next send was reset,
+    and a TCP that receives a reset may drop the answer it had not read yet. Now the server half-closes and lets
+    the client stop (at most LINGER_SECONDS)."""
+    service.start_web()
+    client = connect(service.port)
+    client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    client.settimeout(0.1)
+    answer, ended = b"", None
+    for _ in range(40):  # the client goes on sending, 8 KB every 50 ms, reading what comes
+        try:
+            client.sendall(b"x" * 8192)
+            time.sleep(0.05)
+            data = client.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            ended = type(exc).__name__
+            break
+        if not data:
+            ended = "end of stream"
+            break
+        answer += data
+    client.close()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request") and ended == "end of stream", (answer[:40], ended)
+
+
+@pytest.mark.slow
 def test_the_deadline_counts_from_the_connection_not_from_when_the_app_sees_the_request(service):
     deadline = 3.0
     service.start_web(REQUEST_TIMEOUT=str(deadline))  # no worker: nothing will answer but the deadline
