@@ -93,7 +93,7 @@ def _write_error(sock, status_int, reason, mesg):
     except ValueError:
         phrase = reason
     gunicorn_util.write_nonblock(sock, _closing(*_json_response(f"{status_int} {phrase}", mesg or phrase)))
-    _linger(sock, LINGER_SECONDS)
+    _linger(sock)
 
 
 # gunicorn's workers call util.write_error for these, at module level: there is no setting for it.
@@ -168,7 +168,7 @@ class _GeventWorker(GeventWorker):
             super().handle_request(listener_name, req, sock, addr)
         except StopIteration:  # gunicorn closes the connection after this response
             if sock.unread_body:
-                _linger(sock, min(config.client_read_timeout, LINGER_SECONDS))
+                _linger(sock)
             raise
         sock.next_request()
 
@@ -179,10 +179,11 @@ def _declared_length(req):
     return int(length) if length.isdigit() else 0
 
 
-def _linger(connection, seconds):
+def _linger(connection):
     """Half-close, then read and drop what the client still sends until it closes its side too, for at most
-    `seconds`. Closing at once with its bytes unread sends a reset, and the client's TCP then drops the answer it
-    had not read yet: a 413 to an upload it is still sending."""
+    LINGER_SECONDS (or CLIENT_READ_TIMEOUT, when shorter). Closing at once with its bytes unread sends a reset, and
+    the client's TCP then drops the answer it had not read yet: a 413 to an upload it is still sending."""
+    seconds = min(config.client_read_timeout, LINGER_SECONDS)
     until = time.monotonic() + seconds
     with suppress(OSError), gevent.Timeout(seconds, False):
         connection.shutdown(socket.SHUT_WR)
