@@ -160,9 +160,10 @@ class _GeventWorker(GeventWorker):
 
     def handle_request(self, listener_name, req, sock, addr):
         sock.request = req
-        if _declared_length(req) > config.max_upload_bytes:
-            # gunicorn's own flag (private): its "100 Continue" would invite an upload that is refused unread (413).
-            # curl asks for it before sending more than 1 MB.
+        if _declared_length(req) > config.max_upload_bytes:  # the app answers 413 without reading the body
+            sock.close_after_response(unread_body=True)
+            # gunicorn's own flag (private): its "100 Continue" would invite that upload. curl asks for it before
+            # sending more than 1 MB.
             req._expected_100_continue = False
         try:
             super().handle_request(listener_name, req, sock, addr)
@@ -215,13 +216,12 @@ def _read_deadline(connection, seconds):
 
 def _buffer_body(environ, deadline):
     """Read the whole body before the app runs, within the deadline (raises gevent.Timeout). False when some of it
-    is left unread: more than MAX_UPLOAD_BYTES, which the app answers 413 without reading."""
+    is left unread: a chunked body past MAX_UPLOAD_BYTES, which the app answers 413 (one announced past it is not
+    read at all, see _GeventWorker.handle_request)."""
     length = environ.get("CONTENT_LENGTH") or ""
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     if not chunked and (not length.isdigit() or int(length) == 0):
         return True  # nothing to read
-    if not chunked and int(length) > config.max_upload_bytes:
-        return False
     stream, limit, parts, size = environ["wsgi.input"], config.max_upload_bytes + 1, [], 0
     with gevent.Timeout(max(0.001, deadline - time.monotonic())):
         while size < limit:
@@ -285,8 +285,10 @@ def _serve(environ, start_response):
     began = connection.began
     environ[submission.ARRIVED] = began
     environ[submission.WATCH_DISCONNECT] = lambda callback: _watch_disconnect(connection, callback)
+    read_by = began + min(config.client_read_timeout, config.request_timeout)
     try:
-        whole = _buffer_body(environ, began + min(config.client_read_timeout, config.request_timeout))
+        if not connection.unread_body and not _buffer_body(environ, read_by):
+            connection.close_after_response(unread_body=True)
     except gevent.Timeout:
         connection.close_after_response(unread_body=True)
         metrics.READ_TIMEOUTS.labels("408").inc()
@@ -295,8 +297,6 @@ def _serve(environ, start_response):
         status, headers, body = _408
         start_response(status, headers)
         return [body]
-    if not whole:
-        connection.close_after_response(unread_body=True)
     net = _SafetyNet(began + config.request_timeout + SAFETY_MARGIN)
     environ[submission.MOVE_DEADLINE] = lambda seconds: net.move(began + seconds + SAFETY_MARGIN)
     try:
