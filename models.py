@@ -24,13 +24,14 @@ class ModelUnavailable(RuntimeError):
 class Classifier:
     """A Keras model plus what it takes to feed it uint8 RGB batches, run it and name its outputs."""
 
-    def __init__(self, name, model, preprocess, weights):
+    def __init__(self, name, model, preprocess, weights, streams=False):
         self.name, self.model, self.weights = name, model, weights
+        self.streams = streams  # whether OpenVINO runs a batch's slices side by side (runtimes.OPENVINO_THROUGHPUT)
         self._preprocess = preprocess
         self.labels = load_labels()
         self.runtime, self.precision = "tensorflow", "f32"
         self._run = runtimes.compile_model(model, "tensorflow")
-        self.inference_batch_size = 0  # INFERENCE_BATCH_SIZE; 0: the runtime's own (runtimes.SLICES)
+        self.inference_batch_size = 0  # INFERENCE_BATCH_SIZE; 0: the runtime's own (Predictor.slice)
         self._recheck, self.recheck_margin = None, 0.0  # RECHECK_MARGIN's f32 runtime, see use_runtime
         self.rechecked = 0  # images answered by the f32 runtime so far (near ties, or whole batches, see predict)
         self._near_tie_share = 0.0  # of the recent images, weighted towards the last NEAR_TIE_MEMORY
@@ -38,7 +39,7 @@ class Classifier:
     @property
     def slice(self):
         """Images per runtime call; 0: the whole batch at once."""
-        return self.inference_batch_size or runtimes.SLICES[self.runtime]
+        return self.inference_batch_size or self._run.slice
 
     # With a recheck margin, a batch runs in f32 alone while more than this share of the recent images were near
     # ties: bf16 for every image and f32 again for that share would cost more. Break-even, 1 - bf16/f32 of the
@@ -53,12 +54,12 @@ class Classifier:
         the whole batch in f32 alone while near ties are common (F32_ALONE_ABOVE)."""
         batch = self.preprocess(pixels)
         if self._recheck is None:
-            return self._in_slices(self.infer, batch)
+            return self._in_slices(self._run, batch)
         if self._near_tie_share > self.F32_ALONE_ABOVE:
             probabilities = self._in_slices(self._recheck, batch)
             unsure, self.rechecked = near_ties(probabilities, self.recheck_margin), self.rechecked + len(batch)
         else:
-            probabilities = self._in_slices(self.infer, batch)
+            probabilities = self._in_slices(self._run, batch)
             unsure = near_ties(probabilities, self.recheck_margin)
             if unsure.size:
                 probabilities[unsure] = self._in_slices(self._recheck, batch[unsure])
@@ -69,22 +70,21 @@ class Classifier:
         return probabilities
 
     def _in_slices(self, run, batch):
-        step = self.slice or len(batch)
-        if len(batch) <= step:
-            return run(batch)
-        return np.concatenate([run(batch[i : i + step]) for i in range(0, len(batch), step)])
+        return run.in_slices(batch, self.slice)
 
     def warm_up(self, batch_size):
-        """Run batch 1, 2 and the largest batch the runtime will see (the slice, or `batch_size` jobs), before any
-        job. TensorFlow traces the model for batch 1 and once more for a general size, which later sizes reuse;
-        left to the first real batches, that costs a second or two each. OpenVINO pays about double on the first
-        call of a shape (Lite0: 40 against 20 ms at batch 4), too little to warm every size a batch may have."""
+        """Run batch 1, 2 and the largest single call the runtime will see (the slice, or `batch_size` jobs), then
+        two slices (OpenVINO's streams), before any job. TensorFlow traces the model for batch 1 and once more for a
+        general size, which later sizes reuse; left to the first real batches, that costs a second or two each.
+        OpenVINO pays about double on the first call of a shape (Lite0: 40 against 20 ms at batch 4), too little to
+        warm every size a batch may have."""
         largest = min(self.slice or batch_size, batch_size)
-        for size in sorted({1, min(2, largest), largest}):
+        sizes = sorted({1, min(2, largest), largest, min(2 * largest, batch_size)})
+        for size in sizes:
             blank = np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8)
             self.predict(blank)
             if self._recheck is not None:  # whether a blank image is a near tie is up to the model
-                self._recheck(self.preprocess(blank))
+                self._in_slices(self._recheck, self.preprocess(blank))
         self._near_tie_share = 0.0  # blank images say nothing of what the traffic will be
 
     def preprocess(self, pixels):
@@ -106,11 +106,11 @@ class Classifier:
         if recheck_margin and precision != "bf16":
             raise ValueError(f"a recheck margin is for precision bf16, not {precision}")
         reference = runtimes.compile_model(self.model, "tensorflow")
-        candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir)
+        candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir, self.streams)
         difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
         recheck = None
         if recheck_margin:
-            recheck = runtimes.compile_model(self.model, runtime, "f32", cache_dir)
+            recheck = runtimes.compile_model(self.model, runtime, "f32", cache_dir, self.streams)
             try:
                 runtimes.self_check(reference, recheck, runtimes.TOLERANCES["f32"], self._preprocess)
             except RuntimeError as exc:  # else the refusal would read as bf16's
@@ -176,7 +176,7 @@ def _efficientnet_lite0(weights, cache_dir):
     import efficientnet_lite
 
     if weights == "none":
-        return Classifier("efficientnet_lite0", efficientnet_lite.build(), _efficientnet_preprocess, "none")
+        return _lite0_classifier(efficientnet_lite.build(), "none")
     if weights:
         checkpoint = Path(weights)
     else:
@@ -191,7 +191,12 @@ def _efficientnet_lite0(weights, cache_dir):
     if model is None:
         model = efficientnet_lite.load_weights(efficientnet_lite.build(), checkpoint)
         _cache_keras_model(model, cache)
-    return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, str(checkpoint))
+    return _lite0_classifier(model, str(checkpoint))
+
+
+def _lite0_classifier(model, weights):
+    # Its 19 MB of weights stay in cache: OpenVINO's streams of a core each cost it less CPU (runtimes.py).
+    return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, weights, streams=True)
 
 
 def _cached_keras_model(keras, cache):

@@ -3,6 +3,8 @@
 Every predict callable takes a preprocessed float32 NHWC batch and returns float32 probabilities of shape (n, classes).
 """
 
+import collections
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -21,13 +23,18 @@ PRECISIONS = ("f32", "bf16")
 # in one layer's weights (0.07) or scrambled classes (0.16), though not a 1% error (0.015), which is as big as bf16's
 # own rounding.
 TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
-# One synchronous request per batch: LATENCY gives it one stream with both cores. THROUGHPUT's two streams get a
-# core each, so a single request ran at half speed, and splitting batches across requests gained nothing measurable.
-OPENVINO_CONFIG = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-# Images per runtime call (0: the whole batch). On OpenVINO, slices of 4 made EfficientNet-Lite0 serve 4.5-10.8 %
-# more requests/s beside the web process, though alone it ran faster at batch 32; ResNet50 gained little or nothing.
-# TensorFlow gains from whole batches. The measurements: README, "In slices".
-SLICES = {"openvino": 4, "tensorflow": 0}
+# One request with every core (LATENCY, one stream) runs each call; THROUGHPUT's streams get a core each, and
+# ResNet50's batch 1 took 63 against 32 ms on one. With `streams`, a batch of several slices runs them side by side
+# on THROUGHPUT's streams instead (two here): in the service EfficientNet-Lite0's worker then cost a steady 9.8-10.0
+# ms of CPU a request where one stream of two threads cost 10.1-13.1, with the machine's speed of the moment.
+# ResNet50 served 4 % less that way: each stream reads all of its 100 MB of weights for its own slice. The
+# measurements: README, "In slices".
+OPENVINO_LATENCY = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
+OPENVINO_THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT"}
+# Images per runtime call, unless INFERENCE_BATCH_SIZE says (0: the whole batch). TensorFlow gains from whole
+# batches. On OpenVINO one stream ran EfficientNet-Lite0 beside the web process best in slices of 4, though alone it
+# ran faster at batch 32; two streams, in slices of 2. README, "In slices".
+OPENVINO_SLICE, OPENVINO_STREAMS_SLICE = 4, 2
 _SELF_CHECK_SEED = 20240607
 
 
@@ -62,19 +69,85 @@ def bf16_supported():
         return False
 
 
-def compile_model(keras_model, runtime, precision="f32", cache_dir=None, config=None):
-    """A predict callable for `keras_model` on `runtime` ("openvino" or "tensorflow") at `precision`.
+class Predictor:
+    """A runtime's predict: `predict(batch)` runs a preprocessed float32 NHWC batch in one call and returns float32
+    probabilities of shape (n, classes); `predict.in_slices(batch, step)` runs it `step` images a call (0: whole).
+    `slice` is the step the runtime runs best at."""
+
+    slice = 0
+
+    def __init__(self, run):
+        self._run = run
+
+    def __call__(self, batch):
+        return self._run(batch)
+
+    def in_slices(self, batch, step):
+        if not step or len(batch) <= step:
+            return self(batch)
+        return np.concatenate([self(batch[i : i + step]) for i in range(0, len(batch), step)])
+
+
+class _OpenVINOPredictor(Predictor):
+    """Each call on the LATENCY model; with a THROUGHPUT model, several slices side by side on its streams."""
+
+    def __init__(self, latency, throughput=None):
+        super().__init__(self._infer)
+        self.compiled_model, self.throughput_model = latency, throughput
+        self._request = latency.create_infer_request()
+        self._streams = []
+        if throughput is not None:
+            requests = throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+            self._streams = [throughput.create_infer_request() for _ in range(requests)]
+        self.slice = OPENVINO_STREAMS_SLICE if throughput is not None else OPENVINO_SLICE
+
+    def _infer(self, batch):
+        self._request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
+        # The output tensor's memory is reused by the next call.
+        return self._request.get_output_tensor(0).data.copy()
+
+    def in_slices(self, batch, step):
+        if not step or len(batch) <= step or len(self._streams) < 2:
+            return super().in_slices(batch, step)
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        starts = range(0, len(batch), step)
+        answers, running, idle = [None] * len(starts), collections.deque(), list(self._streams)
+        try:
+            for index, start in enumerate(starts):
+                if not idle:  # the oldest is the first to finish: the slices are the same size but the last
+                    idle.append(self._collect(running.popleft(), answers))
+                request = idle.pop()
+                request.start_async([batch[start : start + step]])  # copies the slice into the request's tensor
+                running.append((index, request))
+            while running:
+                self._collect(running.popleft(), answers)
+        finally:
+            for _, request in running:  # after a failure: a request still running would refuse the next batch
+                with contextlib.suppress(RuntimeError):
+                    request.wait()
+        return np.concatenate(answers)
+
+    @staticmethod
+    def _collect(started, answers):
+        index, request = started
+        request.wait()
+        answers[index] = request.get_output_tensor(0).data.copy()
+        return request
+
+
+def compile_model(keras_model, runtime, precision="f32", cache_dir=None, streams=False):
+    """A Predictor for `keras_model` on `runtime` ("openvino" or "tensorflow") at `precision`; on OpenVINO with
+    `streams`, one that runs a batch's slices side by side (OPENVINO_THROUGHPUT).
 
     With `cache_dir`, the OpenVINO IR is kept there as <model>-<key>.xml/.bin, the key hashing the architecture,
-    the weights and the library versions, so a restart skips the conversion. `config` adds OpenVINO CPU properties
-    (INFERENCE_NUM_THREADS, say) to OPENVINO_CONFIG.
+    the weights and the library versions, so a restart skips the conversion.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if runtime == "tensorflow":
         if precision != "f32":
             raise UnsupportedPrecision(f"the tensorflow runtime runs f32 only, not {precision}")
-        return lambda batch: np.asarray(keras_model.predict_on_batch(batch), dtype=np.float32)
+        return Predictor(lambda batch: np.asarray(keras_model.predict_on_batch(batch), dtype=np.float32))
     if runtime != "openvino":
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if precision == "bf16" and not bf16_supported():
@@ -83,39 +156,35 @@ def compile_model(keras_model, runtime, precision="f32", cache_dir=None, config=
             "on this processor (it needs AVX512-BF16 or AMX); use precision f32"
         )
     # Always set the precision: OpenVINO's own default is bf16 wherever the CPU has it, f32 elsewhere.
-    config = {**OPENVINO_CONFIG, **(config or {}), "INFERENCE_PRECISION_HINT": precision}
-    compiled = _compile(keras_model, config) if cache_dir is None else _compile_cached(keras_model, cache_dir, config)
-    request = compiled.create_infer_request()
-
-    def predict(batch):
-        request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
-        # The output tensor's memory is reused by the next call.
-        return request.get_output_tensor(0).data.copy()
-
-    predict.compiled_model = compiled
-    return predict
+    hints = (OPENVINO_LATENCY, OPENVINO_THROUGHPUT) if streams else (OPENVINO_LATENCY,)
+    configs = [{**hint, "INFERENCE_PRECISION_HINT": precision} for hint in hints]
+    if cache_dir is None:
+        return _OpenVINOPredictor(*_compile(keras_model, configs))
+    return _OpenVINOPredictor(*_compile_cached(keras_model, configs, cache_dir))
 
 
-def _compile(keras_model, config, xml=None):
-    """The model compiled from the IR `xml`, or from one converted into a directory of its own for the while."""
+def _compile(keras_model, configs, xml=None):
+    """The model compiled once per config from the IR `xml`, or from one converted into a directory of its own for
+    the while."""
     if xml is not None:
-        return _core().compile_model(_core().read_model(xml), "CPU", config)
+        model = _core().read_model(xml)
+        return [_core().compile_model(model, "CPU", config) for config in configs]
     with tempfile.TemporaryDirectory(prefix="openvino-ir-") as scratch:
-        return _compile(keras_model, config, convert(keras_model, scratch))
+        return _compile(keras_model, configs, convert(keras_model, scratch))
 
 
-def _compile_cached(keras_model, cache_dir, config):
+def _compile_cached(keras_model, configs, cache_dir):
     """As `_compile`, through the IR cache in `cache_dir`, which only saves the conversion's time: one that cannot
     be written (read-only, full) is done without, and a cached IR OpenVINO cannot read (cut short by a full disk or
     a kill) is converted again. Each stopped the worker at every start."""
     xml = _cached_ir(keras_model, cache_dir)
     if xml is not None:
         try:
-            return _compile(keras_model, config, xml)
+            return _compile(keras_model, configs, xml)
         except RuntimeError as exc:  # OpenVINO's error for a bad IR ("Incorrect weights in bin file!")
             log("model_cache_unreadable", level="WARNING", path=str(xml), error=str(exc)[:200])
             xml = _cached_ir(keras_model, cache_dir, stale=xml)
-    return _compile(keras_model, config, xml)
+    return _compile(keras_model, configs, xml)
 
 
 def _cached_ir(keras_model, cache_dir, stale=None):
@@ -169,20 +238,23 @@ def self_check_input(preprocess=None, batch=2, size=224):
     return preprocess(pixels) if preprocess else pixels
 
 
-def self_check(reference_predict, candidate_predict, atol, preprocess=None):
-    """Max abs difference of the two runtimes' probabilities on the fixed input; RuntimeError when above `atol`.
+def self_check(reference, candidate, atol, preprocess=None):
+    """Max abs difference of two Predictors' probabilities on the fixed input, the candidate's run whole and a
+    slice at a time (OpenVINO's two compiled models); RuntimeError when above `atol`.
 
     (Within `atol` everywhere, the top-1 class can only change where the reference's two best are within 2*atol:
     the probability bound is the whole check.)
     """
     batch = self_check_input(preprocess)
-    reference = np.asarray(reference_predict(batch), dtype=np.float64)
-    candidate = np.asarray(candidate_predict(batch), dtype=np.float64)
-    if candidate.shape != reference.shape:
-        raise RuntimeError(f"runtime self-check failed: output shape {candidate.shape}, expected {reference.shape}")
-    if not np.all(np.isfinite(candidate)):
-        raise RuntimeError("runtime self-check failed: the candidate runtime returned NaN or infinite probabilities")
-    difference = float(np.max(np.abs(candidate - reference)))
+    expected = np.asarray(reference(batch), dtype=np.float64)
+    difference = 0.0
+    for got in (candidate(batch), candidate.in_slices(batch, 1)):
+        got = np.asarray(got, dtype=np.float64)
+        if got.shape != expected.shape:
+            raise RuntimeError(f"runtime self-check failed: output shape {got.shape}, expected {expected.shape}")
+        if not np.all(np.isfinite(got)):
+            raise RuntimeError("runtime self-check failed: the candidate returned NaN or infinite probabilities")
+        difference = max(difference, float(np.max(np.abs(got - expected))))
     if not difference <= atol:
         raise RuntimeError(
             f"runtime self-check failed: probabilities differ from the reference by up to {difference:.3g} "

@@ -69,7 +69,7 @@ class Settings:
     model_weights: str = ""
     model_cache_dir: str = os.path.expanduser("~/.cache/image-classifier")
     batch_size: int = 32
-    # Images per call to the runtime, a claimed batch run a slice at a time; 0: the runtime's own (runtimes.SLICES).
+    # Images per call to the runtime, a claimed batch run a slice at a time; 0: the runtime's own (Predictor.slice).
     inference_batch_size: int = 0
     # "auto": OpenVINO when it is installed and passes its self-check against Keras, else TensorFlow;
     # "openvino" refuses to start without it; "tensorflow": Keras on TensorFlow as the original ran it.

@@ -7,6 +7,7 @@ import pytest
 
 import helpers
 import models
+import runtimes
 from settings import Settings
 from support import CASTLE, JEMMA
 
@@ -85,12 +86,20 @@ def test_resnet50_reproduces_the_seed_table_for_the_castle(monkeypatch):
 
 @pytest.mark.parametrize(
     ("inference_batch_size", "batch_size", "shapes"),
-    [(0, 32, [1, 2, 32]), (4, 32, [1, 2, 4]), (31, 32, [1, 2, 31]), (64, 32, [1, 2, 32]), (0, 1, [1])],
+    [
+        (0, 32, [1, 2, 32]),
+        (4, 32, [1, 2, 4, 4, 4]),  # the last two: a batch of two slices, which OpenVINO runs on its streams
+        (31, 32, [1, 2, 31, 31, 1]),
+        (64, 32, [1, 2, 32]),
+        (0, 1, [1]),
+    ],
 )
-def test_warm_up_runs_batch_1_2_and_the_largest_the_runtime_will_see(inference_batch_size, batch_size, shapes):
+def test_warm_up_runs_batch_1_2_the_largest_call_and_two_slices(inference_batch_size, batch_size, shapes):
     classifier = models.Classifier("fake", model=None, preprocess=lambda x: x, weights="none")
     seen = []
-    classifier._run = lambda batch: seen.append(len(batch)) or np.zeros((len(batch), 1000), np.float32)
+    classifier._run = runtimes.Predictor(
+        lambda batch: seen.append(len(batch)) or np.zeros((len(batch), 1000), np.float32)
+    )
     classifier.inference_batch_size = inference_batch_size
     classifier.warm_up(batch_size)
     assert seen == shapes
@@ -120,8 +129,10 @@ def test_near_ties_are_classified_again_by_the_recheck_runtime_and_only_they():
     def rows(batch):
         return batch[:, 0, 0, 0].astype(int)
 
-    classifier._run = lambda batch: answers[rows(batch)].astype(np.float32)
-    classifier._recheck = lambda batch: calls.append(list(rows(batch))) or second[rows(batch)].astype(np.float32)
+    classifier._run = runtimes.Predictor(lambda batch: answers[rows(batch)].astype(np.float32))
+    classifier._recheck = runtimes.Predictor(
+        lambda batch: calls.append(list(rows(batch))) or second[rows(batch)].astype(np.float32)
+    )
     classifier.recheck_margin, classifier.inference_batch_size = 0.02, 2  # slices of 2, the recheck's too
     pixels = np.zeros((5, 224, 224, 3), np.uint8)
     pixels[:, 0, 0, 0] = range(5)  # each image says which row it is
@@ -146,7 +157,7 @@ def test_while_near_ties_are_common_batches_run_in_f32_alone_and_bf16_comes_back
             rows = np.array([tie if image[0, 0, 0] else sure for image in batch]).reshape(-1, 3)
             return rows + (0.0 if name == "bf16" else 1.0)  # f32's answers are told apart by +1
 
-        return run
+        return runtimes.Predictor(run)
 
     classifier._run, classifier._recheck, classifier.recheck_margin = runtime("bf16"), runtime("f32"), 0.02
     classifier.inference_batch_size = 16  # batches of 32 in two slices, whichever runtime
@@ -171,8 +182,9 @@ def test_use_runtime_compiles_and_checks_the_f32_recheck_and_drops_it_when_the_m
     reference = np.array([[0.7, 0.2, 0.1]] * 2, np.float32)
     answers = {"tensorflow": reference, "f32": reference, "bf16": reference + [[-0.01, 0.01, 0.0]]}
 
-    def compile_model(model, runtime, precision="f32", cache_dir=None):
-        return lambda batch: answers["tensorflow" if runtime == "tensorflow" else precision].copy()
+    def compile_model(model, runtime, precision="f32", cache_dir=None, streams=False):
+        key = "tensorflow" if runtime == "tensorflow" else precision
+        return runtimes.Predictor(lambda batch: answers[key][: len(batch)].copy())  # the rows are all alike
 
     monkeypatch.setattr(models.runtimes, "compile_model", compile_model)
     classifier = models.Classifier("fake", model=None, preprocess=lambda x: x, weights="none")

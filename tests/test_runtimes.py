@@ -72,9 +72,22 @@ def test_self_check_refuses_a_runtime_whose_probabilities_moved(efficientnet):
         return probabilities
 
     with pytest.raises(RuntimeError, match="self-check failed.*differ"):
-        runtimes.self_check(expected, nudged, runtimes.TOLERANCES["f32"], efficientnet._preprocess)
+        runtimes.self_check(expected, runtimes.Predictor(nudged), runtimes.TOLERANCES["f32"], efficientnet._preprocess)
     with pytest.raises(RuntimeError, match="self-check failed.*NaN"):
-        runtimes.self_check(expected, lambda batch: expected(batch) * np.nan, 1.0, efficientnet._preprocess)
+        nan = runtimes.Predictor(lambda batch: expected(batch) * np.nan)
+        runtimes.self_check(expected, nan, 1.0, efficientnet._preprocess)
+
+
+def test_self_check_refuses_a_runtime_wrong_only_when_it_runs_slices(efficientnet):
+    """OpenVINO runs one slice on one compiled model and several on another: both answer the self-check."""
+    expected = reference(efficientnet)
+
+    class WrongInSlices(runtimes.Predictor):
+        def in_slices(self, batch, step):
+            return super().in_slices(batch, step)[:, ::-1].copy()
+
+    with pytest.raises(RuntimeError, match="self-check failed.*differ"):
+        runtimes.self_check(expected, WrongInSlices(expected), runtimes.TOLERANCES["f32"], efficientnet._preprocess)
 
 
 def test_self_check_refuses_an_openvino_model_with_altered_weights(efficientnet, ir_cache):
@@ -116,22 +129,88 @@ def test_unknown_runtime_and_precision_are_refused(efficientnet):
         runtimes.compile_model(efficientnet.model, "tensorflow", "bf16")
 
 
-def test_the_served_lite0_runs_a_batch_in_slices_with_the_answers_of_the_whole_batch(model_cache_dir, photos):
+class _Recorded:
+    """An OpenVINO infer request that notes the slices it is started on, and how many requests were running then."""
+
+    def __init__(self, request, started, running):
+        self._request, self.started, self.running = request, started, running
+
+    def start_async(self, inputs):
+        self.running.append(self)
+        self.started.append((len(inputs[0]), len(self.running)))
+        self._request.start_async(inputs)
+
+    def wait(self):
+        self._request.wait()
+        self.running.remove(self)
+
+    def get_output_tensor(self, index):
+        return self._request.get_output_tensor(index)
+
+
+def test_the_served_lite0_runs_the_slices_of_a_batch_side_by_side_with_the_answers_of_the_whole_batch(
+    model_cache_dir, photos
+):
     served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir))
     keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, runtime="tensorflow"))
-    assert (served.runtime, served.slice, keras.slice) == ("openvino", 4, 0)
-    noise = np.random.default_rng(7).integers(0, 256, (8, *photos.shape[1:]), dtype=np.uint8)
-    batch = np.concatenate([photos, noise])  # 10 images: slices of 4, 4 and 2
-    calls, run = [], served._run
-    served._run = lambda x: calls.append(len(x)) or run(x)
+    assert (served.runtime, served.slice, keras.slice) == ("openvino", 2, 0)
+    predictor = served._run
+    # One slice runs on one stream with every core; several run on the throughput model's streams, a core each.
+    assert predictor.compiled_model.get_property("NUM_STREAMS") == 1
+    streams = predictor.throughput_model.get_property("NUM_STREAMS")
+    assert len(predictor._streams) == streams >= min(os.cpu_count(), 2)
+    started, running = [], []
+    predictor._streams = [_Recorded(request, started, running) for request in predictor._streams]
+    noise = np.random.default_rng(7).integers(0, 256, (3, *photos.shape[1:]), dtype=np.uint8)
+    batch = np.concatenate([photos, noise])  # 5 images: slices of 2, 2 and 1
+
     got, expected = served.predict(batch), keras.predict(batch)
-    assert calls == [4, 4, 2] and got.shape == (10, 1000)
+
+    assert [size for size, _ in started] == [2, 2, 1] and not running
+    assert max(at_once for _, at_once in started) == min(streams, 3)  # side by side, not one after the other
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)  # each row is its own image's, in order
+    started.clear()
+    np.testing.assert_allclose(served.predict(batch[:2]), expected[:2], rtol=0, atol=1e-4)
+    assert started == []  # one slice: the latency model's request
     custom = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, inference_batch_size=3))
     np.testing.assert_allclose(custom.predict(batch), expected, rtol=0, atol=1e-4)
     assert custom.slice == 3
     keras.use_runtime("openvino", "f32", model_cache_dir)  # as bench.py and measure_precision.py switch runtimes
-    assert keras.slice == 4
+    assert keras.slice == 2
+
+
+def test_a_model_without_streams_runs_its_slices_one_after_the_other_on_every_core(efficientnet, ir_cache, photos):
+    """ResNet50's way (Classifier.streams False): each stream would read all its weights for its own slice."""
+    predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=ir_cache)
+    assert predictor.throughput_model is None and predictor._streams == [] and predictor.slice == 4
+    batch = efficientnet.preprocess(np.concatenate([photos] * 3))
+    np.testing.assert_allclose(predictor.in_slices(batch, 4), predictor(batch), rtol=0, atol=1e-5)
+
+
+def test_a_slice_that_fails_leaves_no_stream_busy_for_the_next_batch(efficientnet, ir_cache):
+    predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=ir_cache, streams=True)
+    good = efficientnet.preprocess(np.zeros((4, 224, 224, 3), np.uint8))
+    expected = predictor.in_slices(good, 1)
+    requests, calls = predictor._streams, []
+
+    class FailingThird:
+        def __init__(self, request):
+            self._request = request
+
+        def start_async(self, inputs):
+            calls.append(len(calls))
+            if len(calls) == 2:  # while the first still runs
+                raise RuntimeError("injected")
+            self._request.start_async(inputs)
+
+        def __getattr__(self, name):
+            return getattr(self._request, name)
+
+    predictor._streams = [FailingThird(request) for request in requests]
+    with pytest.raises(RuntimeError, match="injected"):
+        predictor.in_slices(good, 1)
+    predictor._streams = requests
+    np.testing.assert_allclose(predictor.in_slices(good, 1), expected, rtol=0, atol=1e-6)
 
 
 def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache_dir, photos):
@@ -144,8 +223,7 @@ def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_c
 
 
 def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache_dir, monkeypatch):
-    def broken(batch):
-        return np.full((len(batch), 1000), 1e-3, dtype=np.float32)
+    broken = runtimes.Predictor(lambda batch: np.full((len(batch), 1000), 1e-3, dtype=np.float32))
 
     real_compile = runtimes.compile_model
     monkeypatch.setattr(
@@ -164,7 +242,7 @@ def test_a_recheck_whose_f32_copy_fails_its_self_check_is_refused_saying_so(mode
 
     def compile_model(model, runtime, precision="f32", *args, **kwargs):
         if runtime == "openvino" and precision == "f32":  # the recheck's copy answers nonsense
-            return lambda batch: np.full((len(batch), 1000), 1e-3, dtype=np.float32)
+            return runtimes.Predictor(lambda batch: np.full((len(batch), 1000), 1e-3, dtype=np.float32))
         return real_compile(model, "tensorflow")  # bf16 and the reference: TensorFlow's answers
 
     monkeypatch.setattr(runtimes, "compile_model", compile_model)
