@@ -54,37 +54,36 @@ class Classifier:
         the whole batch in f32 alone while near ties are common (F32_ALONE_ABOVE)."""
         batch = self.preprocess(pixels)
         if self._recheck is None:
-            return self._in_slices(self._run, batch)
+            return self._run.in_slices(batch, self.slice)
         if self._near_tie_share > self.F32_ALONE_ABOVE:
-            probabilities = self._in_slices(self._recheck, batch)
+            probabilities = self._recheck.in_slices(batch, self.slice)
             unsure, self.rechecked = near_ties(probabilities, self.recheck_margin), self.rechecked + len(batch)
         else:
-            probabilities = self._in_slices(self._run, batch)
+            probabilities = self._run.in_slices(batch, self.slice)
             unsure = near_ties(probabilities, self.recheck_margin)
             if unsure.size:
-                probabilities[unsure] = self._in_slices(self._recheck, batch[unsure])
+                probabilities[unsure] = self._recheck.in_slices(batch[unsure], self.slice)
                 self.rechecked += int(unsure.size)
         if len(batch):
             weight = min(1.0, len(batch) / self.NEAR_TIE_MEMORY)
             self._near_tie_share += weight * (unsure.size / len(batch) - self._near_tie_share)
         return probabilities
 
-    def _in_slices(self, run, batch):
-        return run.in_slices(batch, self.slice)
-
     def warm_up(self, batch_size):
-        """Run batch 1, 2 and the largest single call the runtime will see (the slice, or `batch_size` jobs), then
-        two slices (OpenVINO's streams), before any job. TensorFlow traces the model for batch 1 and once more for a
+        """Run batch 1, 2 and the largest single call the runtime will see (the slice, or `batch_size` jobs), and on
+        OpenVINO's streams a slice each, before any job. TensorFlow traces the model for batch 1 and once more for a
         general size, which later sizes reuse; left to the first real batches, that costs a second or two each.
         OpenVINO pays about double on the first call of a shape (Lite0: 40 against 20 ms at batch 4), too little to
         warm every size a batch may have."""
         largest = min(self.slice or batch_size, batch_size)
-        sizes = sorted({1, min(2, largest), largest, min(2 * largest, batch_size)})
-        for size in sizes:
+        sizes = {1, min(2, largest), largest}
+        if self._run.streams > 1:
+            sizes.add(min(self._run.streams * largest, batch_size))
+        for size in sorted(sizes):
             blank = np.zeros((size, *IMAGE_SHAPE), dtype=np.uint8)
             self.predict(blank)
             if self._recheck is not None:  # whether a blank image is a near tie is up to the model
-                self._in_slices(self._recheck, self.preprocess(blank))
+                self._recheck.in_slices(self.preprocess(blank), self.slice)
         self._near_tie_share = 0.0  # blank images say nothing of what the traffic will be
 
     def preprocess(self, pixels):

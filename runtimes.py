@@ -1,6 +1,7 @@
 """Inference runtimes for the worker's Keras models: TensorFlow as is, or the same model converted to OpenVINO.
 
-Every predict callable takes a preprocessed float32 NHWC batch and returns float32 probabilities of shape (n, classes).
+Each runtime is a Predictor: it takes a preprocessed float32 NHWC batch and returns float32 probabilities of shape
+(n, classes), whole or a slice at a time.
 """
 
 import collections
@@ -28,7 +29,7 @@ TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
 # on THROUGHPUT's streams instead (two here): in the service EfficientNet-Lite0's worker then cost a steady 9.8-10.0
 # ms of CPU a request where one stream of two threads cost 10.1-13.1, with the machine's speed of the moment.
 # ResNet50 served 4 % less that way: each stream reads all of its 100 MB of weights for its own slice. The
-# measurements: README, "In slices".
+# measurements: README, "In slices". The second compiled model costs Lite0 about 100 MB.
 OPENVINO_LATENCY = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
 OPENVINO_THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT"}
 # Images per runtime call, unless INFERENCE_BATCH_SIZE says (0: the whole batch). TensorFlow gains from whole
@@ -72,9 +73,9 @@ def bf16_supported():
 class Predictor:
     """A runtime's predict: `predict(batch)` runs a preprocessed float32 NHWC batch in one call and returns float32
     probabilities of shape (n, classes); `predict.in_slices(batch, step)` runs it `step` images a call (0: whole).
-    `slice` is the step the runtime runs best at."""
+    `slice` is the step the runtime runs best at, `streams` how many slices it runs at once."""
 
-    slice = 0
+    slice, streams = 0, 1
 
     def __init__(self, run):
         self._run = run
@@ -99,7 +100,8 @@ class _OpenVINOPredictor(Predictor):
         if throughput is not None:
             requests = throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
             self._streams = [throughput.create_infer_request() for _ in range(requests)]
-        self.slice = OPENVINO_STREAMS_SLICE if throughput is not None else OPENVINO_SLICE
+        self.streams = max(1, len(self._streams))
+        self.slice = OPENVINO_STREAMS_SLICE if self.streams > 1 else OPENVINO_SLICE
 
     def _infer(self, batch):
         self._request.infer([np.ascontiguousarray(batch, dtype=np.float32)])
@@ -107,7 +109,7 @@ class _OpenVINOPredictor(Predictor):
         return self._request.get_output_tensor(0).data.copy()
 
     def in_slices(self, batch, step):
-        if not step or len(batch) <= step or len(self._streams) < 2:
+        if not step or len(batch) <= step or self.streams < 2:
             return super().in_slices(batch, step)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         starts = range(0, len(batch), step)
@@ -156,35 +158,47 @@ def compile_model(keras_model, runtime, precision="f32", cache_dir=None, streams
             "on this processor (it needs AVX512-BF16 or AMX); use precision f32"
         )
     # Always set the precision: OpenVINO's own default is bf16 wherever the CPU has it, f32 elsewhere.
-    hints = (OPENVINO_LATENCY, OPENVINO_THROUGHPUT) if streams else (OPENVINO_LATENCY,)
-    configs = [{**hint, "INFERENCE_PRECISION_HINT": precision} for hint in hints]
-    if cache_dir is None:
-        return _OpenVINOPredictor(*_compile(keras_model, configs))
-    return _OpenVINOPredictor(*_compile_cached(keras_model, configs, cache_dir))
+    precision_hint = {"INFERENCE_PRECISION_HINT": precision}
+
+    def build(model):
+        latency = _core().compile_model(model, "CPU", {**OPENVINO_LATENCY, **precision_hint})
+        return _OpenVINOPredictor(latency, _throughput_model(model, precision_hint) if streams else None)
+
+    return _compile(keras_model, build) if cache_dir is None else _compile_cached(keras_model, build, cache_dir)
 
 
-def _compile(keras_model, configs, xml=None):
-    """The model compiled once per config from the IR `xml`, or from one converted into a directory of its own for
-    the while."""
+def _throughput_model(model, config):
+    """The model compiled for THROUGHPUT, or None where it would run one stream (a single core) or fails to compile:
+    the LATENCY model serves alone then, one slice after the other, rather than OpenVINO not at all."""
+    try:
+        compiled = _core().compile_model(model, "CPU", {**OPENVINO_THROUGHPUT, **config})
+    except RuntimeError as exc:
+        log("openvino_streams_unavailable", level="WARNING", error=str(exc)[:200])
+        return None
+    return compiled if compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") >= 2 else None
+
+
+def _compile(keras_model, build, xml=None):
+    """`build` (a function of the OpenVINO model) of the IR `xml`, or of one converted into a directory of its own
+    for the while."""
     if xml is not None:
-        model = _core().read_model(xml)
-        return [_core().compile_model(model, "CPU", config) for config in configs]
+        return build(_core().read_model(xml))
     with tempfile.TemporaryDirectory(prefix="openvino-ir-") as scratch:
-        return _compile(keras_model, configs, convert(keras_model, scratch))
+        return _compile(keras_model, build, convert(keras_model, scratch))
 
 
-def _compile_cached(keras_model, configs, cache_dir):
+def _compile_cached(keras_model, build, cache_dir):
     """As `_compile`, through the IR cache in `cache_dir`, which only saves the conversion's time: one that cannot
     be written (read-only, full) is done without, and a cached IR OpenVINO cannot read (cut short by a full disk or
     a kill) is converted again. Each stopped the worker at every start."""
     xml = _cached_ir(keras_model, cache_dir)
     if xml is not None:
         try:
-            return _compile(keras_model, configs, xml)
+            return _compile(keras_model, build, xml)
         except RuntimeError as exc:  # OpenVINO's error for a bad IR ("Incorrect weights in bin file!")
             log("model_cache_unreadable", level="WARNING", path=str(xml), error=str(exc)[:200])
             xml = _cached_ir(keras_model, cache_dir, stale=xml)
-    return _compile(keras_model, configs, xml)
+    return _compile(keras_model, build, xml)
 
 
 def _cached_ir(keras_model, cache_dir, stale=None):

@@ -85,21 +85,26 @@ def test_resnet50_reproduces_the_seed_table_for_the_castle(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("inference_batch_size", "batch_size", "shapes"),
+    ("inference_batch_size", "batch_size", "streams", "shapes"),
     [
-        (0, 32, [1, 2, 32]),
-        (4, 32, [1, 2, 4, 4, 4]),  # the last two: a batch of two slices, which OpenVINO runs on its streams
-        (31, 32, [1, 2, 31, 31, 1]),
-        (64, 32, [1, 2, 32]),
-        (0, 1, [1]),
+        (0, 32, 1, [1, 2, 32]),
+        (4, 32, 1, [1, 2, 4]),
+        (4, 32, 2, [1, 2, 4, 4, 4]),  # and a slice on each of OpenVINO's two streams
+        (2, 32, 3, [1, 2, 2, 2, 2]),
+        (31, 32, 2, [1, 2, 31, 31, 1]),
+        (64, 32, 2, [1, 2, 32]),
+        (0, 1, 1, [1]),
     ],
 )
-def test_warm_up_runs_batch_1_2_the_largest_call_and_two_slices(inference_batch_size, batch_size, shapes):
+def test_warm_up_runs_batch_1_2_the_largest_call_and_a_slice_on_each_stream(
+    inference_batch_size, batch_size, streams, shapes
+):
     classifier = models.Classifier("fake", model=None, preprocess=lambda x: x, weights="none")
     seen = []
     classifier._run = runtimes.Predictor(
         lambda batch: seen.append(len(batch)) or np.zeros((len(batch), 1000), np.float32)
     )
+    classifier._run.streams = streams
     classifier.inference_batch_size = inference_batch_size
     classifier.warm_up(batch_size)
     assert seen == shapes

@@ -187,6 +187,46 @@ def test_a_model_without_streams_runs_its_slices_one_after_the_other_on_every_co
     np.testing.assert_allclose(predictor.in_slices(batch, 4), predictor(batch), rtol=0, atol=1e-5)
 
 
+class _CoreWhoseThroughputModel:
+    """OpenVINO's Core, but a THROUGHPUT compile fails, or runs one stream as on a one-core host."""
+
+    def __init__(self, core, fails):
+        self._core, self._fails = core, fails
+
+    def compile_model(self, model, device, config):
+        if config.get("PERFORMANCE_HINT") != "THROUGHPUT":
+            return self._core.compile_model(model, device, config)
+        if self._fails:
+            raise RuntimeError("Exception from src/inference/src/core.cpp: THROUGHPUT (injected)")
+        return self._core.compile_model(model, device, {**config, "NUM_STREAMS": "1"})
+
+    def __getattr__(self, name):
+        return getattr(self._core, name)
+
+
+@pytest.mark.parametrize("fails", [True, False], ids=["throughput-fails", "one-stream"])
+def test_without_two_streams_openvino_still_serves_one_slice_after_the_other(
+    efficientnet, photos, tmp_path, monkeypatch, capfd, fails
+):
+    """A THROUGHPUT model that fails to compile was taken for a damaged IR: the cache converted again, then
+    TensorFlow served (RUNTIME=auto) or nothing (RUNTIME=openvino), at every start."""
+    batch = efficientnet.preprocess(np.concatenate([photos] * 3))
+    expected = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=tmp_path)(batch)
+    [ir] = tmp_path.glob("*.bin")
+    written = ir.stat().st_mtime_ns
+    core = _CoreWhoseThroughputModel(runtimes._core(), fails)
+    monkeypatch.setattr(runtimes, "_core", lambda: core)
+    capfd.readouterr()
+
+    predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=tmp_path, streams=True)
+
+    assert (predictor.streams, predictor.slice, predictor.throughput_model) == (1, 4, None)
+    np.testing.assert_allclose(predictor.in_slices(batch, predictor.slice), expected, rtol=0, atol=1e-5)
+    assert ir.stat().st_mtime_ns == written  # the cached IR was not taken for a damaged one
+    err = capfd.readouterr().err
+    assert "model_cache_unreadable" not in err and ("openvino_streams_unavailable" in err) == fails
+
+
 def test_a_slice_that_fails_leaves_no_stream_busy_for_the_next_batch(efficientnet, ir_cache):
     predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=ir_cache, streams=True)
     good = efficientnet.preprocess(np.zeros((4, 224, 224, 3), np.uint8))
