@@ -29,9 +29,11 @@ TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
 # on THROUGHPUT's streams instead (two here): in the service EfficientNet-Lite0's worker then cost a steady 9.8-10.0
 # ms of CPU a request where one stream of two threads cost 10.1-13.1, with the machine's speed of the moment.
 # ResNet50 served 4 % less that way: each stream reads all of its 100 MB of weights for its own slice. The
-# measurements: README, "In slices". The second compiled model costs Lite0 about 100 MB.
+# measurements: README, "In slices". The second compiled model costs Lite0 about 100 MB. Its streams' threads are
+# not pinned to a core: pinned, they kept the web process waiting for a core under overload (Lite0 at 220 requests/s,
+# four interleaved pairs: refusals p95 86-119 ms pinned against 33-52 ms, the same throughput).
 OPENVINO_LATENCY = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
-OPENVINO_THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT"}
+OPENVINO_THROUGHPUT = {"PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False}
 # Images per runtime call, unless INFERENCE_BATCH_SIZE says (0: the whole batch). TensorFlow gains from whole
 # batches. On OpenVINO one stream ran EfficientNet-Lite0 beside the web process best in slices of 4, though alone it
 # ran faster at batch 32; two streams, in slices of 2. README, "In slices".
