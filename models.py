@@ -273,5 +273,6 @@ def _select_runtime(classifier, config):
         precision=config.precision,
         asked=config.runtime,
         self_check_difference=f"{difference:.2g}",
+        streams=classifier._run.streams,  # side by side when above 1; 1 where THROUGHPUT failed or has one stream
         **({"recheck_margin": f"{config.recheck_margin:g}"} if config.recheck_margin else {}),
     )

@@ -175,7 +175,8 @@ def _throughput_model(model, config):
     try:
         compiled = _core().compile_model(model, "CPU", {**OPENVINO_THROUGHPUT, **config})
     except RuntimeError as exc:
-        log("openvino_streams_unavailable", level="WARNING", error=str(exc)[:200])
+        # OpenVINO's message opens with lines of source locations; the cause (a property it refuses, say) is last.
+        log("openvino_streams_unavailable", level="WARNING", error=str(exc).strip().splitlines()[-1][:300])
         return None
     return compiled if compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") >= 2 else None
 

@@ -2,6 +2,7 @@
 and MODEL/RUNTIME/PRECISION pick what the worker serves."""
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -198,7 +199,12 @@ class _CoreWhoseThroughputModel:
         if config.get("PERFORMANCE_HINT") != "THROUGHPUT":
             return self._core.compile_model(model, device, config)
         if self._fails:
-            raise RuntimeError("Exception from src/inference/src/core.cpp: THROUGHPUT (injected)")
+            raise RuntimeError(  # as OpenVINO words it: source locations first, the cause last
+                "Exception from src/inference/src/cpp/core.cpp:117:\n"
+                "Exception from src/inference/src/dev/plugin.cpp:54:\n"
+                "Exception from src/plugins/intel_cpu/src/config.cpp:505:\n"
+                "NotFound: Unsupported property ENABLE_CPU_PINNING by CPU plugin. (injected)\n\n\n"
+            )
         return self._core.compile_model(model, device, {**config, "NUM_STREAMS": "1"})
 
     def __getattr__(self, name):
@@ -226,6 +232,7 @@ def test_without_two_streams_openvino_still_serves_one_slice_after_the_other(
     assert ir.stat().st_mtime_ns == written  # the cached IR was not taken for a damaged one
     err = capfd.readouterr().err
     assert "model_cache_unreadable" not in err and ("openvino_streams_unavailable" in err) == fails
+    assert ("Unsupported property ENABLE_CPU_PINNING" in err) == fails  # the cause, where the log cut it off
 
 
 def test_a_slice_that_fails_leaves_no_stream_busy_for_the_next_batch(efficientnet, ir_cache):
@@ -254,8 +261,11 @@ def test_a_slice_that_fails_leaves_no_stream_busy_for_the_next_batch(efficientne
     np.testing.assert_allclose(predictor.in_slices(good, 1), expected, rtol=0, atol=1e-6)
 
 
-def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache_dir, photos):
+def test_the_worker_serves_openvino_by_default_and_tensorflow_when_asked(model_cache_dir, photos, capfd):
     served = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir))
+    # The start-up log says how many slices run at once: losing the streams shows there.
+    logged = re.search(r"runtime_selected runtime=openvino .*streams=(\d+)", capfd.readouterr().err)
+    assert logged and int(logged[1]) == served._run.streams >= min(os.cpu_count(), 2)
     keras = models.load(Settings(model="efficientnet_lite0", model_cache_dir=model_cache_dir, runtime="tensorflow"))
     assert (served.runtime, served.precision) == ("openvino", "f32") and keras.runtime == "tensorflow"
     for got, expected in zip(served.predict(photos), keras.predict(photos), strict=True):
