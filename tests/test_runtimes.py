@@ -161,6 +161,8 @@ def test_the_served_lite0_runs_the_slices_of_a_batch_side_by_side_with_the_answe
     streams = predictor.throughput_model.get_property("NUM_STREAMS")
     assert len(predictor._streams) == streams >= min(os.cpu_count(), 2)
     assert predictor.throughput_model.get_property("ENABLE_CPU_PINNING") is False  # the web process needs a core too
+    served.warm_up(32)  # every stream has run a slice before the first job: its first call of a shape costs double
+    assert [request.get_input_tensor().shape[0] for request in predictor._streams] == [served.slice] * streams
     started, running = [], []
     predictor._streams = [_Recorded(request, started, running) for request in predictor._streams]
     noise = np.random.default_rng(7).integers(0, 256, (3, *photos.shape[1:]), dtype=np.uint8)
