@@ -106,7 +106,15 @@ class Classifier:
             raise ValueError(f"a recheck margin is for precision bf16, not {precision}")
         reference = runtimes.compile_model(self.model, "tensorflow")
         candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir, self.streams)
-        difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
+        try:
+            difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
+        except RuntimeError:
+            # A cached IR damaged in place (its size intact, so OpenVINO reads it) answers wrong: converted once
+            # more, rather than OpenVINO refused at every start until someone empties the cache.
+            if cache_dir is None or not runtimes.forget(self.model, cache_dir):
+                raise
+            candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir, self.streams)
+            difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
         recheck = None
         if recheck_margin:
             recheck = runtimes.compile_model(self.model, runtime, "f32", cache_dir, self.streams)

@@ -209,12 +209,31 @@ def _cached_ir(keras_model, cache_dir, stale=None):
     logged, when the cache cannot be written."""
     try:
         if stale is not None:
-            for path in (stale, stale.with_suffix(".bin")):
-                path.unlink(missing_ok=True)
+            _remove_ir(stale)
         return convert(keras_model, cache_dir)
     except (OSError, RuntimeError) as exc:  # OpenVINO's writer says RuntimeError of a full disk ("iostream error")
         log("model_cache_not_written", level="WARNING", path=str(cache_dir), error=str(exc))
         return None
+
+
+def forget(keras_model, cache_dir):
+    """Remove the model's cached IR from `cache_dir`, its answers having failed the self-check; False when there
+    was none, or it cannot be removed (a read-only cache)."""
+    xml = Path(cache_dir) / f"{cache_key(keras_model)}.xml"
+    if not xml.is_file():
+        return False
+    try:
+        _remove_ir(xml)
+    except OSError as exc:
+        log("model_cache_not_written", level="WARNING", path=str(xml), error=str(exc))
+        return False
+    log("model_cache_refused", level="WARNING", path=str(xml), reason="its answers failed the self-check")
+    return True
+
+
+def _remove_ir(xml):
+    for path in (xml, xml.with_suffix(".bin")):  # the .xml first: no reader finds it naming a missing .bin
+        path.unlink(missing_ok=True)
 
 
 def cache_key(keras_model):

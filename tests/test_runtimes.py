@@ -290,6 +290,26 @@ def test_a_runtime_that_fails_its_self_check_is_refused_or_replaced(model_cache_
     assert models.load(lite0).runtime == "tensorflow"  # auto falls back, and says so in the log
 
 
+def test_a_cached_ir_damaged_in_place_is_converted_again_when_its_answers_fail_the_self_check(tmp_path, photos, capfd):
+    """Its size intact, OpenVINO reads it and answers wrong: RUNTIME=auto served TensorFlow at every start, and
+    RUNTIME=openvino did not start, until someone emptied the cache."""
+    lite0 = Settings(model="efficientnet_lite0", model_cache_dir=str(tmp_path), runtime="openvino")
+    expected = models.load(lite0.replace(runtime="tensorflow")).predict(photos)
+    models.load(lite0)  # converts the IR into the cache
+    [binary] = (tmp_path / "openvino").glob("*.bin")
+    damaged = bytearray(binary.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 4_000_000] = bytes(4_000_000)  # 4 MB of weights zeroed, the size unchanged
+    binary.write_bytes(damaged)
+    capfd.readouterr()
+
+    served = models.load(lite0)
+
+    assert served.runtime == "openvino" and "model_cache_refused" in capfd.readouterr().err
+    np.testing.assert_allclose(served.predict(photos), expected, rtol=0, atol=1e-4)
+    assert binary.read_bytes() != damaged
+
+
 def test_a_recheck_whose_f32_copy_fails_its_self_check_is_refused_saying_so(model_cache_dir, monkeypatch):
     real_compile = runtimes.compile_model
 
