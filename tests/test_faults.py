@@ -225,8 +225,9 @@ def test_redis_outage_under_load_then_full_service_without_restarts(service, rea
         t.join(30)
     assert all(status == 503 and seconds < 2 for status, seconds in during), during
     statuses = [status for status, _ in outcomes]
-    # Requests whose jobs died with the (non-persistent) Redis end in 504 by REQUEST_TIMEOUT; none hangs.
-    assert set(statuses) <= {200, 503, 504}, statuses
+    # Requests whose jobs died with the (non-persistent) Redis end in 504 by REQUEST_TIMEOUT, or in 410 when a
+    # worker had claimed the job before the outage and finds its pixels gone after it (seen once in CI); none hangs.
+    assert set(statuses) <= {200, 410, 503, 504}, statuses
     assert max(duration for _, duration in outcomes) < 7  # never past REQUEST_TIMEOUT (+ slack)
     after = [post(service.url, timeout=20) for _ in range(5)]
     assert [r.status_code for r in after] == [200] * 5
