@@ -24,9 +24,11 @@ class ModelUnavailable(RuntimeError):
 class Classifier:
     """A Keras model plus what it takes to feed it uint8 RGB batches, run it and name its outputs."""
 
-    def __init__(self, name, model, preprocess, weights, streams=False):
+    def __init__(self, name, model, preprocess, weights, side_by_side=False):
         self.name, self.model, self.weights = name, model, weights
-        self.streams = streams  # whether OpenVINO runs a batch's slices side by side (runtimes.OPENVINO_THROUGHPUT)
+        # Whether OpenVINO may run a batch's slices side by side (runtimes.OPENVINO_THROUGHPUT); how many it does run
+        # at once is the runtime's `streams`.
+        self.side_by_side = side_by_side
         self._preprocess = preprocess
         self.labels = load_labels()
         self.runtime, self.precision = "tensorflow", "f32"
@@ -105,19 +107,23 @@ class Classifier:
         if recheck_margin and precision != "bf16":
             raise ValueError(f"a recheck margin is for precision bf16, not {precision}")
         reference = runtimes.compile_model(self.model, "tensorflow")
-        candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir, self.streams)
-        try:
+
+        def checked():
+            candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir, self.side_by_side)
             difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
+            return candidate, difference
+
+        try:
+            candidate, difference = checked()
         except RuntimeError:
             # A cached IR damaged in place (its size intact, so OpenVINO reads it) answers wrong: converted once
             # more, rather than OpenVINO refused at every start until someone empties the cache.
             if cache_dir is None or not runtimes.forget(self.model, cache_dir):
                 raise
-            candidate = runtimes.compile_model(self.model, runtime, precision, cache_dir, self.streams)
-            difference = runtimes.self_check(reference, candidate, runtimes.TOLERANCES[precision], self._preprocess)
+            candidate, difference = checked()
         recheck = None
         if recheck_margin:
-            recheck = runtimes.compile_model(self.model, runtime, "f32", cache_dir, self.streams)
+            recheck = runtimes.compile_model(self.model, runtime, "f32", cache_dir, self.side_by_side)
             try:
                 runtimes.self_check(reference, recheck, runtimes.TOLERANCES["f32"], self._preprocess)
             except RuntimeError as exc:  # else the refusal would read as bf16's
@@ -203,7 +209,7 @@ def _efficientnet_lite0(weights, cache_dir):
 
 def _lite0_classifier(model, weights):
     # Its 19 MB of weights stay in cache: OpenVINO's streams of a core each cost it less CPU (runtimes.py).
-    return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, weights, streams=True)
+    return Classifier("efficientnet_lite0", model, _efficientnet_preprocess, weights, side_by_side=True)
 
 
 def _cached_keras_model(keras, cache):

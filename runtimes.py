@@ -25,9 +25,10 @@ PRECISIONS = ("f32", "bf16")
 # own rounding.
 TOLERANCES = {"f32": 1e-4, "bf16": 0.05}
 # One request with every core (LATENCY, one stream) runs each call; THROUGHPUT's streams get a core each, and
-# ResNet50's batch 1 took 63 against 32 ms on one. With `streams`, a batch of several slices runs them side by side
-# on THROUGHPUT's streams instead (two here): in the service EfficientNet-Lite0's worker then cost a steady 9.8-10.0
-# ms of CPU a request where one stream of two threads cost 10.1-13.1, with the machine's speed of the moment.
+# ResNet50's batch 1 took 63 against 32 ms on one. With `side_by_side`, a batch of several slices runs them on
+# THROUGHPUT's streams instead, a slice each (two here): in the service EfficientNet-Lite0's worker then cost a
+# steady 9.8-10.0 ms of CPU a request where one stream of two threads cost 10.1-13.1, with the machine's speed of the
+# moment.
 # ResNet50 served 4 % less that way: each stream reads all of its 100 MB of weights for its own slice. The
 # measurements: README, "In slices". The second compiled model costs Lite0 about 100 MB. Its streams' threads are
 # not pinned to a core: pinned, they kept the web process waiting for a core under overload (Lite0 at 220 requests/s,
@@ -139,9 +140,9 @@ class _OpenVINOPredictor(Predictor):
         return request
 
 
-def compile_model(keras_model, runtime, precision="f32", cache_dir=None, streams=False):
+def compile_model(keras_model, runtime, precision="f32", cache_dir=None, side_by_side=False):
     """A Predictor for `keras_model` on `runtime` ("openvino" or "tensorflow") at `precision`; on OpenVINO with
-    `streams`, one that runs a batch's slices side by side (OPENVINO_THROUGHPUT).
+    `side_by_side`, one that runs a batch's slices side by side (OPENVINO_THROUGHPUT).
 
     With `cache_dir`, the OpenVINO IR is kept there as <model>-<key>.xml/.bin, the key hashing the architecture,
     the weights and the library versions, so a restart skips the conversion.
@@ -164,7 +165,7 @@ def compile_model(keras_model, runtime, precision="f32", cache_dir=None, streams
 
     def build(model):
         latency = _core().compile_model(model, "CPU", {**OPENVINO_LATENCY, **precision_hint})
-        return _OpenVINOPredictor(latency, _throughput_model(model, precision_hint) if streams else None)
+        return _OpenVINOPredictor(latency, _throughput_model(model, precision_hint) if side_by_side else None)
 
     return _compile(keras_model, build) if cache_dir is None else _compile_cached(keras_model, build, cache_dir)
 

@@ -187,7 +187,7 @@ def test_use_runtime_compiles_and_checks_the_f32_recheck_and_drops_it_when_the_m
     reference = np.array([[0.7, 0.2, 0.1]] * 2, np.float32)
     answers = {"tensorflow": reference, "f32": reference, "bf16": reference + [[-0.01, 0.01, 0.0]]}
 
-    def compile_model(model, runtime, precision="f32", cache_dir=None, streams=False):
+    def compile_model(model, runtime, precision="f32", cache_dir=None, side_by_side=False):
         key = "tensorflow" if runtime == "tensorflow" else precision
         return runtimes.Predictor(lambda batch: answers[key][: len(batch)].copy())  # the rows are all alike
 

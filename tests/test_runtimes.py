@@ -184,7 +184,7 @@ def test_the_served_lite0_runs_the_slices_of_a_batch_side_by_side_with_the_answe
 
 
 def test_a_model_without_streams_runs_its_slices_one_after_the_other_on_every_core(efficientnet, ir_cache, photos):
-    """ResNet50's way (Classifier.streams False): each stream would read all its weights for its own slice."""
+    """ResNet50's way (Classifier.side_by_side False): each stream would read all its weights for its own slice."""
     predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=ir_cache)
     assert predictor.throughput_model is None and predictor._streams == [] and predictor.slice == 4
     batch = efficientnet.preprocess(np.concatenate([photos] * 3))
@@ -227,7 +227,7 @@ def test_without_two_streams_openvino_still_serves_one_slice_after_the_other(
     monkeypatch.setattr(runtimes, "_core", lambda: core)
     capfd.readouterr()
 
-    predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=tmp_path, streams=True)
+    predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=tmp_path, side_by_side=True)
 
     assert (predictor.streams, predictor.slice, predictor.throughput_model) == (1, 4, None)
     np.testing.assert_allclose(predictor.in_slices(batch, predictor.slice), expected, rtol=0, atol=1e-5)
@@ -238,7 +238,7 @@ def test_without_two_streams_openvino_still_serves_one_slice_after_the_other(
 
 
 def test_a_slice_that_fails_leaves_no_stream_busy_for_the_next_batch(efficientnet, ir_cache):
-    predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=ir_cache, streams=True)
+    predictor = runtimes.compile_model(efficientnet.model, "openvino", "f32", cache_dir=ir_cache, side_by_side=True)
     good = efficientnet.preprocess(np.zeros((4, 224, 224, 3), np.uint8))
     expected = predictor.in_slices(good, 1)
     requests, calls = predictor._streams, []
