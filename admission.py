@@ -4,8 +4,8 @@ within the time it has left, instead of queueing it to time out later.
 expected wait = max(local wait, (jobs in flight + jobs queued + images here) / throughput)
                 + (the request's images + batch-mates after it) / throughput
 
-- throughput: the sum of the live workers' moving average of images per second of busy time (each worker
-  publishes it in its heartbeat hash);
+- throughput: the sum of the live workers' images per second over about their last second of busy time (each
+  worker publishes it in its heartbeat hash; worker.Throughput);
 - jobs in flight: those the workers have claimed and not finished (their processing lists): the batch in
   progress has to end before the new job's can start;
 - images here: those this web process has admitted and not yet prepared (decode and resize: CPU work done by a
