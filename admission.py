@@ -1,7 +1,7 @@
 """Admission by expected wait: refuse a request at once (503 + Retry-After) when its job could not be served
 within the time it has left, instead of queueing it to time out later.
 
-expected wait = max(local wait, (jobs in flight + jobs queued + images here) / throughput)
+expected wait = max(local wait, (jobs in flight + jobs queued + images here + images elsewhere) / throughput)
                 + (the request's images + batch-mates after it) / throughput
 
 - throughput: the sum of the live workers' images per second over about their last second of busy time (each
@@ -11,6 +11,9 @@ expected wait = max(local wait, (jobs in flight + jobs queued + images here) / t
 - images here: those this web process has admitted and not yet prepared (decode and resize: CPU work done by a
   few threads per process, which start the images in the order they were handed over, so all of those come
   first); their jobs are queued before the request's;
+- images elsewhere: those the other web processes have admitted and not yet prepared, as each recorded it in
+  Redis within the last BACKLOG_MAX_AGE (JobQueue.share_backlog): they too reach the queue while the request's
+  images are prepared, most of them first;
 - local wait: the images here and the request's own, times the moving average of one image's turn in a decoding
   lane, divided by the lanes. The two stages run in series, so they overlap: the request's jobs are queued once
   its images are prepared, and the workers reach them once through everything ahead;
@@ -21,15 +24,19 @@ A request is admitted when the expected wait is at most ADMISSION_WAIT_FRACTION 
 nothing is ahead of it at all (no retry would find less ahead; its deadline still bounds it); refused outright
 when none is left. A refused request is never measured, so a request that finds nothing being prepared and a
 preparation measure older than PREPARATION_MAX_AGE ignores it, and the next sample replaces it. The queue's
-length is the one the last enqueue of this process saw, or read afresh when that is more than QUEUE_MAX_AGE old.
-MAX_QUEUE_LENGTH stays a hard cap, on the jobs queued and the images here (job_queue.JobQueue.enqueue enforces
-it atomically on the queue too). With no throughput measured yet (no worker has finished a batch), the queue's
+length and the images elsewhere are read (and this process's backlog recorded) in one round trip when the last
+read is QUEUE_MAX_AGE old; an enqueue's reply updates the length between reads. MAX_QUEUE_LENGTH stays a hard
+cap, on the jobs queued and the images here and elsewhere (job_queue.JobQueue.enqueue enforces it atomically on
+the queue too). With no throughput measured yet (no worker has finished a batch), the queue's
 part counts as nothing.
 """
 
 import math
+import os
+import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,10 +61,15 @@ class Admission:
     # read stuck on a hung connection (up to its pool and socket timeouts, tens of seconds) must not keep them on
     # workers long gone.
     READING_MAX_AGE = 3.0
-    # The queue's length is asked for (LLEN, a round trip) when the last one known is older than this. Every
-    # enqueue reports it (`queue_length`), so under load it is never asked: a tenth of a second of drift is
-    # nothing against a budget of seconds, and the cap itself is enforced by the enqueue in any case.
+    # The queue's length and the other web processes' backlogs are read, and this one's recorded, in a round trip
+    # when the last read is older than this: under load ten a second. Every enqueue also reports the length
+    # (`queue_length`). A tenth of a second of drift is nothing against a budget of seconds, and the cap itself is
+    # enforced by the enqueue in any case.
     QUEUE_MAX_AGE = 0.1
+    # A web process's recorded backlog counts for this long: one that stopped recording it (no requests since, or
+    # gone) counts nothing after it; its record is deleted after BACKLOG_FORGET_AFTER.
+    BACKLOG_MAX_AGE = 1.0
+    BACKLOG_FORGET_AFTER = 60.0
     PREPARATION_MAX_AGE = 2.0  # seconds an image's measured preparation stands for, once nothing is being prepared
 
     def __init__(
@@ -73,7 +85,8 @@ class Admission:
         self._throughput, self._batch, self._in_flight, self._read_at = 0.0, 1, 0, -math.inf
         self._models = frozenset()
         self._refreshing = False  # a request is reading the workers: the others go on with what was read before
-        self._queued, self._queued_at = 0, -math.inf
+        self._queued, self._elsewhere, self._shared_at = 0, 0, -math.inf
+        self._pid = self._name = None
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
         self.preparing_images = 0  # their images not yet prepared
@@ -109,13 +122,26 @@ class Admission:
 
     def queue_length(self, length: int) -> None:
         """Record the queue's length as an enqueue just saw it."""
-        self._queued, self._queued_at = length, self.clock()
+        self._queued = length
 
-    def _queued_jobs(self):
+    @property
+    def name(self) -> str:
+        """This web process's name in the shared backlogs: its own in each process that gunicorn forks."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._name = f"{socket.gethostname()}-{self._pid}-{uuid.uuid4().hex[:6]}"
+        return self._name
+
+    def _shared(self):
+        """The jobs queued and the images elsewhere, read (with this process's backlog recorded) when the last
+        read is QUEUE_MAX_AGE old."""
         now = self.clock()
-        if now - self._queued_at >= self.QUEUE_MAX_AGE:
-            self._queued, self._queued_at = self.queue.length(), now
-        return self._queued
+        if now - self._shared_at >= self.QUEUE_MAX_AGE:
+            self._queued, self._elsewhere = self.queue.share_backlog(
+                self.name, self.preparing_images, self.BACKLOG_MAX_AGE, self.BACKLOG_FORGET_AFTER
+            )
+            self._shared_at = now
+        return self._queued, self._elsewhere
 
     def throughput(self) -> float:
         """Images/s of all live workers together (0.0 when none has measured any), cached for a second."""
@@ -170,7 +196,7 @@ class Admission:
         """
         if remaining <= 0 or (prepare_within is not None and prepare_within <= 0):
             raise Refusal("deadline", 0, "the request's time ran out before it could be looked at")
-        queued = self._queued_jobs()
+        queued, elsewhere = self._shared()
         throughput = self.throughput()
         here = self.preparing_images  # admitted here, still to be decoded and queued: all of them before these
         per_image = 1 / throughput if throughput > 0 else 0.0
@@ -182,17 +208,18 @@ class Admission:
             # admitted behind this request before any image is prepared, is weighed with it.
             per_turn, self._remeasure = 0.0, True
         local = (here + images) * per_turn / self.decoders
-        ahead = self._in_flight + queued + here
+        ahead = self._in_flight + queued + here + elsewhere
         # Two stages in series: the jobs reach the queue once their images are prepared, and the workers reach
         # them once they are through the jobs in flight, the queued ones and the ones prepared here first;
         # whichever comes later, then their own batch.
         expected = max(local, ahead * per_image)
         expected += (images + min(self._batch - 1, queued)) * per_image
-        if queued + here + images > self.queue.max_length:
+        if queued + here + elsewhere + images > self.queue.max_length:
             raise Refusal(
                 "queue_full",
                 _seconds(expected or 1),
-                f"{queued + here} jobs are already waiting ({here} of them being prepared here)",
+                f"{queued + here + elsewhere} jobs are already waiting ({here} of them being prepared here, "
+                f"{elsewhere} by other web processes)",
             )
         if prepare_within is not None and local > prepare_within * self.wait_fraction:
             remaining, expected = prepare_within, local  # what is refused, and said, is the preparation
@@ -205,8 +232,8 @@ class Admission:
                 _seconds(expected - remaining * self.wait_fraction),
                 f"about {expected:.1f} s of work ahead ({queued} jobs queued, {self._in_flight} in flight, at "
                 f"{throughput:.1f} images/s, "
-                f"{self.preparing_images} images of {self.preparing} requests being prepared here), more than this "
-                f"request's {remaining:.1f} s allow",
+                f"{self.preparing_images} images of {self.preparing} requests being prepared here, {elsewhere} by "
+                f"other web processes), more than this request's {remaining:.1f} s allow",
             )
         self.preparing += 1
         self.preparing_images += images

@@ -72,7 +72,9 @@ class JobQueue:
         self.dead_letter_max = config.dead_letter_max
         self.result_ttl = config.result_ttl
         self.pixels_grace = pixels_grace(config)
-        self._scripts = {name: script(connection, name) for name in ("enqueue", "claim", "finish", "requeue")}
+        self._scripts = {
+            name: script(connection, name) for name in ("enqueue", "claim", "finish", "requeue", "backlogs")
+        }
 
     def enqueue(self, *batch: jobs.EncodedJob, track: Sequence[str] = (), track_ttl: int = 0) -> int:
         """Queue the jobs side by side, or none of them when `max_queue_length` leaves no room for them all
@@ -119,6 +121,14 @@ class JobQueue:
 
     def length(self) -> int:
         return self.redis.llen(self.keys.queue)
+
+    def share_backlog(self, process: str, count: int, max_age: float, forget_after: float) -> tuple[int, int]:
+        """Record web process `process`'s backlog (images admitted, not yet queued); returns the queue's length and
+        the other processes' backlogs recorded within `max_age` seconds, together (backlogs.lua)."""
+        keys = [self.keys.queue, self.keys.web_backlogs]
+        args = [process, count, round(max_age * 1000), round(forget_after * 1000)]
+        length, others = self._scripts["backlogs"](keys, args)
+        return int(length), int(others)
 
     def claim(self, worker: str, max_jobs: int, timeout: float, blocking_redis: redis.Redis | None = None) -> list:
         """Block up to `timeout` s for one job, then fill the batch up to `max_jobs`; returns every job the
