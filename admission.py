@@ -86,6 +86,7 @@ class Admission:
         self._models = frozenset()
         self._refreshing = False  # a request is reading the workers: the others go on with what was read before
         self._queued, self._elsewhere, self._shared_at = 0, 0, -math.inf
+        self._sharing = False  # a request is reading them: the others go on with what was read before
         self._pid = self._name = None
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
@@ -134,13 +135,20 @@ class Admission:
 
     def _shared(self):
         """The jobs queued and the images elsewhere, read (with this process's backlog recorded) when the last
-        read is QUEUE_MAX_AGE old."""
+        read is QUEUE_MAX_AGE old, by one request at a time, as in `_read_workers` (without that, every request
+        arriving during the round trip read too: 32 reads for 32 requests)."""
         now = self.clock()
-        if now - self._shared_at >= self.QUEUE_MAX_AGE:
+        age = now - self._shared_at
+        if age < self.QUEUE_MAX_AGE or (self._sharing and age < self.READING_MAX_AGE):
+            return self._queued, self._elsewhere
+        self._sharing = True
+        try:
             self._queued, self._elsewhere = self.queue.share_backlog(
                 self.name, self.preparing_images, self.BACKLOG_MAX_AGE, self.BACKLOG_FORGET_AFTER
             )
-            self._shared_at = now
+        finally:
+            self._sharing = False
+        self._shared_at = now
         return self._queued, self._elsewhere
 
     def throughput(self) -> float:

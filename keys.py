@@ -9,7 +9,7 @@ class Keys:
         # LIST of jobs that failed MAX_ATTEMPTS times or were malformed, each in jobs.DeadLetter's envelope
         self.dead = f"{self.queue}:dead"
         self.workers = f"{self.queue}:workers"  # SET of registered worker names
-        # HASH web process -> "images admitted and not yet queued:Redis ms", read by the others' admission
+        # HASH web process -> "images admitted and not yet prepared:Redis ms", read by the others' admission
         self.web_backlogs = f"{self.queue}:web_backlogs"
         self.log_stream = f"{self.queue}:log"  # STREAM of log lines from every process (opt-in)
         self.result_prefix = f"{self.queue}:result:"

@@ -35,24 +35,27 @@ class _Interrupted(Exception):
 class Throughput:
     """Images per second of busy time (claim to acknowledgement) over about the last TAU seconds of it.
 
-    Each batch weighs by how long it took, not by a fixed share: with a fifth per batch, batches of one image
+    Each batch weighs by how long it took, and at most a fifth. With a fifth for every batch, batches of one image
     (15 ms each) made the rate follow the last few images, which swung between 30 and 100 images/s within a second
     as the web tier took the CPU and gave it back; admission swung with it between admitting every request and
     refusing every one, and the requests admitted on a high reading got 504 (up to 111 of 1172 at twice the
-    capacity). A batch of 32 of EfficientNet-Lite0 (0.3 s) still weighs about a fifth, as before; one of
-    ResNet50 (1.2 s), more.
+    capacity). A batch of 32 of EfficientNet-Lite0 (0.3 s) weighs about a quarter; one of ResNet50 (1.2 s) a fifth,
+    as before: weighed by its duration alone, it would be most of the rate, and as jumpy as one image was.
     """
 
     TAU = 1.0  # seconds of busy time after which a batch weighs 1/e of what it weighed when it ended
+    KEPT_AT_LEAST = 0.8  # of the batches before, whatever the newest one's duration
 
     def __init__(self):
-        self.images = self.seconds = self.batches = 0.0  # sums, each older batch discounted by the busy time since
+        # Sums, each older batch discounted by the busy time since; batch_weight: of the batches themselves, for
+        # the average batch's duration.
+        self.images = self.seconds = self.batch_weight = 0.0
 
     def add(self, images: int, seconds: float) -> None:
-        kept = math.exp(-seconds / self.TAU)
+        kept = max(math.exp(-seconds / self.TAU), self.KEPT_AT_LEAST)
         self.images = self.images * kept + images
         self.seconds = self.seconds * kept + seconds
-        self.batches = self.batches * kept + 1
+        self.batch_weight = self.batch_weight * kept + 1
 
     @property
     def rate(self) -> float:
@@ -62,7 +65,7 @@ class Throughput:
         """How long a batch of `images` would take: at the measured rate, but never longer than the average batch
         has taken (a batch costs far less per image than a single one, and a rate measured on single images
         would make a burst of 32 look 32 times as long). 0.0 before anything was measured."""
-        return min(images / self.rate, self.seconds / self.batches) if self.rate > 0 else 0.0
+        return min(images / self.rate, self.seconds / self.batch_weight) if self.rate > 0 else 0.0
 
 
 # Every model of the catalog answers ImageNet's classes; an answer of another width would be labelled wrongly.
@@ -257,6 +260,7 @@ class Worker:
         batch_id, busy_since = next(self._batch_ids), time.monotonic()
         try:
             replies, retry, dead, done, gone, ran = self._work(raws)
+            worked = time.monotonic() - busy_since
         except _Interrupted:
             raise  # a stop while Redis was away, before the model ran: serve() hands the batch back unattempted
         except Exception as exc:  # noqa: BLE001 - a fault of ours, not of one job: see below
@@ -269,17 +273,22 @@ class Worker:
             return
         finally:
             bind()
-        outcome = self._connect_with_backoff(
-            lambda: self.queue.finish(self.name, batch_id, raws, replies, retry, dead, gone), until_stopped=False
-        )
+        attempt = [0.0]  # when the finish that landed was sent
+
+        def finish():
+            attempt[0] = time.monotonic()
+            return self.queue.finish(self.name, batch_id, raws, replies, retry, dead, gone)
+
+        outcome = self._connect_with_backoff(finish, until_stopped=False)
         if outcome == "swept":
             log("batch_swept", level="WARNING", worker=self.name, claimed=len(raws))
         if ran:
             # Until the batch is acknowledged, not only until the model is done: with batches of one image, the
             # answers and the acknowledgement took 2 ms of every 15, and a rate measured without them promised
             # admission 15 % more than the worker served (the 0.8 of ADMISSION_WAIT_FRACTION left little for
-            # anything else, and requests admitted on it got 504).
-            self.throughput.add(ran, time.monotonic() - busy_since)
+            # anything else, and requests admitted on it got 504). Not the time Redis was away meanwhile: a minute's
+            # outage taken for work made the rate 0.016 images/s when Redis came back.
+            self.throughput.add(ran, worked + time.monotonic() - attempt[0])
         self.counts["batches"] += 1
         self.counts["jobs"] += len(done)
         for job in done:

@@ -123,7 +123,7 @@ class JobQueue:
         return self.redis.llen(self.keys.queue)
 
     def share_backlog(self, process: str, count: int, max_age: float, forget_after: float) -> tuple[int, int]:
-        """Record web process `process`'s backlog (images admitted, not yet queued); returns the queue's length and
+        """Record web process `process`'s backlog (images admitted, not yet prepared); returns the queue's length and
         the other processes' backlogs recorded within `max_age` seconds, together (backlogs.lua)."""
         keys = [self.keys.queue, self.keys.web_backlogs]
         args = [process, count, round(max_age * 1000), round(forget_after * 1000)]

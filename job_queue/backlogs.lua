@@ -1,4 +1,4 @@
--- The images each web process has admitted and not yet queued (its backlog), shared among the web processes: they
+-- The images each web process has admitted and not yet prepared (its backlog), shared among the web processes: they
 -- will be queued before a request admitted now by any of them, so each one's admission counts the others' as jobs
 -- ahead. Records this process's count with Redis's time (one clock for every host), and returns what admission
 -- also needs of the queue, in the same round trip.
@@ -23,7 +23,9 @@ for i = 1, #records, 2 do
   if records[i] ~= process then
     local other, at = string.match(records[i + 1], '^(%d+):(%d+)$')
     local age = at and now - tonumber(at)
-    if not age or age > forget_after then
+    -- A record from the future (Redis's clock stepped back, or a failover to a replica whose clock lags) would be
+    -- counted until the clock caught up, and never deleted: it goes, and a live process records anew.
+    if not age or age < 0 or age > forget_after then
       redis.call('HDEL', backlogs, records[i])
     elseif age <= max_age then
       others = others + tonumber(other)
