@@ -33,14 +33,13 @@ part counts as nothing.
 
 import math
 import os
-import socket
 import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from job_queue import JobQueue
+from keys import process_name
 from worker_registration import WorkerRegistry, models_served
 
 
@@ -82,11 +81,11 @@ class Admission:
     ) -> None:
         self.queue, self.registry, self.wait_fraction, self.clock = job_queue, registry, wait_fraction, clock
         self.decoders = decoders  # preparations that run at once in this process
-        self._throughput, self._batch, self._in_flight, self._read_at = 0.0, 1, 0, -math.inf
+        self._throughput, self._batch, self._in_flight = 0.0, 1, 0
         self._models = frozenset()
-        self._refreshing = False  # a request is reading the workers: the others go on with what was read before
-        self._queued, self._elsewhere, self._shared_at = 0, 0, -math.inf
-        self._sharing = False  # a request is reading them: the others go on with what was read before
+        self._workers_read = _Refresh(self.THROUGHPUT_MAX_AGE, self.READING_MAX_AGE)
+        self._queued, self._elsewhere = 0, 0
+        self._backlogs_read = _Refresh(self.QUEUE_MAX_AGE, self.READING_MAX_AGE)
         self._pid = self._name = None
         self._lock = threading.Lock()
         self.preparing = 0  # requests admitted and not yet prepared, in this process
@@ -130,25 +129,18 @@ class Admission:
         """This web process's name in the shared backlogs: its own in each process that gunicorn forks."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._name = f"{socket.gethostname()}-{self._pid}-{uuid.uuid4().hex[:6]}"
+            self._name = process_name()
         return self._name
 
     def _shared(self):
         """The jobs queued and the images elsewhere, read (with this process's backlog recorded) when the last
-        read is QUEUE_MAX_AGE old, by one request at a time, as in `_read_workers` (without that, every request
-        arriving during the round trip read too: 32 reads for 32 requests)."""
-        now = self.clock()
-        age = now - self._shared_at
-        if age < self.QUEUE_MAX_AGE or (self._sharing and age < self.READING_MAX_AGE):
-            return self._queued, self._elsewhere
-        self._sharing = True
-        try:
-            self._queued, self._elsewhere = self.queue.share_backlog(
-                self.name, self.preparing_images, self.BACKLOG_MAX_AGE, self.BACKLOG_FORGET_AFTER
-            )
-        finally:
-            self._sharing = False
-        self._shared_at = now
+        read is QUEUE_MAX_AGE old, by one request at a time (without that, every request arriving during the
+        round trip read too: 32 reads for 32 requests)."""
+        with self._backlogs_read.due(self.clock()) as due:
+            if due:
+                self._queued, self._elsewhere = self.queue.share_backlog(
+                    self.name, self.preparing_images, self.BACKLOG_MAX_AGE, self.BACKLOG_FORGET_AFTER
+                )
         return self._queued, self._elsewhere
 
     def throughput(self) -> float:
@@ -164,19 +156,12 @@ class Admission:
 
     def _read_workers(self):
         """Throughput, the largest batch size, the jobs in flight and the models of the live workers, read once
-        a second, by one request at a time.
-
-        While one reads (three round trips), the requests that arrive meanwhile use the values of the read
-        before: under load, every request of those milliseconds read them again, ten times a second in all
-        instead of once. Before the first read has come back, or once the last is READING_MAX_AGE old, each
-        request reads for itself.
+        a second, by one request at a time (three round trips: under load, every request arriving during them read
+        them again, ten times a second in all instead of once).
         """
-        now = self.clock()
-        age = now - self._read_at
-        if age < self.THROUGHPUT_MAX_AGE or (self._refreshing and age < self.READING_MAX_AGE):
-            return
-        self._refreshing = True
-        try:
+        with self._workers_read.due(self.clock()) as due:
+            if not due:
+                return
             workers = self.registry.workers()
             total, batch = 0.0, 1
             for worker in workers:
@@ -187,11 +172,8 @@ class Admission:
             for worker in workers:
                 pipe.llen(self.queue.keys.processing(worker.get("name", "")))
             in_flight = sum(pipe.execute()) if workers else 0
-        finally:
-            self._refreshing = False
-        with self._lock:
-            self._throughput, self._batch, self._in_flight, self._models = total, batch, in_flight, models
-            self._read_at = now
+            with self._lock:
+                self._throughput, self._batch, self._in_flight, self._models = total, batch, in_flight, models
 
     def check(self, remaining: float, images: int = 1, prepare_within: float | None = None) -> tuple[int, float]:
         """Raise Refusal when a request of `images` jobs with `remaining` seconds to live should not be queued.
@@ -246,6 +228,31 @@ class Admission:
         self.preparing += 1
         self.preparing_images += images
         return queued, throughput
+
+
+class _Refresh:
+    """When values read from Redis are read again: once they are `max_age` old, by one request at a time. While one
+    reads, the requests that arrive meanwhile go on with the values of the read before; before the first read has
+    come back, or once the last is `stuck_after` old (a read stuck on a hung connection, up to its pool and socket
+    timeouts), each request reads for itself."""
+
+    def __init__(self, max_age: float, stuck_after: float) -> None:
+        self.max_age, self.stuck_after = max_age, stuck_after
+        self._read_at, self._reading = -math.inf, False
+
+    @contextmanager
+    def due(self, now: float):
+        """Yields whether this request is to read; its read counts from `now` once the block ends without error."""
+        age = now - self._read_at
+        if age < self.max_age or (self._reading and age < self.stuck_after):
+            yield False
+            return
+        self._reading = True
+        try:
+            yield True
+            self._read_at = now
+        finally:
+            self._reading = False
 
 
 class BacklogImages:

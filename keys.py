@@ -1,5 +1,15 @@
 """Every Redis key and channel the service uses, named in one place for the web server and the workers."""
 
+import os
+import socket
+import uuid
+
+
+def process_name() -> str:
+    """A name for this process in Redis (a worker's, a web process's backlog record): its host, its pid and a
+    random part, so that a process started later with the same pid on the same host is not taken for it."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
 
 class Keys:
     """Names under one queue; IMAGE_QUEUE doubles as the namespace so two services can share a Redis."""

@@ -220,7 +220,7 @@ def _cached_ir(keras_model, cache_dir, stale=None):
 def forget(keras_model, cache_dir):
     """Remove the model's cached IR from `cache_dir`, its answers having failed the self-check; False when there
     was none, or it cannot be removed (a read-only cache)."""
-    xml = Path(cache_dir) / f"{cache_key(keras_model)}.xml"
+    xml = _ir_path(keras_model, cache_dir)
     if not xml.is_file():
         return False
     try:
@@ -235,6 +235,11 @@ def forget(keras_model, cache_dir):
 def _remove_ir(xml):
     for path in (xml, xml.with_suffix(".bin")):  # the .xml first: no reader finds it naming a missing .bin
         path.unlink(missing_ok=True)
+
+
+def _ir_path(keras_model, cache_dir):
+    """Where the model's IR is cached: <model>-<key>.xml, its weights in the .bin beside it."""
+    return Path(cache_dir) / f"{cache_key(keras_model)}.xml"
 
 
 def cache_key(keras_model):
@@ -258,7 +263,7 @@ def convert(keras_model, cache_dir):
     The exporter writes the weights as they are; ov.save_model would halve them to fp16 by default.
     """
     cache_dir = Path(cache_dir)
-    xml = cache_dir / f"{cache_key(keras_model)}.xml"
+    xml = _ir_path(keras_model, cache_dir)
     if xml.is_file():
         return xml
     with model_cache.writing_aside(cache_dir) as scratch:

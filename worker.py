@@ -19,6 +19,7 @@ from catalog import load_labels
 from clock import RedisClock
 from job_queue import LEFT_TTL, JobQueue, result_grace
 from jobs import Reply
+from keys import process_name
 from logger import bind, log
 from settings import Settings
 from worker_registration import WorkerRegistry
@@ -80,7 +81,7 @@ def _end_process(status):
 class Worker:
     def __init__(self, classifier, config: Settings, name: str | None = None):
         self.classifier = classifier
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.name = name or process_name()
         self.batch_size = config.batch_size
         self.block_timeout = config.block_timeout
         self.heartbeat_interval = config.heartbeat_interval
