@@ -184,8 +184,22 @@ class Admission:
         admitted request counts in the local backlog until its `preparation(images)` ends: use both, one after
         the other.
         """
+        refusal, queued, throughput = self._weigh(remaining, images, prepare_within)
+        if refusal:
+            raise refusal
+        self.preparing += 1
+        self.preparing_images += images
+        return queued, throughput
+
+    def refuses(self, remaining: float) -> Refusal | None:
+        """The Refusal that `check` would raise for the smallest request (one image) with `remaining` seconds, or
+        None; counts nothing. A request with more images, or less time, would be refused as well. Raises
+        redis.RedisError when Redis cannot be asked."""
+        return self._weigh(remaining, 1, None)[0]
+
+    def _weigh(self, remaining, images, prepare_within) -> tuple[Refusal | None, int, float]:
         if remaining <= 0 or (prepare_within is not None and prepare_within <= 0):
-            raise Refusal("deadline", 0, "the request's time ran out before it could be looked at")
+            return Refusal("deadline", 0, "the request's time ran out before it could be looked at"), 0, 0.0
         queued, elsewhere = self._shared()
         throughput = self.throughput()
         here = self.preparing_images  # admitted here, still to be decoded and queued: all of them before these
@@ -205,19 +219,20 @@ class Admission:
         expected = max(local, ahead * per_image)
         expected += (images + min(self._batch - 1, queued)) * per_image
         if queued + here + elsewhere + images > self.queue.max_length:
-            raise Refusal(
+            full = Refusal(
                 "queue_full",
                 _seconds(expected or 1),
                 f"{queued + here + elsewhere} jobs are already waiting ({here} of them being prepared here, "
                 f"{elsewhere} by other web processes)",
             )
+            return full, queued, throughput
         if prepare_within is not None and local > prepare_within * self.wait_fraction:
             remaining, expected = prepare_within, local  # what is refused, and said, is the preparation
         # With nothing ahead, the request is tried whatever its estimate: no retry would find less ahead of it (a
         # 503 told it to retry, again and again), and its deadline still bounds it. It also measures afresh.
         if ahead and expected > remaining * self.wait_fraction:
             # Back when enough of the backlog has drained for a new request's expected wait to fit its budget.
-            raise Refusal(
+            too_long = Refusal(
                 "expected_wait",
                 _seconds(expected - remaining * self.wait_fraction),
                 f"about {expected:.1f} s of work ahead ({queued} jobs queued, {self._in_flight} in flight, at "
@@ -225,9 +240,8 @@ class Admission:
                 f"{self.preparing_images} images of {self.preparing} requests being prepared here, {elsewhere} by "
                 f"other web processes), more than this request's {remaining:.1f} s allow",
             )
-        self.preparing += 1
-        self.preparing_images += images
-        return queued, throughput
+            return too_long, queued, throughput
+        return None, queued, throughput
 
 
 class _Refresh:

@@ -111,7 +111,7 @@ def admit(images: int, budget: float | None = None) -> None:
     except Refusal as refusal:
         if refusal.reason == "deadline":  # no retry would meet it: the request's time is what it lacks
             raise _timed_out(_timeout(svc), str(refusal)) from None
-        raise _busy(refusal.reason, str(refusal), refusal.retry_after) from None
+        raise busy(refusal) from None
 
 
 def prepare(uploads: list[bytes]) -> list[np.ndarray]:
@@ -278,6 +278,11 @@ def _timed_out(timeout, why):
     metrics.TIMEOUTS.inc()
     log("request_timeout", level="WARNING", ms=(time.monotonic() - started()) * 1000, error=why)
     return Refused(504, f"no result within {timeout:g} s: {why}")
+
+
+def busy(refusal: Refusal) -> Refused:
+    """The 503 for an admission's refusal, logged and counted."""
+    return _busy(refusal.reason, str(refusal), refusal.retry_after)
 
 
 def _busy(reason, message, retry_after):
