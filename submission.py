@@ -36,6 +36,9 @@ from worker_registration import WorkerRegistry
 # Set by the server (run_web_server.py) in the WSGI environ; absent under other hosts and Flask's test client.
 ARRIVED = "imgclf.arrived"  # time.monotonic() when the request's connection was accepted or its first byte came
 WATCH_DISCONNECT = "imgclf.watch_disconnect"  # watch(callback) -> stop(): callback() once the client hangs up
+# The Redis error the admission met while web._RefuseEarly weighed the request: the route answers it without asking
+# Redis again (a hung Redis would make it wait out its socket timeout twice).
+REDIS_FAILED = "imgclf.redis_failed"
 MOVE_DEADLINE = "imgclf.move_deadline"  # move(seconds): the server's own 504 comes that long after ARRIVED instead
 
 
@@ -104,6 +107,8 @@ def admit(images: int, budget: float | None = None) -> None:
     exchange = started() + _timeout(svc) - time.monotonic()  # the images are prepared within it
     try:
         with redis_or_busy():
+            if REDIS_FAILED in request.environ:
+                raise request.environ[REDIS_FAILED]
             if budget:
                 svc.admission.check(budget, images, prepare_within=exchange)
             else:

@@ -75,27 +75,24 @@ class _RefuseEarly:
     the process got of the two cores, so the images already admitted were prepared 2-3x slower than while
     nothing was refused, which is when the admission had measured them, and some of them missed their deadline.
 
-    The answer is the route's own: same status, body, Retry-After, X-Request-Id, log lines and counts. A request
-    with more images, or a `timeout` of its own, would be refused as well. Only the order differs: a malformed
-    /predict that comes in then gets the 503, not its 400 (it gets the 400 once it is admitted)."""
+    For a one-image upload the answer is the route's own: same status, body, Retry-After, X-Request-Id, log lines
+    and counts. A request of several images would be refused too, but the route would say so with its own count
+    (a longer Retry-After, or queue_full where this says expected_wait); a malformed one, or one with more images
+    than a request may carry, gets the 503 first and its 400 or 413 once it is admitted. A request the route may
+    answer otherwise goes to it: one with a `timeout` of its own (its deadline may be spent: 504), a declared body
+    over MAX_UPLOAD_BYTES (413), a bad X-Request-Id (400), and any request while the admission cannot tell (a
+    Redis error, which the route then answers without asking Redis again)."""
 
     def __init__(self, app: Flask, wsgi_app) -> None:
         self.app, self.wsgi_app = app, wsgi_app
 
     def __call__(self, environ, start_response):
-        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != "/predict":
-            return self.wsgi_app(environ, start_response)
-        svc = self.app.extensions["image_classifier"]
-        rid = _request_id(environ.get("HTTP_X_REQUEST_ID"))
-        arrived = environ.setdefault(submission.ARRIVED, time.monotonic())
-        try:  # no id, a Redis error, a spent deadline: the route answers those
-            refusal = rid and svc.admission.refuses(svc.config.request_timeout - (time.monotonic() - arrived))
-        except redis.RedisError:
-            refusal = None
-        if not refusal or refusal.reason == "deadline":
+        rid = _request_id(environ.get("HTTP_X_REQUEST_ID"))  # None for a bad one: the route's 400
+        refusal = rid and self._refusal(environ)
+        if not refusal:
             return self.wsgi_app(environ, start_response)
         bind(rid=rid)
-        query = parse_qs(environ.get("QUERY_STRING", ""))
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         length = environ.get("CONTENT_LENGTH", "")
         log("request_received", bytes=int(length) if length.isdigit() else None, top_k=query.get("top_k", [None])[0])
         refused = submission.busy(refusal)
@@ -105,6 +102,26 @@ class _RefuseEarly:
         response.headers["Retry-After"] = str(refused.retry_after)
         response.headers["X-Request-Id"] = rid
         return response(environ, start_response)
+
+    def _refusal(self, environ):
+        """The admission's refusal of this request when it is one this answers, else None."""
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != "/predict":
+            return None
+        svc = self.app.extensions["image_classifier"]
+        length = environ.get("CONTENT_LENGTH", "")
+        if "timeout" in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True) or (
+            length.isdigit() and int(length) > svc.config.max_upload_bytes
+        ):
+            return None
+        arrived = environ.setdefault(submission.ARRIVED, time.monotonic())
+        try:
+            refusal = svc.admission.refuses(svc.config.request_timeout - (time.monotonic() - arrived))
+        except redis.RedisError as exc:
+            environ[submission.REDIS_FAILED] = exc
+            return None
+        except Exception:  # noqa: BLE001 - the route meets it again, and answers it as it answers any error
+            return None
+        return refusal if refusal and refusal.reason != "deadline" else None
 
 
 def _error(message, status, **extra):

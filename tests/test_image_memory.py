@@ -24,7 +24,7 @@ from test_open_inference import triton_request
 import helpers
 from job_queue import JobQueue
 from settings import Settings
-from support import ROOT
+from support import ROOT, wait_for
 from v2 import HEADER_LENGTH
 from worker_registration import WorkerRegistry
 
@@ -163,7 +163,10 @@ def test_a_request_waits_for_its_answer_holding_its_pixels_not_its_upload(servic
     Image.fromarray(noise).save(upload, "JPEG", quality=95)  # noise hardly compresses: 1.2 MB
     upload = upload.getvalue()
     web = service.start_web(REQUEST_TIMEOUT="30")
-    pid = int(Path(f"/proc/{web.pid}/task/{web.pid}/children").read_text().split()[0])  # gunicorn's one worker
+    children = Path(f"/proc/{web.pid}/task/{web.pid}/children")
+    # gunicorn's one worker: the master listens before it forks it, so the port can answer before it exists
+    wait_for(lambda: children.read_text().split(), 30, "gunicorn's worker")
+    pid = int(children.read_text().split()[0])
     assert [send(service.url, upload, 0.3).status_code for _ in range(3)] == [504] * 3  # the allocator warmed up
     before = _resident(pid)
     count, statuses = 50, []

@@ -320,15 +320,21 @@ def _count(name, **labels):
     return REGISTRY.get_sample_value(name, labels) or 0
 
 
+def _refusing_client(fake_redis, **settings):
+    """A web app on fakeredis whose admission refuses every request: 10 s of work ahead of a 10 s deadline."""
+    client, admission = _client_with_a_worker(fake_redis, request_timeout=10, **settings)
+    fake_redis.hset(KEYS.heartbeat("w"), "images_per_s", 10.0)
+    fake_redis.rpush(KEYS.queue, *["job"] * 100)
+    return client, admission
+
+
 def test_while_refusing_a_predict_gets_the_route_s_own_503_before_its_form_is_read(fake_redis, monkeypatch, capfd):
     """Under overload most requests are refused, and through the whole stack each refusal cost the web process
     1.1-1.2 ms of CPU: at three times the capacity, half of what it had for the admitted requests, whose images were
     then prepared 2-3x slower than the admission had measured before the refusals began (504s). While even a
     one-image request with REQUEST_TIMEOUT to live would be refused, a /predict is answered before Flask, its form
     and the route: with the answer the route gives."""
-    client, admission = _client_with_a_worker(fake_redis, request_timeout=10)
-    fake_redis.hset(KEYS.heartbeat("w"), "images_per_s", 10.0)
-    fake_redis.rpush(KEYS.queue, *["job"] * 100)  # 10 s of work ahead: more than 0.8 x 10 s
+    client, admission = _refusing_client(fake_redis)
     refused_before, answered_before = (
         _count("imgclf_rejected_total", reason="expected_wait"),
         _count("imgclf_requests_total", status="503", endpoint="predict"),
@@ -356,18 +362,57 @@ def test_while_refusing_a_predict_gets_the_route_s_own_503_before_its_form_is_re
     assert (admission.preparing, admission.preparing_images) == (0, 0)
 
 
-def test_a_request_the_early_refusal_does_not_answer_goes_to_the_route(fake_redis):
-    client, admission = _client_with_a_worker(fake_redis, request_timeout=10)
-    fake_redis.hset(KEYS.heartbeat("w"), "images_per_s", 10.0)
-    fake_redis.rpush(KEYS.queue, *["job"] * 100)
+@pytest.mark.parametrize(
+    "query, headers, status, said",
+    [
+        ("", {"X-Request-Id": "a b"}, 400, "X-Request-Id must be"),  # not an id, whatever the load
+        ("?timeout=0.000001", {}, 504, "time ran out"),  # its own deadline is spent: no retry would meet it
+        ("?timeout=2", {}, 503, "this request's 2.0 s allow"),  # the route weighs its own deadline
+    ],
+)
+def test_a_request_the_route_would_answer_otherwise_goes_to_it(fake_redis, query, headers, status, said):
+    """Found by the twelfth session's review: a spent `timeout` got 503 and Retry-After instead of its 504, and a
+    `timeout` of its own the Retry-After of REQUEST_TIMEOUT's."""
+    client, _ = _refusing_client(fake_redis)
     form = {"image": [(io.BytesIO(b"x"), "x.jpg")]}
-    # An X-Request-Id that is no id: the route's 400, whatever the load.
-    assert client.post("/predict", data=form, headers={"X-Request-Id": "a b"}).status_code == 400
-    fake_redis.delete(KEYS.queue)
-    time.sleep(Admission.QUEUE_MAX_AGE)
-    # Admitted: the route reads the form (b"x" is no image) and answers its 400.
+    response = client.post("/predict" + query, data=form, headers=headers)
+    assert response.status_code == status and said in response.get_json()["error"], response.get_json()
+
+
+def test_an_upload_over_the_limit_is_still_413_while_refusing(fake_redis):
+    client, _ = _refusing_client(fake_redis, max_upload_bytes=50_000)
+    form = {"image": [(io.BytesIO(CASTLE.read_bytes()), "castle.jpg")]}  # 77 KB
+    assert client.post("/predict", data=form).status_code == 413
+
+
+def test_an_admitted_request_goes_to_the_route(fake_redis):
+    client, _ = _client_with_a_worker(fake_redis, request_timeout=10)
     response = client.post("/predict", data={"image": [(io.BytesIO(b"x"), "x.jpg")]})
-    assert response.status_code == 400 and "image" in response.get_json()["error"]
+    assert response.status_code == 400 and "image" in response.get_json()["error"]  # the route read b"x": no image
+
+
+def test_a_redis_error_while_weighing_early_is_answered_by_the_route_without_asking_redis_again(fake_redis):
+    """Found by the twelfth session's review: the route asked again, and a hung Redis made the 503 wait out its
+    socket timeout (and retry) twice."""
+    client, admission = _refusing_client(fake_redis)
+    calls = []
+
+    def hung(*args):
+        calls.append(args)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    admission.queue.share_backlog = hung
+    response = client.post("/predict", data={"image": [(io.BytesIO(b"x"), "x.jpg")]})
+    assert response.status_code == 503 and response.get_json()["reason"] == "redis_unavailable"
+    assert len(calls) == 1
+
+
+def test_an_unexpected_error_while_weighing_early_is_the_route_s_500(fake_redis, monkeypatch):
+    client, admission = _refusing_client(fake_redis)
+    monkeypatch.setattr(admission, "refuses", lambda remaining: 1 / 0)
+    monkeypatch.setattr(admission, "check", lambda *args, **kwargs: 1 / 0)
+    response = client.post("/predict", data={"image": [(io.BytesIO(b"x"), "x.jpg")]}, headers={"X-Request-Id": "r1"})
+    assert response.status_code == 500 and response.headers["X-Request-Id"] == "r1"
 
 
 def test_refuses_is_check_s_refusal_of_one_image_and_counts_nothing(fake_redis):
