@@ -87,9 +87,9 @@ class _RefuseEarly:
         self.app, self.wsgi_app = app, wsgi_app
 
     def __call__(self, environ, start_response):
-        rid = _request_id(environ.get("HTTP_X_REQUEST_ID"))  # None for a bad one: the route's 400
-        refusal = rid and self._refusal(environ)
-        if not refusal:
+        refusal = self._refusal(environ)
+        rid = refusal and _request_id(environ.get("HTTP_X_REQUEST_ID"))  # None for a bad one: the route's 400
+        if not rid:
             return self.wsgi_app(environ, start_response)
         bind(rid=rid)
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
