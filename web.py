@@ -87,14 +87,17 @@ class _RefuseEarly:
         self.app, self.wsgi_app = app, wsgi_app
 
     def __call__(self, environ, start_response):
-        refusal = self._refusal(environ)
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != "/predict":
+            return self.wsgi_app(environ, start_response)
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        declared = environ.get("CONTENT_LENGTH", "")
+        length = int(declared) if declared.isdigit() else None
+        refusal = self._refusal(environ, query, length)
         rid = refusal and _request_id(environ.get("HTTP_X_REQUEST_ID"))  # None for a bad one: the route's 400
         if not rid:
             return self.wsgi_app(environ, start_response)
         bind(rid=rid)
-        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-        length = environ.get("CONTENT_LENGTH", "")
-        log("request_received", bytes=int(length) if length.isdigit() else None, top_k=query.get("top_k", [None])[0])
+        log("request_received", bytes=length, top_k=query.get("top_k", [None])[0])
         refused = submission.busy(refusal)
         count_answer("classifier.predict", "POST", refused.status)
         response = self.app.json.response(_error_body(refused.message, reason=refused.reason))
@@ -103,15 +106,10 @@ class _RefuseEarly:
         response.headers["X-Request-Id"] = rid
         return response(environ, start_response)
 
-    def _refusal(self, environ):
-        """The admission's refusal of this request when it is one this answers, else None."""
-        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != "/predict":
-            return None
+    def _refusal(self, environ, query, length):
+        """The admission's refusal of this /predict when it is one this answers, else None."""
         svc = self.app.extensions["image_classifier"]
-        length = environ.get("CONTENT_LENGTH", "")
-        if "timeout" in parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True) or (
-            length.isdigit() and int(length) > svc.config.max_upload_bytes
-        ):
+        if "timeout" in query or (length is not None and length > svc.config.max_upload_bytes):
             return None
         arrived = environ.setdefault(submission.ARRIVED, time.monotonic())
         try:
