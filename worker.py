@@ -106,6 +106,9 @@ class Worker:
         self._idle = False
         self._sweep_from = 0.0  # monotonic time from which this worker may sweep others
         self._published = (0.0, -math.inf)  # the images/s the last beat carried, and when (monotonic)
+        # Seconds spent on tries that failed for want of Redis, and on the waits between them (main thread only):
+        # not work, so not part of a batch's busy time.
+        self._redis_away = 0.0
         self._beat_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -211,10 +214,13 @@ class Worker:
         """action() once Redis answers it, retried with backoff; a stop ends the wait (raising _Interrupted) unless
         `until_stopped` is False: a batch's finish or failure must land, or the stop's leave would hand the batch
         back as if it had never run (a failure's attempt lost)."""
-        backoff = redis_client.Backoff()
+        backoff, first_try = redis_client.Backoff(), time.monotonic()
         while True:
             try:
-                return action()
+                this_try = time.monotonic()
+                outcome = action()
+                self._redis_away += this_try - first_try
+                return outcome
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 delay = backoff.next()
                 log("redis_unavailable", level="ERROR", worker=self.name, error=str(exc), retry_in_s=delay)
@@ -258,10 +264,9 @@ class Worker:
 
     def process(self, raws):
         """Classify the claimed jobs and finish the batch; no job, however malformed, ends the worker."""
-        batch_id, busy_since = next(self._batch_ids), time.monotonic()
+        batch_id, busy_since, away_before = next(self._batch_ids), time.monotonic(), self._redis_away
         try:
             replies, retry, dead, done, gone, ran = self._work(raws)
-            worked = time.monotonic() - busy_since
         except _Interrupted:
             raise  # a stop while Redis was away, before the model ran: serve() hands the batch back unattempted
         except Exception as exc:  # noqa: BLE001 - a fault of ours, not of one job: see below
@@ -274,22 +279,20 @@ class Worker:
             return
         finally:
             bind()
-        attempt = [0.0]  # when the finish that landed was sent
-
-        def finish():
-            attempt[0] = time.monotonic()
-            return self.queue.finish(self.name, batch_id, raws, replies, retry, dead, gone)
-
-        outcome = self._connect_with_backoff(finish, until_stopped=False)
+        outcome = self._connect_with_backoff(
+            lambda: self.queue.finish(self.name, batch_id, raws, replies, retry, dead, gone), until_stopped=False
+        )
         if outcome == "swept":
             log("batch_swept", level="WARNING", worker=self.name, claimed=len(raws))
         if ran:
             # Until the batch is acknowledged, not only until the model is done: with batches of one image, the
             # answers and the acknowledgement took 2 ms of every 15, and a rate measured without them promised
             # admission 15 % more than the worker served (the 0.8 of ADMISSION_WAIT_FRACTION left little for
-            # anything else, and requests admitted on it got 504). Not the time Redis was away meanwhile: a minute's
-            # outage taken for work made the rate 0.016 images/s when Redis came back.
-            self.throughput.add(ran, worked + time.monotonic() - attempt[0])
+            # anything else, and requests admitted on it got 504). Not the time Redis was away meanwhile, while the
+            # pixels were read or the batch finished: a minute's outage taken for work made the rate 0.016 images/s
+            # when Redis came back, and admission refused nearly everything until it was measured away.
+            away = self._redis_away - away_before
+            self.throughput.add(ran, time.monotonic() - busy_since - away)
         self.counts["batches"] += 1
         self.counts["jobs"] += len(done)
         for job in done:
