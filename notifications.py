@@ -123,6 +123,12 @@ class ResultWaiter:
                         if message["type"] == "message":
                             # A stray message from anyone with PUBLISH rights must not end the listener.
                             self._wake(*jobs.parse_notification(message["data"]))
+                        elif message["type"] == "subscribe":
+                            # redis-py reconnected a reset connection and subscribed again on its own, without
+                            # raising: what was published meanwhile is gone (found by review: a multi-image
+                            # request waited its fallback polls out, one after the other, into a 504).
+                            log("listener_resubscribed", level="WARNING", channel=self.channel)
+                            self._wake_all()
                     elif now - heard > 3 * self._ping_every:
                         raise redis.ConnectionError(f"no answer on the notification connection for {now - heard:.0f} s")
                     elif now - heard > self._ping_every and now - pinged > self._ping_every:
@@ -179,15 +185,22 @@ class ResultWaiter:
         raw = self.redis.getex(self.keys.result(job_id), px=self._keep_read_results_ms)
         return None if raw is None else jobs.decode_result(raw)
 
-    def wait(self, pending: _Pending, deadline: float) -> dict | None:
-        """The result of the pending job, or None once `deadline` (time.monotonic()) has passed."""
+    def wait(self, pending: _Pending, deadline: float, since: float | None = None) -> dict | None:
+        """The result of the pending job, or None once `deadline` (time.monotonic()) has passed.
+
+        `since` (time.monotonic(), default now): when the job was pushed. The first read of its key is due the
+        first poll interval after it, not after this call: a request waits for its jobs one after another, and
+        when their notifications were lost together, each restarting the interval made the waits add up (5 s an
+        image) and a request whose results were all stored got 504."""
         interval = self._first_wait
+        look_at = (time.monotonic() if since is None else since) + interval
         while True:
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 metrics.TIMEOUTS.inc()
                 return None
-            notified = pending.event.wait(min(interval, remaining))
+            notified = pending.event.wait(max(0.0, min(look_at - now, remaining)))
             pending.event.clear()
             # Taken even when the wait timed out: a notification may land between the timeout and the clear, and
             # with Redis unreachable for the read below, its result would otherwise be left until the deadline.
@@ -212,3 +225,4 @@ class ResultWaiter:
                 interval = min(interval * self._growth, self._longest_wait)
                 if self.mode == "notify":
                     log("fallback_poll", level="DEBUG", id=pending.job_id, next_in_s=interval)
+            look_at = time.monotonic() + interval

@@ -171,12 +171,13 @@ def classify(pixels: list[np.ndarray], top_k: int, probabilities: bool = False) 
     with ExitStack() as stack:
         waiting = [stack.enter_context(svc.waiter.expect(job.id, job.notify_result)) for job in batch]
         _enqueue(svc, batch)
+        pushed = time.monotonic()
         watch = request.environ.get(WATCH_DISCONNECT)
         stop_watching = watch(lambda: [pending.abandon() for pending in waiting]) if watch else None
         try:
             results = []
             for pending in waiting:
-                result = svc.waiter.wait(pending, begun + timeout)
+                result = svc.waiter.wait(pending, begun + timeout, since=pushed)
                 if result is None:
                     break
                 results.append(result)

@@ -173,6 +173,44 @@ def test_listener_resubscribes_after_redis_restart_and_rechecks_waiting_keys(rea
     assert out["e" * 32]["id"] == "e" * 32  # found long before the 60 s fallback poll
 
 
+def test_listener_rechecks_waiting_keys_when_redis_py_resubscribes_a_reset_connection(real_redis, waiter_for):
+    """A reset of the notification connection alone (CLIENT KILL, Redis's idle `timeout`, a pub/sub output buffer
+    over its limit, a NAT): redis-py reconnects and subscribes again inside get_message, raising nothing, and
+    what was published meanwhile is gone. Found by review: nothing re-checked the keys, so each waiting request
+    sat until its fallback poll."""
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=60)  # polling cannot be what finds the result
+    waiter.start()
+    out = {}
+    [thread] = start_waiting(waiter, ["a" * 32], 20, out)
+    store(real_redis, KEYS, "a" * 32)  # its notification lost
+    assert real_redis.client_kill_filter(_type="pubsub") >= 1  # earlier tests' listeners may still be closing
+    thread.join(15)
+    assert out["a" * 32]["id"] == "a" * 32
+
+
+def test_a_request_s_jobs_are_looked_for_together_when_their_notifications_are_lost(real_redis, config):
+    """Four images whose results are all stored while every notification is lost: the request polls for the
+    first after FALLBACK_POLL_AFTER and finds the others at once. Found by review: each job's wait began its own
+    interval, so the waits added up (2 + 2 + 2 s here, against a 5 s deadline) and the request got 504 with all
+    four results in Redis."""
+    settings = config.replace(wait_mode="notify", fallback_poll_after=2, fallback_poll_max=2)
+    client = web.create_app(settings, redis_client.connect(settings.redis_url, 5)).test_client()
+    out = {}
+    images = [(CASTLE.open("rb"), f"{n}.jpg") for n in range(4)]
+    request = threading.Thread(
+        target=lambda: out.update(response=client.post("/predict?timeout=5", data={"image": images}))
+    )
+    request.start()
+    wait_for(lambda: real_redis.llen(KEYS.queue) == 4, 5, "the jobs to be queued")
+    for raw in real_redis.lrange(KEYS.queue, 0, -1):
+        job = jobs.decode_job(raw)
+        answer = jobs.success_result(job, None, [{"label": "castle", "probability": 0.9}], "m", 4, 5.0, 1.0)
+        real_redis.set(KEYS.result(job.id), jobs.encode_result(answer), ex=60)  # and no PUBLISH
+    request.join(10)
+    assert out["response"].status_code == 200, out["response"].get_data(as_text=True)
+    assert [r["success"] for r in out["response"].get_json()["results"]] == [True] * 4
+
+
 def test_a_stray_binary_message_does_not_end_the_listener(real_redis, waiter_for):
     waiter = waiter_for(wait_mode="notify", fallback_poll_after=60)
     channel = waiter.start()
