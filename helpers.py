@@ -6,6 +6,7 @@ sensor stored it.
 """
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -35,16 +36,34 @@ _DRAFT_GAP = 1.0
 _BAND_PIXELS = 1 << 20
 
 
+def _range(mode, array):
+    """The sample values that map to black and white: the conventions of the mode where the samples keep to them,
+    the image's own range where they do not. Found by review: a float TIFF in [0, 1] (the usual convention) came out
+    black, and a 32-bit one using its range white, each classified with no error."""
+    if mode.startswith("I;16"):
+        return 0.0, 65535.0
+    low, high = float(np.nanmin(array)), float(np.nanmax(array))
+    if mode == "F" and 0 <= low and high <= 1:
+        return 0.0, 1.0
+    if 0 <= low and high <= 255:
+        return 0.0, 255.0
+    if mode == "I" and 0 <= low and high <= 65535:
+        return 0.0, 65535.0  # 16-bit samples in a 32-bit image, as Pillow reads some 16-bit files
+    if not (math.isfinite(low) and math.isfinite(high)) or low == high:
+        return 0.0, 255.0  # nothing to stretch; out-of-range samples are clipped
+    return low, high
+
+
 def _wide_to_gray(image):
     """An 8-bit grey image from a 16-bit, 32-bit or float one, scaled to its range rather than clipped."""
     array = np.asarray(image)  # its own dtype: 2 bytes a pixel for 16-bit, not float64's 8
-    top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+    low, high = _range(image.mode, array)
     gray = np.empty(array.shape, np.uint8)
     rows = max(1, _BAND_PIXELS // max(1, array.shape[1]))
     for start in range(0, array.shape[0], rows):
         # The same float64 arithmetic as on the whole image, so the pixels are identical; only the peak is smaller.
-        band = array[start : start + rows].astype(np.float64)
-        gray[start : start + rows] = np.clip(band * (255.0 / top), 0, 255).astype(np.uint8)
+        band = np.nan_to_num(array[start : start + rows].astype(np.float64), copy=False)
+        gray[start : start + rows] = np.clip((band - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
     return Image.fromarray(gray)
 
 

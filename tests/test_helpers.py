@@ -72,6 +72,30 @@ def test_sixteen_bit_image_keeps_its_tones():
     assert pixels.min() < 20 and pixels.max() > 235  # not clipped to white
 
 
+def _castle_gray():
+    return np.asarray(Image.open(CASTLE).convert("L"), dtype=np.float64)
+
+
+@pytest.mark.parametrize(
+    "samples, mode",
+    [
+        (lambda gray: gray / 255, "F"),  # floats in [0, 1], the usual convention
+        (lambda gray: gray, "F"),  # floats in [0, 255]
+        (lambda gray: gray * 1e6 - 5e7, "F"),  # floats in a range of their own
+        (lambda gray: gray * 257, "I"),  # 16-bit samples in a 32-bit image
+        (lambda gray: gray * (1 << 23) - (1 << 31), "I"),  # the whole 32-bit range
+    ],
+    ids=["float-0-1", "float-0-255", "float-own-range", "int32-16-bit", "int32-full"],
+)
+def test_a_wide_tiff_is_classified_with_its_tones(samples, mode):
+    """Found by review: a float TIFF in [0, 1] came out black and a 32-bit one using its range white."""
+    array = samples(_castle_gray())
+    image = Image.fromarray(array.astype(np.float32 if mode == "F" else np.int32), mode)
+    pixels = helpers.prepare_image(encode(image, "TIFF"), LIMIT)
+    gray = helpers.prepare_image(encode(Image.open(CASTLE).convert("L"), "PNG"), LIMIT)
+    assert np.abs(pixels.astype(np.int16) - gray).mean() < 2.0
+
+
 def test_animated_gif_uses_the_first_frame():
     pixels = helpers.prepare_image(_animated_gif(), LIMIT)
     assert tuple(pixels[100, 100]) == (255, 0, 0)
