@@ -46,19 +46,24 @@ class CountingClassifier:
         return [{"label": "x", "probability": float(probabilities[0])}] * k
 
 
-def png_bomb():
-    """A valid PNG header that declares 30000x30000 pixels; the pixel data need not exist."""
+def png_header(width, height):
+    """A valid PNG header that declares `width` x `height` RGB pixels; the pixel data need not exist."""
 
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
         + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
         + chunk(b"IEND", b"")
     )
+
+
+def png_bomb():
+    """A valid PNG header that declares 30000x30000 pixels."""
+    return png_header(30000, 30000)
 
 
 def sample(text, name, labels=""):

@@ -101,10 +101,10 @@ def test_peak_resident_memory_stays_bounded(large_png):
 
 
 def _whole_image(image):
-    """The scaling as it was first written, in float64 over the whole image: the reference for the bands."""
+    """The scaling in float64 over the whole image at once: the reference for the bands."""
     array = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-    return np.clip(array * (255.0 / top), 0, 255).astype(np.uint8)
+    low, high = helpers._range(image.mode, np.asarray(image))
+    return np.clip((array - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
 
 
 def _image(mode, low, high, dtype):
