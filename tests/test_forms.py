@@ -90,6 +90,8 @@ UNUSUAL = {
     "more parts than max_form_parts": body(*[part(f"f{i}", b"v") for i in range(6)]),
     "a field over max_form_memory_size": body(part("f", b"v" * 200_001)),
     "a bare CR in the headers": body(part("image", b"x", "x", b"X-A: 1\r\rX-B: 2\r\n")),
+    "a part's headers over max_form_memory_size": body(part("image", b"x", "x", b"X-Pad: " + b"p" * 300_000 + b"\r\n")),
+    "a part's headers over 8 KiB": body(part("image", b"x", "x", b"X-Pad: " + b"p" * 9000 + b"\r\n")),
 }
 # Bytes that str.strip() removes and Werkzeug keeps: the quick split must read them as Werkzeug does.
 ODD_WHITESPACE = {
