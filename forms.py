@@ -27,6 +27,13 @@ _CHARSETS = {"ascii", "us-ascii", "utf-8", "iso-8859-1"}  # Werkzeug's list of p
 # A part's headers longer than this go to Werkzeug, which refuses them (413) past max_form_memory_size. Found by
 # review: 600 KB of them were split quickly and answered 200. Real parts' headers are a hundred bytes or two.
 _LONGEST_HEADERS = 8192
+# The WSGI environ's key of a function that tells the server the request's body is no longer held (run_web_server
+# counts the bodies it holds against MAX_BUFFERED_BYTES).
+RELEASE_BODY = "imgclf.release_body"
+
+
+def _nothing():
+    pass
 
 
 def split(body: bytes, boundary: bytes) -> list[tuple[Headers, bytes]] | None:
@@ -112,6 +119,7 @@ class Request(FlaskRequest):
         waits for its answer holding its pixels (150 KB an image), not the body and its parts (two copies of an
         upload of up to MAX_UPLOAD_BYTES). A later read of the form finds it empty."""
         self.close()  # the files Werkzeug's own parser spooled to disk, which the request's teardown no longer sees
+        self.environ.get(RELEASE_BODY, _nothing)()  # the server's count of the bodies it holds
         self.environ["wsgi.input"] = io.BytesIO()
         self.environ["CONTENT_LENGTH"] = "0"
         for cached in ("stream", "form", "files", "_cached_data"):  # Werkzeug's caches of them

@@ -39,7 +39,7 @@ TIMEOUTS = Counter("imgclf_timeouts_total", "Requests answered 504: their deadli
 ADMITTED = Counter("imgclf_admitted_total", "Requests whose job was put on the queue")
 REJECTED = Counter(
     "imgclf_rejected_total", "Requests refused with 503 before queueing, by reason", ["reason"]
-)  # queue_full | expected_wait | redis_unavailable | shed (by a worker: its deadline out of reach)
+)  # queue_full | expected_wait | redis_unavailable | shed (by a worker: its deadline out of reach) | uploads_full
 CANCELLED = Counter("imgclf_cancelled_total", "Queued jobs marked cancelled because their client went away")
 EXPIRED = Counter("imgclf_expired_total", "Queued jobs marked cancelled because their request's deadline passed")
 READ_TIMEOUTS = Counter(

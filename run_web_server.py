@@ -59,6 +59,7 @@ _OWN_METRICS_DIR = None
 if config.web_processes > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     _OWN_METRICS_DIR = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="image-classifier-metrics-")
 
+import forms  # noqa: E402
 import metrics  # noqa: E402
 import submission  # noqa: E402
 import web  # noqa: E402
@@ -100,6 +101,53 @@ def _write_error(sock, status_int, reason, mesg):
 gunicorn_util.write_error = _write_error
 
 _408 = _json_response("408 Request Timeout", f"the request did not arrive within {config.client_read_timeout:g} s")
+
+
+class _NoRoom(Exception):
+    """The request's body would take this process past MAX_BUFFERED_BYTES of bodies held at once."""
+
+
+class _HeldBodies:
+    """The bytes of request bodies this process holds, at most MAX_BUFFERED_BYTES. Found by review: 10 uploads of
+    MAX_UPLOAD_BYTES, each stopped one byte short, held 130 MB until their 408s, and nothing bounded it short of
+    WEB_CONNECTIONS x MAX_UPLOAD_BYTES (20 GB): a pod's memory limit would have killed the process and every request
+    in it. Greenlets of one thread: no lock."""
+
+    def __init__(self, limit):
+        self.limit, self.held = limit, 0
+
+    def holder(self):
+        """A request's share: take(size) as its body is read (raises _NoRoom), release() when it is let go."""
+        taken = 0
+
+        def take(size):
+            nonlocal taken
+            if self.held + size > self.limit:
+                raise _NoRoom()
+            self.held += size
+            taken += size
+
+        def release():
+            nonlocal taken
+            self.held -= taken
+            taken = 0
+
+        return take, release
+
+
+_held = _HeldBodies(config.max_buffered_bytes)
+_UPLOADS_FULL_BODY = json.dumps(
+    {
+        "success": False,
+        "reason": "uploads_full",
+        "error": f"this server holds {config.max_buffered_bytes} bytes of uploads already (MAX_BUFFERED_BYTES)",
+    }
+).encode()
+_UPLOADS_FULL_HEADERS = [
+    ("Content-Type", "application/json"),
+    ("Content-Length", str(len(_UPLOADS_FULL_BODY))),
+    ("Retry-After", "1"),
+]
 
 
 class _Connection:
@@ -228,14 +276,17 @@ CHUNKED_FIRST_READ, CHUNKED_MIN_READ, CHUNKED_MAX_READ = 65536, 1024, 1 << 20
 CHUNKED_SLICE_SECONDS = 0.005
 
 
-def _buffer_body(environ, deadline):
-    """Read the whole body before the app runs, within the deadline (raises gevent.Timeout). False when some of it
-    is left unread: a chunked body past MAX_UPLOAD_BYTES, which the app answers 413 (one announced past it is not
-    read at all, see _GeventWorker.handle_request)."""
+def _buffer_body(environ, deadline, take):
+    """Read the whole body before the app runs, within the deadline (raises gevent.Timeout), counting it with
+    `take` (raises _NoRoom: an announced body before a byte of it is read). False when some of it is left unread: a
+    chunked body past MAX_UPLOAD_BYTES, which the app answers 413 (one announced past it is not read at all, see
+    _GeventWorker.handle_request)."""
     length = environ.get("CONTENT_LENGTH") or ""
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     if not chunked and (not length.isdigit() or int(length) == 0):
         return True  # nothing to read
+    if not chunked:
+        take(int(length))
     stream, limit, parts, size = environ["wsgi.input"], config.max_upload_bytes + 1, [], 0
     # All that may come, in one call: gunicorn then receives up to 1 MiB at a time and copies each piece a few
     # times, where reads of 64 KiB made it copy what it had buffered again on every read: a 1 MB upload cost 2.7 ms
@@ -253,6 +304,7 @@ def _buffer_body(environ, deadline):
             parts.append(chunk)
             size += len(chunk)
             if chunked:
+                take(len(chunk))
                 slow = time.perf_counter() - began > CHUNKED_SLICE_SECONDS
                 step = max(CHUNKED_MIN_READ, step // 2) if slow else min(2 * step, CHUNKED_MAX_READ)
                 _let_others_run()
@@ -309,8 +361,17 @@ def _serve(environ, start_response):
     environ[submission.ARRIVED] = began
     environ[submission.WATCH_DISCONNECT] = lambda callback: _watch_disconnect(connection, callback)
     read_by = began + min(config.client_read_timeout, config.request_timeout)
+    take, environ[forms.RELEASE_BODY] = _held.holder()
     try:
-        if not connection.unread_body and not _buffer_body(environ, read_by):
+        return _answer(connection, environ, start_response, read_by, take)
+    finally:
+        environ[forms.RELEASE_BODY]()
+
+
+def _answer(connection, environ, start_response, read_by, take):
+    began = connection.began
+    try:
+        if not connection.unread_body and not _buffer_body(environ, read_by, take):
             connection.close_after_response(unread_body=True)
     except gevent.Timeout:
         connection.close_after_response(unread_body=True)
@@ -320,6 +381,13 @@ def _serve(environ, start_response):
         status, headers, body = _408
         start_response(status, headers)
         return [body]
+    except _NoRoom:
+        connection.close_after_response(unread_body=True)
+        web.count_server_answer(app, environ, 503)
+        metrics.REJECTED.labels("uploads_full").inc()
+        log("request_refused", level="WARNING", reason="uploads_full", path=environ.get("PATH_INFO"), held=_held.held)
+        start_response("503 Service Unavailable", _UPLOADS_FULL_HEADERS)
+        return [_UPLOADS_FULL_BODY]
     net = _SafetyNet(began + config.request_timeout + SAFETY_MARGIN)
     environ[submission.MOVE_DEADLINE] = lambda seconds: net.move(began + seconds + SAFETY_MARGIN)
     try:

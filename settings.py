@@ -32,6 +32,9 @@ class Settings:
     web_nice: int = 0
     request_timeout: float = 30.0
     max_upload_bytes: int = 10 * 1024 * 1024
+    # Request bodies one web process holds in memory at once (each read whole before the app runs, and let go of
+    # once its images are prepared); a body that does not fit is refused 503 `uploads_full` at once, unread.
+    max_buffered_bytes: int = 256 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_queue_length: int = 500
     # Images in one request (several `image` fields on /predict, a V2 tensor of shape [n]).

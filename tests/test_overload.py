@@ -931,6 +931,37 @@ def test_a_body_of_one_byte_chunks_does_not_freeze_the_web_process(service):
 
 
 @pytest.mark.slow
+def test_the_bodies_a_process_holds_are_bounded_and_a_waiting_request_holds_none(service, real_redis):
+    """Found by review: uploads stopped short of their announced length each held their body until their 408, and
+    nothing bounded the sum short of WEB_CONNECTIONS x MAX_UPLOAD_BYTES (20 GB). Room for two castle uploads here:
+    two stalled halfway fill it, a third is refused 503 `uploads_full` at once; once the two have arrived and wait
+    for their answers (no worker), they hold their pixels, not their bodies, and another upload is let in."""
+    request = raw_request("http://127.0.0.1")
+    body = len(request.partition(b"\r\n\r\n")[2])
+    service.start_web(MAX_BUFFERED_BYTES=str(2 * body + body // 2), REQUEST_TIMEOUT="20")
+    for _ in range(4):  # answered without reaching the images' preparation: each gives its room back all the same
+        bad = requests.post(f"{service.url}/predict", files={"image": ("c.jpg", b"x" * body)}, timeout=10)
+        assert bad.status_code == 400, bad.text
+    stalled = [connect(service.port) for _ in range(2)]
+    for sock in stalled:
+        sock.sendall(request[: -body // 2])
+
+    def third():
+        with CASTLE.open("rb") as image:
+            return requests.post(f"{service.url}/predict?timeout=1", files={"image": image}, timeout=10)
+
+    answers = []
+    wait_for(lambda: answers.append(third()) or answers[-1].status_code == 503, 10, "the stalled ones to hold room")
+    assert answers[-1].json()["reason"] == "uploads_full" and answers[-1].headers["Retry-After"] == "1"
+    for sock in stalled:
+        sock.sendall(request[-body // 2 :])
+    wait_for(lambda: real_redis.llen(KEYS.queue) == 2, 10, "the two to be queued")
+    assert third().status_code == 504  # let in: no worker to answer it within its second
+    for sock in stalled:
+        sock.close()
+
+
+@pytest.mark.slow
 def test_a_request_gunicorn_cannot_read_is_answered_in_json_like_every_other_error(service):
     service.start_web()
     framing = {
