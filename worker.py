@@ -400,12 +400,14 @@ class Worker:
 
     def _reply(self, job, result):
         """What to store and announce for `job`. A result that a request waits for on a reply channel is kept
-        until the request's deadline and a grace for a retried read, at most RESULT_TTL: nobody reads it later,
-        and a request that took it from its notification never reads it at all. An async job's keeps its own
-        result_ttl; any other (a polling request's, a dead letter an operator requeued) RESULT_TTL."""
+        until the request's deadline and a grace for a retried read: nobody reads it later, and a request that took
+        it from its notification never reads it at all. Not capped at RESULT_TTL: with REQUEST_TIMEOUT above it, a
+        request of several images reading its results in order found a later image's expired (found by review).
+        An async job's keeps its own result_ttl; any other (a polling request's, a dead letter an operator
+        requeued) RESULT_TTL."""
         ttl = job.result_ttl
         if not ttl and job.reply_to:
-            ttl = max(1, min(self.result_ttl, math.ceil(job.deadline - self.clock.now() + self.result_grace)))
+            ttl = max(1, math.ceil(job.deadline - self.clock.now() + self.result_grace))
         return Reply.of(job.id, job.reply_to, result, ttl, with_result=job.notify_result)
 
     def _mark_running(self, valid):

@@ -777,6 +777,17 @@ def test_a_waited_for_result_is_kept_until_its_deadline_and_announced_as_its_job
     assert second == older_web.id.encode()
 
 
+def test_a_waited_for_result_outlives_a_shorter_result_ttl_until_its_deadline(real_redis, config):
+    """With REQUEST_TIMEOUT above RESULT_TTL, a request of several images reads its results in order: a later
+    image's, stored first, must still be there when it gets to it (found by review: it was capped at RESULT_TTL)."""
+    config = config.replace(block_timeout=0.2, result_ttl=5)
+    q = JobQueue(real_redis, config)
+    job = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60, reply_to="chan")
+    q.enqueue(jobs.encode_job(job))
+    assert Worker(CountingClassifier(), config, name="keeper").run_once() == 1
+    assert real_redis.pttl(q.keys.result(job.id)) > 50_000
+
+
 def test_a_second_copy_of_an_answered_job_is_dropped_not_answered_410(real_redis, config):
     """A push repeated after a lost reply, when a worker had claimed and finished the first copy meanwhile
     (deleting its pixels), queues a second copy: it must not overwrite the answer with an error."""
