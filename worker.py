@@ -89,7 +89,7 @@ class Worker:
         self.max_batch_seconds = config.max_batch_seconds
         self._in_model = None  # (the batch, when the model was given it): the heartbeat watches it
         self.max_attempts = config.max_attempts
-        self.result_ttl, self.result_grace = config.result_ttl, result_grace(config)
+        self.result_grace = result_grace(config)
         self.redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
         # BLMOVE blocks for BLOCK_TIMEOUT; its connection must wait longer than that before giving up.
         self.blocking_redis = redis_client.connect(config.redis_url, config.block_timeout + 5)
