@@ -200,6 +200,7 @@ class ResultWaiter:
             if remaining <= 0:
                 metrics.TIMEOUTS.inc()
                 return None
+            due = look_at <= now  # a look at once: its interval has passed since the push, not since this call
             notified = pending.event.wait(max(0.0, min(look_at - now, remaining)))
             pending.event.clear()
             # Taken even when the wait timed out: a notification may land between the timeout and the clear, and
@@ -221,7 +222,7 @@ class ResultWaiter:
                 return result
             if pending.abandoned:
                 return None
-            if not notified:
+            if not notified and not due:  # an early look that found nothing is no reason to look less often
                 interval = min(interval * self._growth, self._longest_wait)
                 if self.mode == "notify":
                     log("fallback_poll", level="DEBUG", id=pending.job_id, next_in_s=interval)

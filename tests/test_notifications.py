@@ -211,6 +211,21 @@ def test_a_request_s_jobs_are_looked_for_together_when_their_notifications_are_l
     assert [r["success"] for r in out["response"].get_json()["results"]] == [True] * 4
 
 
+def test_an_early_look_that_finds_nothing_does_not_push_the_next_look_further(real_redis, waiter_for):
+    """Three jobs of one request, every notification lost: the first result is stored at 0.5 s and found by the poll
+    at 1 s; the other two are stored at 1.3 s. The second job's look is due at once (1 s after the push) and finds
+    nothing: its next look is one interval later (2 s), not a doubled one (3 s, past the 2.9 s deadline, after which
+    the third job was not looked for at all). Found by review of the first fix."""
+    waiter = waiter_for(wait_mode="notify", fallback_poll_after=1, fallback_poll_max=4)
+    ids = [c * 32 for c in "uvw"]
+    pushed = time.monotonic()
+    for job_id, at in zip(ids, (0.5, 1.3, 1.3), strict=True):
+        threading.Timer(at, store, args=(real_redis, KEYS, job_id)).start()
+    with waiter.expect(ids[0]) as first, waiter.expect(ids[1]) as second, waiter.expect(ids[2]) as third:
+        found = [waiter.wait(pending, pushed + 2.9, since=pushed) for pending in (first, second, third)]
+    assert [result and result["id"] for result in found] == ids
+
+
 def test_a_stray_binary_message_does_not_end_the_listener(real_redis, waiter_for):
     waiter = waiter_for(wait_mode="notify", fallback_poll_after=60)
     channel = waiter.start()
