@@ -32,6 +32,9 @@ class ImageError(ValueError):
 # measure_decoding.py. A JPEG under 448 pixels on either side is decoded in full. None: always decode in full.
 _DRAFT_GAP = 1.0
 
+# Pillow warns past its limit (half of ours, see prepare_image) and raises past twice it: the error is the refusal.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 # Rows are scaled a band of about this many pixels at a time: float64 for a whole 40-megapixel image took ~1 GB.
 _BAND_PIXELS = 1 << 20
 
@@ -42,15 +45,29 @@ def _range(mode, array):
     black, and a 32-bit one using its range white, each classified with no error."""
     if mode.startswith("I;16"):
         return 0.0, 65535.0
-    low, high = float(np.nanmin(array)), float(np.nanmax(array))
+    low, high = _finite_bounds(array)
     if mode == "F" and 0 <= low and high <= 1:
         return 0.0, 1.0
     if 0 <= low and high <= 255:
         return 0.0, 255.0
     if mode == "I" and 0 <= low and high <= 65535:
         return 0.0, 65535.0  # 16-bit samples in a 32-bit image, as Pillow reads some 16-bit files
-    if not (math.isfinite(low) and math.isfinite(high)) or low == high:
-        return 0.0, 255.0  # nothing to stretch; out-of-range samples are clipped
+    if low >= high:
+        return 0.0, 255.0  # no finite sample, or all alike: nothing to stretch; out-of-range samples are clipped
+    return low, high
+
+
+def _finite_bounds(array):
+    """The smallest and largest finite samples, a band at a time (a float copy of a 40-megapixel image is 160 MB).
+    Infinities and NaN are left out: one infinite sample in a [0, 1] image made it black (found by review)."""
+    low, high = math.inf, -math.inf
+    rows = max(1, _BAND_PIXELS // max(1, array.shape[1]))
+    for start in range(0, array.shape[0], rows):
+        band = array[start : start + rows]
+        if band.dtype.kind == "f":
+            band = band[np.isfinite(band)]
+        if band.size:
+            low, high = min(low, float(band.min())), max(high, float(band.max()))
     return low, high
 
 
@@ -62,7 +79,9 @@ def _wide_to_gray(image):
     rows = max(1, _BAND_PIXELS // max(1, array.shape[1]))
     for start in range(0, array.shape[0], rows):
         # The same float64 arithmetic as on the whole image, so the pixels are identical; only the peak is smaller.
-        band = np.nan_to_num(array[start : start + rows].astype(np.float64), copy=False)
+        band = np.nan_to_num(
+            array[start : start + rows].astype(np.float64), copy=False, nan=low, posinf=high, neginf=low
+        )
         gray[start : start + rows] = np.clip((band - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
     return Image.fromarray(gray)
 
@@ -99,24 +118,28 @@ def prepare_image(data, max_pixels):
     """
     if not data:
         raise ImageError("the uploaded file is empty")
-    # Pillow's own check, at our limit (its warning is an error here) instead of its 89.5 million pixels: ICO and
-    # ICNS decode their largest frame inside Image.open, where a check of ours after it came too late (found by
-    # review: a 344 KB ICO holding a 9400x9400 PNG took 0.74 s of CPU and 370 MB before its 413).
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # Pillow's own check raises past twice its limit: set to half of ours, it refuses at our limit, also the frame
+    # that ICO and ICNS decode inside Image.open, where our check below comes too late (found by review: a 344 KB ICO
+    # holding a 9400x9400 PNG took 0.74 s of CPU and 370 MB before its 413). Its warning, past its limit itself, is
+    # ignored (at import). It was turned into the refusal here with warnings.catch_warnings, which swaps the
+    # process's filters and is not thread-safe: two decoding threads lost each other's filter, and an image over the
+    # limit was decoded (found by review).
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            # An animated image is opened on its first frame, the one classified. (Seeking to it again, as
-            # ImageSequence does, fails on a valid single-image SPIDER file.)
-            box = _draft(image)  # after the size check: it changes image.size
-            image.load()
-            resized = _to_rgb(image).resize(IMAGE_SHAPE[1::-1], box=box)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:  # an odd limit's last pixel, and any format Pillow does not check
+            raise ImageError(f"image is too large: {width}x{height} pixels, at most {max_pixels} accepted", 413)
+        # An animated image is opened on its first frame, the one classified. (Seeking to it again, as
+        # ImageSequence does, fails on a valid single-image SPIDER file.)
+        box = _draft(image)  # after the size check: it changes image.size
+        image.load()
+        resized = _to_rgb(image).resize(IMAGE_SHAPE[1::-1], box=box)
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError("the uploaded file is not an image format we can read") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"image is too large: {exc}", 413) from None
     except MemoryError:
         raise

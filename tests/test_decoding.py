@@ -8,6 +8,9 @@ former rule, which kept 2x 224 pixels a side: at most 1.98 and 0.092, top-1 the 
 
 import io
 import struct
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -144,6 +147,39 @@ def test_an_icon_whose_frame_is_over_the_limit_is_refused_before_the_frame_is_de
     with pytest.raises(helpers.ImageError, match="too large") as err:
         helpers.prepare_image(_icon(png_header(8000, 8000)), LIMIT)
     assert err.value.status == 413
+
+
+def test_an_image_over_the_limit_is_refused_while_another_thread_prepares_images():
+    """The web process prepares images on two threads at once. Found by review: the refusal hung on a warnings
+    filter that each call installed and removed with warnings.catch_warnings, which swaps the process's filters;
+    one thread's exit removed the other's filter, and an image over the limit was decoded (5 of 34 841 here)."""
+    over = encode(Image.new("L", (1300, 1000)), fmt="PNG")  # 1.3 million pixels against a limit of 1 million
+    small = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)), fmt="PNG")
+    stop, decoded, refused = time.monotonic() + 2, [], []
+
+    def prepare_small():
+        while time.monotonic() < stop:
+            helpers.prepare_image(small, 1_000_000)
+
+    def prepare_over():
+        while time.monotonic() < stop:
+            try:
+                helpers.prepare_image(over, 1_000_000)
+                decoded.append(1)
+            except helpers.ImageError:
+                refused.append(1)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can
+    try:
+        threads = [threading.Thread(target=prepare_small), threading.Thread(target=prepare_over)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert refused and not decoded
 
 
 def test_truncated_large_jpeg_is_refused():

@@ -84,8 +84,10 @@ def _castle_gray():
         (lambda gray: gray * 1e6 - 5e7, "F"),  # floats in a range of their own
         (lambda gray: gray * 257, "I"),  # 16-bit samples in a 32-bit image
         (lambda gray: gray * (1 << 23) - (1 << 31), "I"),  # the whole 32-bit range
+        (lambda gray: np.where(np.arange(gray.size).reshape(gray.shape) % 9973 == 0, np.inf, gray / 255), "F"),
+        (lambda gray: np.where(np.arange(gray.size).reshape(gray.shape) % 9973 == 0, np.nan, gray / 255), "F"),
     ],
-    ids=["float-0-1", "float-0-255", "float-own-range", "int32-16-bit", "int32-full"],
+    ids=["float-0-1", "float-0-255", "float-own-range", "int32-16-bit", "int32-full", "float-0-1-inf", "float-0-1-nan"],
 )
 def test_a_wide_tiff_is_classified_with_its_tones(samples, mode):
     """Found by review: a float TIFF in [0, 1] came out black and a 32-bit one using its range white."""
