@@ -116,13 +116,16 @@ class _HeldBodies:
     def __init__(self, limit):
         self.limit, self.held = limit, 0
 
+    def fits(self, size):
+        return self.held + size <= self.limit
+
     def holder(self):
         """A request's share: take(size) as its body is read (raises _NoRoom), release() when it is let go."""
         taken = 0
 
         def take(size):
             nonlocal taken
-            if self.held + size > self.limit:
+            if not self.fits(size):
                 raise _NoRoom()
             self.held += size
             taken += size
@@ -160,6 +163,7 @@ class _Connection:
         self.served = 0  # requests answered on this connection
         self.request = None  # gunicorn's Request being served on it
         self.unread_body = False  # the client may still be sending a body nobody will read
+        self.no_room = False  # the current request is to be refused 503 uploads_full before its body is read
         self._between_requests = False
 
     def recv(self, size, *flags):
@@ -208,10 +212,16 @@ class _GeventWorker(GeventWorker):
 
     def handle_request(self, listener_name, req, sock, addr):
         sock.request = req
-        if _declared_length(req) > config.max_upload_bytes:  # the app answers 413 without reading the body
+        declared = _declared_length(req)
+        if declared > config.max_upload_bytes:  # the app answers 413 without reading the body
             sock.close_after_response(unread_body=True)
             # gunicorn's own flag (private): its "100 Continue" would invite that upload. curl asks for it before
             # sending more than 1 MB.
+            req._expected_100_continue = False
+        # A client that asks before it sends (Expect: 100-continue) is told no at once, unread, when its whole body
+        # would not fit now, rather than invited and refused on the way (found by review).
+        sock.no_room = req._expected_100_continue and not _held.fits(declared)
+        if sock.no_room:
             req._expected_100_continue = False
         try:
             super().handle_request(listener_name, req, sock, addr)
@@ -269,45 +279,49 @@ def _read_deadline(connection, seconds):
         timeout.close()
 
 
-# A chunked body is read in slices of this many bytes to start with, halved after a read that took longer than
+# A body's first read; the next ones double. A chunked body's are halved after a read that took longer than
 # CHUNKED_SLICE_SECONDS (tiny chunks) and doubled after one that did not (large chunks, which copy less in bigger
 # reads), within these bounds.
-CHUNKED_FIRST_READ, CHUNKED_MIN_READ, CHUNKED_MAX_READ = 65536, 1024, 1 << 20
+FIRST_READ = 16384
+CHUNKED_MIN_READ, CHUNKED_MAX_READ = 1024, 1 << 20
 CHUNKED_SLICE_SECONDS = 0.005
 
 
 def _buffer_body(environ, deadline, take):
-    """Read the whole body before the app runs, within the deadline (raises gevent.Timeout), counting it with
-    `take` (raises _NoRoom: an announced body before a byte of it is read). False when some of it is left unread: a
-    chunked body past MAX_UPLOAD_BYTES, which the app answers 413 (one announced past it is not read at all, see
+    """Read the whole body before the app runs, within the deadline (raises gevent.Timeout), counting each read with
+    `take` before it is made (raises _NoRoom). False when some of it is left unread: a chunked body past
+    MAX_UPLOAD_BYTES, which the app answers 413 (one announced past it is not read at all, see
     _GeventWorker.handle_request)."""
     length = environ.get("CONTENT_LENGTH") or ""
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     if not chunked and (not length.isdigit() or int(length) == 0):
         return True  # nothing to read
-    if not chunked:
-        take(int(length))
     stream, limit, parts, size = environ["wsgi.input"], config.max_upload_bytes + 1, [], 0
-    # All that may come, in one call: gunicorn then receives up to 1 MiB at a time and copies each piece a few
-    # times, where reads of 64 KiB made it copy what it had buffered again on every read: a 1 MB upload cost 2.7 ms
-    # of CPU that way, 1.1 ms this way (the castle's 77 KB: 42 against 37 us). Not a chunked body: gunicorn parses
-    # its chunks in Python, a few microseconds each, and a read that finds its data waiting does not yield, so one
-    # body of a million one-byte chunks held the whole process for seconds. It is read in slices that each take
-    # about CHUNKED_SLICE_SECONDS, letting the others run between them.
-    step = CHUNKED_FIRST_READ if chunked else limit
+    end = limit if chunked else int(length)
+    # The room a read takes is counted before it is made, so a client that sends its headers and then nothing holds
+    # FIRST_READ, not the length it announced (found by review: 26 such connections, 2.8 KB sent in all, filled
+    # MAX_BUFFERED_BYTES for their 10 s). The reads then double, to stay few: gunicorn copies what it has buffered
+    # on every read (reads of 64 KiB cost a 1 MB upload 2.7 ms of CPU, against 1.1 ms in one call). A chunked body
+    # is read in slices that each take about CHUNKED_SLICE_SECONDS instead, letting the others run between them:
+    # gunicorn parses its chunks in Python, a few microseconds each, and a read that finds its data waiting does
+    # not yield, so one body of a million one-byte chunks held the whole process for seconds.
+    step = FIRST_READ
     with gevent.Timeout(max(0.001, deadline - time.monotonic())):
-        while size < limit:
+        while size < end:
+            want = min(step, end - size)
+            take(want)
             began = time.perf_counter()
-            chunk = stream.read(min(step, limit - size))
+            chunk = stream.read(want)
             if not chunk:
                 break
             parts.append(chunk)
             size += len(chunk)
             if chunked:
-                take(len(chunk))
                 slow = time.perf_counter() - began > CHUNKED_SLICE_SECONDS
                 step = max(CHUNKED_MIN_READ, step // 2) if slow else min(2 * step, CHUNKED_MAX_READ)
                 _let_others_run()
+            else:
+                step *= 2
     environ["wsgi.input"] = io.BytesIO(b"".join(parts))
     environ["CONTENT_LENGTH"] = str(size)
     environ.pop("HTTP_TRANSFER_ENCODING", None)
@@ -371,6 +385,8 @@ def _serve(environ, start_response):
 def _answer(connection, environ, start_response, read_by, take):
     began = connection.began
     try:
+        if connection.no_room:
+            raise _NoRoom()
         if not connection.unread_body and not _buffer_body(environ, read_by, take):
             connection.close_after_response(unread_body=True)
     except gevent.Timeout:

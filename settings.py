@@ -113,6 +113,11 @@ class Settings:
                 raise ValueError(f"{field.name.upper()} must be a whole number, not {value!r}")
             if field.type in (int, float) and not (value >= 0 and value != float("inf")):
                 raise ValueError(f"{field.name.upper()} must be a finite number, at least 0, not {value!r}")
+        if self.max_buffered_bytes < self.max_upload_bytes:  # an upload of the largest size could never be read
+            raise ValueError(
+                f"MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
+                f"MAX_UPLOAD_BYTES ({self.max_upload_bytes})"
+            )
         at_least_one = (
             "batch_size",
             "max_queue_length",

@@ -933,31 +933,43 @@ def test_a_body_of_one_byte_chunks_does_not_freeze_the_web_process(service):
 @pytest.mark.slow
 def test_the_bodies_a_process_holds_are_bounded_and_a_waiting_request_holds_none(service, real_redis):
     """Found by review: uploads stopped short of their announced length each held their body until their 408, and
-    nothing bounded the sum short of WEB_CONNECTIONS x MAX_UPLOAD_BYTES (20 GB). Room for two castle uploads here:
-    two stalled halfway fill it, a third is refused 503 `uploads_full` at once; once the two have arrived and wait
-    for their answers (no worker), they hold their pixels, not their bodies, and another upload is let in."""
+    nothing bounded the sum short of WEB_CONNECTIONS x MAX_UPLOAD_BYTES (20 GB). Room here for two castle uploads and
+    40 KB: two stalled just short of their end fill it, and a third is refused 503 `uploads_full`; one that asks
+    before it sends (Expect: 100-continue) is refused before it is invited. Once the two have arrived and wait for
+    their answers (no worker), they hold their pixels, not their bodies, and another upload is let in; so it is
+    beside clients that sent only headers announcing bodies of 90 KB: they hold what their first read may take
+    (16 KiB), not what they announced (the first fix counted that, and 26 such connections filled 256 MiB)."""
     request = raw_request("http://127.0.0.1")
-    body = len(request.partition(b"\r\n\r\n")[2])
-    service.start_web(MAX_BUFFERED_BYTES=str(2 * body + body // 2), REQUEST_TIMEOUT="20")
-    for _ in range(4):  # answered without reaching the images' preparation: each gives its room back all the same
-        bad = requests.post(f"{service.url}/predict", files={"image": ("c.jpg", b"x" * body)}, timeout=10)
-        assert bad.status_code == 400, bad.text
-    stalled = [connect(service.port) for _ in range(2)]
-    for sock in stalled:
-        sock.sendall(request[: -body // 2])
+    head, _, body = request.partition(b"\r\n\r\n")
+    service.start_web(MAX_BUFFERED_BYTES=str(2 * len(body) + 40_000), MAX_UPLOAD_BYTES="150000", REQUEST_TIMEOUT="20")
 
-    def third():
+    def upload():
         with CASTLE.open("rb") as image:
             return requests.post(f"{service.url}/predict?timeout=1", files={"image": image}, timeout=10)
 
+    for _ in range(4):  # answered without reaching the images' preparation: each gives its room back all the same
+        bad = requests.post(f"{service.url}/predict", files={"image": ("c.jpg", b"x" * len(body))}, timeout=10)
+        assert bad.status_code == 400, bad.text
+    stalled = [connect(service.port) for _ in range(2)]
+    for sock in stalled:
+        sock.sendall(request[:-100])
     answers = []
-    wait_for(lambda: answers.append(third()) or answers[-1].status_code == 503, 10, "the stalled ones to hold room")
+    wait_for(lambda: answers.append(upload()) or answers[-1].status_code == 503, 10, "the stalled ones to hold room")
     assert answers[-1].json()["reason"] == "uploads_full" and answers[-1].headers["Retry-After"] == "1"
+    asking = connect(service.port)
+    asking.sendall(head.replace(b"\r\nHost: x", b"\r\nHost: x\r\nExpect: 100-continue") + b"\r\n\r\n")
+    assert asking.recv(65536).startswith(b"HTTP/1.1 503 Service Unavailable\r\n")  # not "100 Continue"
+    asking.close()
     for sock in stalled:
-        sock.sendall(request[-body // 2 :])
+        sock.sendall(request[-100:])
     wait_for(lambda: real_redis.llen(KEYS.queue) == 2, 10, "the two to be queued")
-    assert third().status_code == 504  # let in: no worker to answer it within its second
-    for sock in stalled:
+    assert upload().status_code == 504  # let in: no worker to answer it within its second
+    announcing = [connect(service.port) for _ in range(3)]
+    for sock in announcing:
+        sock.sendall(head.replace(str(len(body)).encode(), b"90000") + b"\r\n\r\n")
+    time.sleep(0.5)  # their first reads are waiting
+    assert upload().status_code == 504
+    for sock in (*stalled, *announcing):
         sock.close()
 
 

@@ -27,6 +27,7 @@ def test_the_environment_overrides_the_defaults():
         ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT must be a finite number"),
         ({"DEAD_LETTER_MAX": "0"}, "DEAD_LETTER_MAX must be at least 1"),
         ({"HEARTBEAT_TTL": "5.4"}, "HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL"),
+        ({"MAX_BUFFERED_BYTES": "1000"}, r"MAX_BUFFERED_BYTES \(1000\) must be at least MAX_UPLOAD_BYTES"),
         ({"RECHECK_MARGIN": "0.02"}, "RECHECK_MARGIN is for PRECISION=bf16"),  # f32, the default, has nothing to redo
         ({"RECHECK_MARGIN": "1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be below 1"),
         ({"RECHECK_MARGIN": "-0.1", "PRECISION": "bf16"}, "RECHECK_MARGIN must be a finite number, at least 0"),
