@@ -900,6 +900,28 @@ def test_stalled_clients_do_not_starve_the_others_and_are_cut_off(service):
 
 
 @pytest.mark.slow
+def test_a_chunked_body_is_counted_as_it_comes_so_the_limit_not_the_budget_decides(service):
+    """MAX_BUFFERED_BYTES may equal MAX_UPLOAD_BYTES. Found by review: a chunked body was counted a whole read ahead
+    (up to 3.4 times what it held), so one of the largest size, alone on the process, was refused 503 `uploads_full`
+    instead of being read (and answered 400 here: it is no form), and one past the limit instead of 413."""
+    service.start_web(MAX_BUFFERED_BYTES="150000", MAX_UPLOAD_BYTES="150000")
+
+    def chunked(size):
+        client = connect(service.port)
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, size, 65536):
+            piece = b"x" * min(65536, size - start)
+            client.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        client.sendall(b"0\r\n\r\n")
+        status = client.recv(65536).split(b"\r\n")[0]
+        client.close()
+        return status
+
+    assert chunked(150000).upper() == b"HTTP/1.1 400 BAD REQUEST"
+    assert chunked(150001).upper() == b"HTTP/1.1 413 REQUEST ENTITY TOO LARGE"
+
+
+@pytest.mark.slow
 def test_a_body_of_one_byte_chunks_does_not_freeze_the_web_process(service):
     """Found by review: gunicorn parses a chunked body in Python, a few microseconds a chunk, and a read that finds
     its data waiting never yields to the other greenlets. One upload of a million one-byte chunks, sent at once,
