@@ -39,6 +39,12 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _BAND_PIXELS = 1 << 20
 
 
+def _bands(array):
+    """Slices of the image's rows, about _BAND_PIXELS pixels each."""
+    rows = max(1, _BAND_PIXELS // max(1, array.shape[1]))
+    return [slice(start, start + rows) for start in range(0, array.shape[0], rows)]
+
+
 def _range(mode, array):
     """The sample values that map to black and white: the conventions of the mode where the samples keep to them,
     the image's own range where they do not. Found by review: a float TIFF in [0, 1] (the usual convention) came out
@@ -61,9 +67,8 @@ def _finite_bounds(array):
     """The smallest and largest finite samples, a band at a time (a float copy of a 40-megapixel image is 160 MB).
     Infinities and NaN are left out: one infinite sample in a [0, 1] image made it black (found by review)."""
     low, high = math.inf, -math.inf
-    rows = max(1, _BAND_PIXELS // max(1, array.shape[1]))
-    for start in range(0, array.shape[0], rows):
-        band = array[start : start + rows]
+    for rows in _bands(array):
+        band = array[rows]
         if band.dtype.kind == "f":
             band = band[np.isfinite(band)]
         if band.size:
@@ -76,13 +81,10 @@ def _wide_to_gray(image):
     array = np.asarray(image)  # its own dtype: 2 bytes a pixel for 16-bit, not float64's 8
     low, high = _range(image.mode, array)
     gray = np.empty(array.shape, np.uint8)
-    rows = max(1, _BAND_PIXELS // max(1, array.shape[1]))
-    for start in range(0, array.shape[0], rows):
+    for rows in _bands(array):
         # The same float64 arithmetic as on the whole image, so the pixels are identical; only the peak is smaller.
-        band = np.nan_to_num(
-            array[start : start + rows].astype(np.float64), copy=False, nan=low, posinf=high, neginf=low
-        )
-        gray[start : start + rows] = np.clip((band - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
+        band = np.nan_to_num(array[rows].astype(np.float64), copy=False, nan=low, posinf=high, neginf=low)
+        gray[rows] = np.clip((band - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
     return Image.fromarray(gray)
 
 
