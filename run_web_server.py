@@ -73,8 +73,8 @@ SAFETY_MARGIN = 0.5
 LINGER_SECONDS = 2.0
 
 
-def _json_response(status, message):
-    body = json.dumps({"success": False, "error": message}).encode()
+def _json_response(status, message, **fields):
+    body = json.dumps({"success": False, "error": message, **fields}).encode()
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
     return status, headers, body
 
@@ -139,18 +139,11 @@ class _HeldBodies:
 
 
 _held = _HeldBodies(config.max_buffered_bytes)
-_UPLOADS_FULL_BODY = json.dumps(
-    {
-        "success": False,
-        "reason": "uploads_full",
-        "error": f"this server holds {config.max_buffered_bytes} bytes of uploads already (MAX_BUFFERED_BYTES)",
-    }
-).encode()
-_UPLOADS_FULL_HEADERS = [
-    ("Content-Type", "application/json"),
-    ("Content-Length", str(len(_UPLOADS_FULL_BODY))),
-    ("Retry-After", "1"),
-]
+_UPLOADS_FULL = _json_response(
+    "503 Service Unavailable",
+    f"this server holds {config.max_buffered_bytes} bytes of uploads already (MAX_BUFFERED_BYTES)",
+    reason="uploads_full",
+)
 
 
 class _Connection:
@@ -407,8 +400,9 @@ def _answer(connection, environ, start_response, read_by, take):
         web.count_server_answer(app, environ, 503)
         metrics.REJECTED.labels("uploads_full").inc()
         log("request_refused", level="WARNING", reason="uploads_full", path=environ.get("PATH_INFO"), held=_held.held)
-        start_response("503 Service Unavailable", _UPLOADS_FULL_HEADERS)
-        return [_UPLOADS_FULL_BODY]
+        status, headers, body = _UPLOADS_FULL
+        start_response(status, [*headers, ("Retry-After", "1")])
+        return [body]
     net = _SafetyNet(began + config.request_timeout + SAFETY_MARGIN)
     environ[submission.MOVE_DEADLINE] = lambda seconds: net.move(began + seconds + SAFETY_MARGIN)
     try:
