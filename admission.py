@@ -25,7 +25,8 @@ nothing is ahead of it at all (no retry would find less ahead; its deadline stil
 when none is left. A refused request is never measured, so a request that finds nothing being prepared and a
 preparation measure older than PREPARATION_MAX_AGE ignores it, and the next sample replaces it. The queue's
 length and the images elsewhere are read (and this process's backlog recorded) in one round trip when the last
-read is QUEUE_MAX_AGE old; an enqueue's reply updates the length between reads. MAX_QUEUE_LENGTH stays a hard
+read is QUEUE_MAX_AGE old (and, while this process has a backlog, that often even when no request comes); an
+enqueue's reply updates the length between reads. MAX_QUEUE_LENGTH stays a hard
 cap, on the jobs queued and the images here and elsewhere (job_queue.JobQueue.enqueue enforces it atomically on
 the queue too). With no throughput measured yet (no worker has finished a batch), the queue's
 part counts as nothing.
@@ -37,6 +38,8 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+import redis
 
 from job_queue import JobQueue
 from keys import process_name
@@ -78,13 +81,17 @@ class Admission:
         wait_fraction: float,
         decoders: int = 1,
         clock=time.monotonic,
+        background=None,
     ) -> None:
         self.queue, self.registry, self.wait_fraction, self.clock = job_queue, registry, wait_fraction, clock
+        # background(function) runs it on its own (a greenlet in the web process): the recorder of a backlog that
+        # no request comes to record. None: only requests record it.
+        self._background, self._recording = background, False
         self.decoders = decoders  # preparations that run at once in this process
         self._throughput, self._batch, self._in_flight = 0.0, 1, 0
         self._models = frozenset()
         self._workers_read = _Refresh(self.THROUGHPUT_MAX_AGE, self.READING_MAX_AGE)
-        self._queued, self._elsewhere = 0, 0
+        self._queued, self._elsewhere, self._recorded = 0, 0, 0
         self._backlogs_read = _Refresh(self.QUEUE_MAX_AGE, self.READING_MAX_AGE)
         self._pid = self._name = None
         self._lock = threading.Lock()
@@ -138,10 +145,26 @@ class Admission:
         round trip read too: 32 reads for 32 requests)."""
         with self._backlogs_read.due(self.clock()) as due:
             if due:
+                recorded = self.preparing_images
                 self._queued, self._elsewhere = self.queue.share_backlog(
-                    self.name, self.preparing_images, self.BACKLOG_MAX_AGE, self.BACKLOG_FORGET_AFTER
+                    self.name, recorded, self.BACKLOG_MAX_AGE, self.BACKLOG_FORGET_AFTER
                 )
+                self._recorded = recorded
         return self._queued, self._elsewhere
+
+    def _keep_recording(self):
+        """Record this process's backlog every QUEUE_MAX_AGE (unless a request just did) until it is gone and
+        recorded gone. The others count a record for BACKLOG_MAX_AGE only, and a process busy with its backlog may
+        take in no request, the only other time it records, for longer than that: found by review, it then vanished
+        from the others' count, and they admitted requests to wait behind its images unweighed."""
+        try:
+            while self.preparing_images or self._recorded:
+                time.sleep(self.QUEUE_MAX_AGE)
+                self._shared()
+        except redis.RedisError:
+            pass  # the requests meet it too; the next one admitted starts this again
+        finally:
+            self._recording = False
 
     def throughput(self) -> float:
         """Images/s of all live workers together (0.0 when none has measured any), cached for a second."""
@@ -189,6 +212,9 @@ class Admission:
             raise refusal
         self.preparing += 1
         self.preparing_images += images
+        if self._background and not self._recording:
+            self._recording = True
+            self._background(self._keep_recording)
         return queued, throughput
 
     def refuses(self, remaining: float) -> Refusal | None:

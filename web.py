@@ -8,6 +8,7 @@ and /metrics. The Open Inference Protocol's /v2 routes are v2.py's blueprint, re
 
 import math
 import re
+import threading
 import time
 import uuid
 from urllib.parse import parse_qs
@@ -56,7 +57,9 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
         registry,
         waiter or ResultWaiter(connection, config),
         RedisClock(connection),
-        Admission(queue, registry, config.admission_wait_fraction, submission.DECODING_THREADS),
+        Admission(
+            queue, registry, config.admission_wait_fraction, submission.DECODING_THREADS, background=_in_background
+        ),
     )
     app.register_blueprint(bp)
     app.register_blueprint(v2.bp)
@@ -64,6 +67,11 @@ def create_app(config: Settings, connection: redis.Redis | None = None, waiter: 
     app.register_error_handler(Exception, _unexpected_error)
     app.wsgi_app = _RefuseEarly(app, app.wsgi_app)
     return app
+
+
+def _in_background(function):
+    # A greenlet under gunicorn's gevent worker, which patches threading, as notifications.py's listener is.
+    threading.Thread(target=function, name="backlog-recorder", daemon=True).start()
 
 
 class _RefuseEarly:

@@ -44,7 +44,7 @@ class Clock:
         return self.now
 
 
-def admission_on(r, backlog, rates, clock=time.monotonic, **settings):
+def admission_on(r, backlog, rates, clock=time.monotonic, background=None, **settings):
     config = Settings(**settings)
     queue = JobQueue(r, config)
     registry = WorkerRegistry(r, queue, heartbeat_ttl=60)
@@ -52,7 +52,7 @@ def admission_on(r, backlog, rates, clock=time.monotonic, **settings):
         r.rpush(KEYS.queue, *["job"] * backlog)
     for i, rate in enumerate(rates):
         registry.beat(f"w{i}", {"ready": 1, **({} if rate is None else {"images_per_s": rate})})
-    return Admission(queue, registry, config.admission_wait_fraction, clock=clock)
+    return Admission(queue, registry, config.admission_wait_fraction, clock=clock, background=background)
 
 
 # -- the admission rule, on fakeredis ---------------------------------------------------------------------------
@@ -107,6 +107,28 @@ def test_the_images_other_web_processes_admitted_and_have_not_yet_queued_count_a
     clocks[1].now += Admission.QUEUE_MAX_AGE
     assert other.check(remaining=2.5) == (0, 10.0)
     assert not fake_redis.hexists(KEYS.web_backlogs, "gone-before-the-clock-stepped-back")
+
+
+def test_a_process_busy_with_its_backlog_keeps_recording_it_while_no_request_comes(fake_redis):
+    """Found by review: a process recorded its backlog only when a request came. One busy preparing what it had
+    admitted may take in none for longer than BACKLOG_MAX_AGE (the other processes accept first), and it then
+    vanished from their count while its images were still to be queued ahead of theirs."""
+
+    def in_background(function):
+        threading.Thread(target=function, daemon=True).start()
+
+    busy, other = (admission_on(fake_redis, 0, [10.0], background=in_background) for _ in range(2))
+    other.BACKLOG_MAX_AGE = 0.3  # how long the others count a record, shortened for the test
+    busy.check(remaining=30, images=20)  # admitted, being prepared: 2 s of the workers' time once queued
+    time.sleep(3 * other.BACKLOG_MAX_AGE)  # and no request since
+    with pytest.raises(Refusal) as refused:
+        other.check(remaining=2.5)  # 2.1 s ahead of it > 0.8 x 2.5 s
+    assert "20 by other web processes" in str(refused.value)
+    with busy.preparation(20):
+        pass  # done with them: recorded as gone without a request either, and the recorder stops
+    wait_for(lambda: not busy._recording, 5, "the recorder to record the empty backlog and stop")
+    time.sleep(Admission.QUEUE_MAX_AGE)
+    assert other.check(remaining=2.5) == (0, 10.0)
 
 
 def test_while_one_request_shares_the_backlogs_the_others_use_the_last_read(fake_redis):
