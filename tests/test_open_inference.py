@@ -12,7 +12,7 @@ import tritonclient.http as triton
 
 import catalog
 import open_inference
-from open_inference import HEADER_LENGTH, ProtocolError, RequestedOutput
+from open_inference import HEADER_LENGTH, MAX_ID_LENGTH, ProtocolError, RequestedOutput
 from support import CASTLE, JEMMA
 
 LABELS = catalog.load_labels()
@@ -142,6 +142,8 @@ def _binary(elements, size=None, count=None, header_length=None):
         (_json({"parameters": {"timeout": -(2**63) + 1, "priority": 2**63 - 1}}), "timeout must be an integer from 0"),
         (_json(data="aW1n"), "list of 1 base64 strings"),
         (_json({"id": 42}), "id must be a string"),
+        # Held while the request waits: 10 MB of id (a 10 KB gzip body) held 47 MB each (found by review).
+        (_json({"id": "a" * (MAX_ID_LENGTH + 1)}), f"257 characters, at most {MAX_ID_LENGTH}"),
         (_json({"parameters": {"shared_memory_region": "r"}}), "shared memory"),
         (_json({"outputs": [{"name": "output0"}]}), "one output is 'probabilities'"),
         (_json({"outputs": [{"name": "probabilities"}, {"name": "probabilities"}]}), "list of one tensor"),
@@ -168,7 +170,9 @@ def test_a_body_of_countless_tiny_values_is_refused_before_it_is_parsed(monkeypa
     images = [b"\x89PNG" * 100] * MAX_IMAGES
     outputs = [triton.InferRequestedOutput("probabilities", binary_data=False, class_count=5)]
     options = {"priority": 1, "timeout": 5, "parameters": {"tag": "x,y"}}
-    body, header_length = triton_request(images, False, outputs, request_id="a,b,c", as_base64=True, **options)
+    body, header_length = triton_request(
+        images, False, outputs, request_id="a," * (MAX_ID_LENGTH // 2), as_base64=True, **options
+    )
     monkeypatch.undo()
     assert len(parse(body, header_length).images) == MAX_IMAGES
 
