@@ -193,6 +193,17 @@ def is_job_id(text: str) -> bool:
     return bool(_ID.fullmatch(text))
 
 
+def read_status(raw: bytes) -> tuple[str, float | None]:
+    """An async job's status key as (state, deadline): 'queued' with the job's deadline (jobs.lua's queued_status),
+    or 'running' with None (a worker holds it and will answer). A bare 'queued' (written before the deadline was)
+    has None too."""
+    state, _, deadline = raw.decode().partition(":")
+    try:
+        return state, float(deadline) if deadline else None
+    except ValueError:
+        return state, None
+
+
 def _is_int(value):
     return type(value) is int  # not bool, not float
 
@@ -228,6 +239,10 @@ def success_result(
         row = np.ascontiguousarray(probabilities, dtype="<f4")
         result["probabilities"] = base64.b64encode(row.tobytes()).decode("ascii")
     return result
+
+
+# The error of a job not done by its deadline: 503 when its request still waits (shed), 504 for an async job.
+LATE = "the job could not be done before its deadline"
 
 
 def error_result(job_id: str, error: str, status: int) -> dict:

@@ -74,7 +74,7 @@ class Keys:
         return f"{self.queue}:enqueued:{job_id}"
 
     def status(self, job_id: str) -> str:
-        """STRING 'queued' or 'running' of an async job (POST /jobs) while it has no result: set when it is
-        queued, overwritten when a worker claims it, deleted when its answer is stored; at the latest it expires
-        twice JOB_RESULT_TTL after it was queued."""
+        """STRING 'queued:<deadline>' or 'running' of an async job (POST /jobs) while it has no result: set when it
+        is queued, overwritten when a worker claims it, set back when the job is handed back to the queue, deleted
+        when its answer is stored; at the latest it expires twice JOB_RESULT_TTL after it was queued."""
         return self.status_prefix + job_id

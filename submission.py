@@ -246,11 +246,7 @@ def redis_or_busy():
 def _enqueue(svc, batch, track_ttl=0):
     try:
         with redis_or_busy():
-            length = svc.queue.enqueue(
-                *(jobs.encode_job(job) for job in batch),
-                track=[job.id for job in batch] if track_ttl else (),
-                track_ttl=track_ttl,
-            )
+            length = svc.queue.enqueue(*(jobs.encode_job(job) for job in batch), track_ttl=track_ttl)
     except QueueFull as exc:
         svc.admission.queue_length(exc.length)  # the next requests are refused before they are decoded
         raise _busy("queue_full", str(exc), 1) from None
@@ -258,6 +254,12 @@ def _enqueue(svc, batch, track_ttl=0):
         # The push may have happened and only its reply been lost: nobody will wait for these jobs, so they are
         # marked cancelled (if Redis lets us) rather than computed for nobody.
         _cancel(svc, [job.id for job in batch], ttl=track_ttl or None)
+        raise
+    except BaseException:
+        # The server's safety net (a gevent.Timeout) cut the push short, and it may have happened: the answer is a
+        # 504 without the jobs' ids, so they are cancelled as well, beside it rather than before it (Redis may be
+        # what hangs). Found by review: a /jobs answered 504 had its job run, the result kept under an id nobody had.
+        gevent.spawn(_cancel, svc, [job.id for job in batch], track_ttl or None)
         raise
     svc.admission.queue_length(length)
     metrics.ADMITTED.inc(len(batch))
@@ -299,11 +301,13 @@ def _busy(reason, message, retry_after):
 
 def _cancel(svc, job_ids, ttl=None):
     """Mark the jobs so that a worker claiming one skips it; the mark outlives the jobs' deadline (`ttl`: an
-    async job's, which is further off than any request's)."""
+    async job's, which is further off than any request's). An async job's status goes: its requester was told it
+    was not queued (found by review: it said queued for twice JOB_RESULT_TTL)."""
     ttl = ttl or math.ceil(svc.config.request_timeout) + 60
     pipe = svc.queue.redis.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.set(svc.queue.keys.cancelled(job_id), "1", ex=ttl)
+        pipe.delete(svc.queue.keys.status(job_id))
     try:
         pipe.execute()
     except redis.RedisError as exc:  # the worker's own deadline check still drops them once they are late

@@ -403,11 +403,15 @@ class Worker:
         until the request's deadline and a grace for a retried read: nobody reads it later, and a request that took
         it from its notification never reads it at all. Not capped at RESULT_TTL: with REQUEST_TIMEOUT above it, a
         request of several images reading its results in order found a later image's expired (found by review).
-        An async job's keeps its own result_ttl; any other (a polling request's, a dead letter an operator
-        requeued) RESULT_TTL."""
+        An async job's keeps its own result_ttl. Any other (a polling request's, a dead letter an operator
+        requeued) is kept RESULT_TTL, and until its deadline and the grace when that is later: a polling request
+        reads its results in order too (found by review: in WAIT_MODE=poll with RESULT_TTL under REQUEST_TIMEOUT,
+        a request whose images were all answered got 504)."""
         ttl = job.result_ttl
-        if not ttl and job.reply_to:
+        if not ttl:
             ttl = max(1, math.ceil(job.deadline - self.clock.now() + self.result_grace))
+            if not job.reply_to:
+                ttl = max(ttl, self.queue.result_ttl)
         return Reply.of(job.id, job.reply_to, result, ttl, with_result=job.notify_result)
 
     def _mark_running(self, valid):
@@ -461,12 +465,12 @@ class Worker:
     def _expire(self, job, now, replies):
         self.counts["expired"] += 1
         if job.result_ttl:  # an async job's requester learns its fate from the result key alone
-            error = jobs.error_result(job.id, "the job could not be done before its deadline", 504)
+            error = jobs.error_result(job.id, jobs.LATE, 504)
             replies.append(self._reply(job, error))
         elif job.deadline >= now:
             # Its request still waits: shed it now (the web answers 503 with Retry-After, as for a request it
             # refuses itself) rather than let it run into a 504 at its deadline.
-            error = jobs.error_result(job.id, "the job could not be done before its deadline", 503)
+            error = jobs.error_result(job.id, jobs.LATE, 503)
             replies.append(self._reply(job, error))
         # Else the web server has already answered 504.
         log(

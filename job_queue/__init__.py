@@ -76,11 +76,11 @@ class JobQueue:
             name: script(connection, name) for name in ("enqueue", "claim", "finish", "requeue", "backlogs")
         }
 
-    def enqueue(self, *batch: jobs.EncodedJob, track: Sequence[str] = (), track_ttl: int = 0) -> int:
+    def enqueue(self, *batch: jobs.EncodedJob, track_ttl: int = 0) -> int:
         """Queue the jobs side by side, or none of them when `max_queue_length` leaves no room for them all
-        (then raise QueueFull); returns the queue's length as the push left it. `track`: the ids of async jobs,
-        whose status keys say 'queued' for `track_ttl` seconds from now on (a worker that claims one says
-        'running').
+        (then raise QueueFull); returns the queue's length as the push left it. `track_ttl`: the jobs are async
+        ones, whose status keys say queued, with their deadline, for `track_ttl` seconds from now on (a worker
+        that claims one says 'running').
 
         One round trip: each job's pixels are SET (a pipeline keeps the order), then enqueue.lua pushes the
         headers, or deletes the pixels when it refuses them. The pixels expire `pixels_grace` after the
@@ -89,7 +89,8 @@ class JobQueue:
         pixel_keys = [self.keys.pixels(job.id) for job in batch]
         token = self.keys.enqueued(batch[0].id)
         result_keys = [self.keys.result(job.id) for job in batch]
-        keys = [self.keys.queue, token, *pixel_keys, *result_keys, *(self.keys.status(job_id) for job_id in track)]
+        status_keys = [self.keys.status(job.id) for job in batch] if track_ttl else []
+        keys = [self.keys.queue, token, *pixel_keys, *result_keys, *status_keys]
         expires = [math.ceil((job.deadline + self.pixels_grace) * 1000) for job in batch]
         args = [self.max_length, track_ttl, max(expires), *(job.header for job in batch)]
 

@@ -8,7 +8,7 @@
 -- ARGV[1] mode           'requeue': move the matching jobs to the tail of the queue with attempts 0 and no
 --                        reply channel (their requesters were answered when the jobs died), their pixels back
 --                        in their key, and the answer they died with deleted: a job's first answer stands
---                        (finish.lua), and this one is to be replaced; an async job says 'queued' again;
+--                        (finish.lua), and this one is to be replaced; an async job says queued again;
 --                        'purge': delete the entries (their pixels go with them)
 -- ARGV[2] force          'requeue' only. '0': a job whose deadline has passed stays dead (a worker would drop
 --                        it unprocessed); '1': requeue it too, with a new deadline of now + ARGV[3]
@@ -17,7 +17,7 @@
 -- ARGV[5] pixels_prefix  the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
 -- ARGV[6] result_prefix  the result keys' prefix (Keys.result_prefix)
 -- ARGV[7] status_prefix  the status keys' prefix (Keys.status_prefix): an async job (one with a result_ttl)'s
---                        says 'queued' for twice its result_ttl, as when it was submitted
+--                        says queued (jobs.lua's queued_status) for twice its result_ttl, as when it was submitted
 -- ARGV[8 ..]             the job ids to match; none: every entry
 -- Returns {ids done, ids left dead because their deadline passed, ids left dead because their pixels were
 -- gone, entries left because they hold no job with an id}.
@@ -66,7 +66,7 @@ for index, entry in ipairs(entries) do
           redis.call('DEL', result_prefix .. id)
           local keep = result_ttl(job)
           if keep then
-            redis.call('SET', status_prefix .. id, 'queued', 'EX', 2 * keep)
+            redis.call('SET', status_prefix .. id, queued_status(job), 'EX', 2 * keep)
           end
           redis.call('RPUSH', queue, requeued)
           redis.call('LSET', dead, index - 1, removed)

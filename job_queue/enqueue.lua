@@ -13,7 +13,8 @@
 -- KEYS[2] token            Keys.enqueued(first job's id), set when the jobs are pushed
 -- KEYS[3 .. n+2]           each job's pixels' key
 -- KEYS[n+3 .. 2n+2]        each job's result key (read by a repeat only)
--- KEYS[2n+3 .. 3n+2]       async jobs only: each job's status key, set to 'queued' (none for waited-for jobs)
+-- KEYS[2n+3 .. 3n+2]       async jobs only: each job's status key, set to jobs.lua's queued_status (none for
+--                          waited-for jobs)
 -- ARGV[1] max_length       the cap
 -- ARGV[2] status_ttl       seconds a status key is kept
 -- ARGV[3] token_expires    unix ms (PXAT) when the token may go: when the pixels do, after any repeat
@@ -40,7 +41,7 @@ if length + n > max_length then
   return {0, length}
 end
 for i = 2 * n + 3, #KEYS do
-  redis.call('SET', KEYS[i], 'queued', 'EX', status_ttl)
+  redis.call('SET', KEYS[i], queued_status(cjson.decode(ARGV[3 + i - 2 * n - 2])), 'EX', status_ttl)
 end
 redis.call('SET', token, '1', 'PXAT', token_expires)
 return {1, redis.call('RPUSH', queue, unpack(ARGV, 4))}

@@ -23,7 +23,7 @@
 -- ARGV[7] pixels_prefix    the pixels' keys' prefix (Keys.pixels_prefix): a dead job's are prefix .. its id
 -- ARGV[8] status_prefix    the status keys' prefix (Keys.status_prefix): an answered async job's status key,
 --                          prefix .. its id, is deleted with the answer stored, so that once the answer expires
---                          the job is unknown (404) rather than 'running' again
+--                          the job is unknown (404) rather than 'running' again; a retried one's says queued
 -- ARGV[9] finished_ttl     seconds the last acknowledged batch's id is kept: as long as a late copy may arrive
 -- ARGV[10 .. c+9]          the batch's jobs as claimed, in the list's order (holds_batch compares them)
 -- ARGV[c+10 .. c+5n+9]     n replies, five values each: channel ('' for none), job id, result JSON,
@@ -85,6 +85,7 @@ if outcome == 'done' then
   -- will be run again with their pixels.
   for i = first_dead - 1, first_retry, -1 do
     redis.call('LPUSH', queue, ARGV[i])
+    mark_queued(read_job(ARGV[i]), status_prefix)
   end
   if first_dead <= #ARGV then
     for i = first_dead, #ARGV, 2 do

@@ -29,6 +29,21 @@ local function result_ttl(job)
   return nil
 end
 
+-- An async job's status while it waits for a worker: 'queued:' and its deadline (jobs.py's read_status), so that
+-- a web server can answer it 504 once its deadline has passed and no worker has claimed it.
+local function queued_status(job)
+  return 'queued:' .. string.format('%.6f', tonumber(job.deadline) or 0)
+end
+
+-- An async job handed back to the queue (retried, failed, swept) says it waits again, not 'running'; only a status
+-- key that exists is set: one left to expire stays gone.
+local function mark_queued(job, status_prefix)
+  local id = job_id(job)
+  if id and result_ttl(job) then
+    redis.call('SET', status_prefix .. id, queued_status(job), 'XX', 'KEEPTTL')
+  end
+end
+
 -- Redis's clock, unix seconds.
 local function redis_now()
   local time = redis.call('TIME')

@@ -28,7 +28,7 @@
 -- ARGV[8] ttl           seconds an answer is kept, unless the job's header names its own result_ttl
 -- ARGV[9] pixels_prefix the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
 -- ARGV[10] status_prefix the status keys' prefix (Keys.status_prefix): a given-up async job's is deleted with
---                       its answer stored, as finish.lua does
+--                       its answer stored, as finish.lua does; one handed back says queued again
 -- ARGV[11] left_ttl     'leave' only: seconds the left mark is kept
 -- ARGV[12 ..]           'fail' only: the batch's jobs as claimed, in the list's order
 -- Returns {dead-lettered jobs, how many old ones the cap dropped}, or false when a worker to sweep turned
@@ -95,6 +95,9 @@ for i = #jobs, 1, -1 do
   else
     -- A job we cannot even parse goes back too: the worker that takes it dead-letters it with a reason.
     redis.call('LPUSH', queue, raw)
+    if parsed then
+      mark_queued(job, status_prefix)
+    end
   end
 end
 if mode == 'fail' then

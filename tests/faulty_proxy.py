@@ -5,7 +5,8 @@ moment the next one arrives from Redis: the command has run, its client never he
 spends two replies on redis-py's handshake (CLIENT SETINFO), so `min_replies` above 3 lets the command that
 a client retries on it through. `freeze()` makes the
 open connections go silent without closing them, like a peer that vanished; `black_hole` does the same to
-every new connection.
+every new connection; `hold_replies_after(marker)` lets a connection's commands through but none of its replies
+once it has sent `marker` (a script's SHA, say): a reply that comes too late for its client.
 """
 
 import random
@@ -22,6 +23,7 @@ class FaultyProxy:
         self._lock = threading.Lock()
         self.faults = True
         self.black_hole = False  # new connections are accepted and then carry nothing
+        self.hold_marker = None  # see hold_replies_after
         self.cuts = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -52,6 +54,10 @@ class FaultyProxy:
             for link in self._links:
                 link.frozen = True
 
+    def hold_replies_after(self, marker):
+        """A connection that sends `marker` carries no reply from then on; its commands still reach Redis."""
+        self.hold_marker = marker
+
     def close(self):
         self._listener.close()
         with self._lock:
@@ -63,6 +69,8 @@ class _Link:
     def __init__(self, client, server, budget, proxy):
         self.client, self.server, self.budget, self.proxy = client, server, budget, proxy
         self.frozen = False
+        self.replies_held = False
+        self._sent_tail = b""  # the end of what the client sent, for a marker split across two reads
         self._closed = threading.Event()
 
     def start(self):
@@ -78,8 +86,12 @@ class _Link:
                 data = source.recv(65536)
                 if not data:
                     break
-                if self.frozen:
+                if self.frozen or (replies and self.replies_held):
                     continue  # swallowed: a vanished peer answers nothing
+                marker = self.proxy.hold_marker
+                if not replies and marker:
+                    self.replies_held |= marker in self._sent_tail + data
+                    self._sent_tail = data[-len(marker) :]
                 if replies and self.budget is not None:
                     self.budget -= 1
                     if self.budget <= 0:

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import redis
 import requests
 
 import jobs
@@ -119,8 +120,10 @@ def async_job(deadline_in=60.0, result_ttl=900):
 
 def test_an_async_job_says_running_while_a_worker_holds_it(real_redis, config):
     job = async_job()
-    JobQueue(real_redis, config).enqueue(jobs.encode_job(job), track=[job.id], track_ttl=1800)
-    assert real_redis.get(KEYS.status(job.id)) == b"queued" and 1700 < real_redis.ttl(KEYS.status(job.id)) <= 1800
+    JobQueue(real_redis, config).enqueue(jobs.encode_job(job), track_ttl=1800)
+    state, deadline = jobs.read_status(real_redis.get(KEYS.status(job.id)))
+    assert (state, deadline) == ("queued", pytest.approx(job.deadline, abs=1e-5))
+    assert 1700 < real_redis.ttl(KEYS.status(job.id)) <= 1800
     states = []
 
     class Watching(CountingClassifier):
@@ -138,7 +141,7 @@ def test_an_async_job_says_running_while_a_worker_holds_it(real_redis, config):
 
 def test_an_async_job_past_its_deadline_is_answered_504_not_forgotten(real_redis, config):
     job = async_job(deadline_in=-1)
-    JobQueue(real_redis, config).enqueue(jobs.encode_job(job), track=[job.id], track_ttl=1800)
+    JobQueue(real_redis, config).enqueue(jobs.encode_job(job), track_ttl=1800)
     classifier = CountingClassifier()
     assert Worker(classifier, config.replace(block_timeout=0.2), name="w").run_once() == 1
     assert classifier.seen == []
@@ -147,12 +150,77 @@ def test_an_async_job_past_its_deadline_is_answered_504_not_forgotten(real_redis
     assert 800 < real_redis.ttl(KEYS.result(job.id)) <= 900
 
 
+def test_an_async_job_still_queued_past_its_deadline_is_answered_504_by_the_web_server(real_redis, config):
+    """Found by review: with no worker to claim it, a job said queued past its deadline, then 404 once its status
+    expired, then 504 once a worker came. The web server now answers it 504 as the worker would, and stores it."""
+    config = config.replace(job_result_ttl=1, block_timeout=0.2)
+    client = web.create_app(config, real_redis, ResultWaiter(real_redis, config)).test_client()
+    status_url = client.post("/jobs", data={"image": (CASTLE.open("rb"), "c.jpg")}).get_json()["status_url"]
+    assert client.get(status_url).get_json()["status"] == "queued"
+    time.sleep(1.2)  # no worker: its deadline passes in the queue
+    late = client.get(status_url)
+    assert late.status_code == 504 and late.get_json()["error"] == jobs.LATE
+    job_id = status_url.rsplit("/", 1)[1]
+    assert 0 < real_redis.pttl(KEYS.result(job_id)) <= 1000 and not real_redis.exists(KEYS.status(job_id))
+    classifier = CountingClassifier()
+    assert Worker(classifier, config, name="late-comer").run_once() == 1  # finds it late, as the web server did
+    assert classifier.seen == [] and client.get(status_url).status_code == 504
+
+
+def test_an_async_job_whose_push_reply_is_lost_is_cancelled_and_unknown(real_redis, config, monkeypatch):
+    """Its requester was told 503 (the push looked failed): found by review, the job was skipped as cancelled, but
+    its status said queued for twice JOB_RESULT_TTL."""
+    client = web.create_app(config, real_redis, ResultWaiter(real_redis, config)).test_client()
+    pipelined = JobQueue._pipelined
+
+    def reply_lost(self, *args):
+        pipelined(self, *args)
+        raise redis.ConnectionError("the connection closed before the reply came")
+
+    monkeypatch.setattr(JobQueue, "_pipelined", reply_lost)
+    assert client.post("/jobs", data={"image": (CASTLE.open("rb"), "c.jpg")}).status_code == 503
+    [pushed] = real_redis.lrange(KEYS.queue, 0, -1)
+    job_id = jobs.header_of(pushed)["id"]
+    assert real_redis.exists(KEYS.cancelled(job_id)) and not real_redis.exists(KEYS.status(job_id))
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+
+
+@pytest.mark.parametrize("how", ["model failed", "worker swept"])
+def test_an_async_job_handed_back_to_the_queue_says_queued_again(real_redis, config, how):
+    """Found by review: a job a worker had marked running said 'running' while it waited in the queue again."""
+    config = config.replace(block_timeout=0.2, max_attempts=3)
+    queue = JobQueue(real_redis, config)
+    job = async_job()
+    queue.enqueue(jobs.encode_job(job), track_ttl=1800)
+    if how == "model failed":
+        states = []
+
+        class Failing(CountingClassifier):
+            def predict(self, pixels):
+                states.append(real_redis.get(KEYS.status(job.id)))
+                return np.full((len(pixels), 1000), np.nan, dtype=np.float32)  # its own job's failure: retried
+
+        assert Worker(Failing(), config, name="w").run_once() == 1
+        assert states == [b"running"]
+    else:
+        registry = WorkerRegistry(real_redis, queue, heartbeat_ttl=60)
+        registry.beat("doomed", {"ready": 1})
+        assert len(queue.claim("doomed", 10, 1)) == 1
+        real_redis.set(KEYS.status(job.id), "running", keepttl=True)  # as the worker marks what it holds
+        real_redis.delete(KEYS.heartbeat("doomed"))  # it died holding the job
+        assert registry.sweep() == ["doomed"]
+    assert real_redis.llen(KEYS.queue) == 1 and jobs.header_of(real_redis.lindex(KEYS.queue, 0))["attempts"] == 1
+    state, deadline = jobs.read_status(real_redis.get(KEYS.status(job.id)))
+    assert (state, deadline) == ("queued", pytest.approx(job.deadline, abs=1e-5))
+    assert 1700 < real_redis.ttl(KEYS.status(job.id)) <= 1800  # its own time to live, kept
+
+
 def test_an_async_job_given_up_by_a_sweep_keeps_its_answer_for_its_own_ttl(real_redis, config):
     job = async_job()
     queue = JobQueue(real_redis, config.replace(max_attempts=1))
     registry = WorkerRegistry(real_redis, queue, heartbeat_ttl=60)
     registry.beat("doomed", {"ready": 1})
-    queue.enqueue(jobs.encode_job(job), track=[job.id], track_ttl=1800)
+    queue.enqueue(jobs.encode_job(job), track_ttl=1800)
     assert len(queue.claim("doomed", 10, 1)) == 1
     real_redis.delete(KEYS.heartbeat("doomed"))  # it died holding the job
     assert registry.sweep() == ["doomed"]

@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 from test_open_inference import triton_request
 
 import jobs
-from job_queue import JobQueue
+from job_queue import JobQueue, script
 from keys import Keys
 from launcher import Processes
 from notifications import ResultWaiter
@@ -245,6 +245,35 @@ def test_a_listener_whose_connection_is_never_answered_connects_again(redis_serv
     finally:
         waiter.close()
         proxy.close()
+
+
+@pytest.mark.slow
+def test_an_async_job_whose_push_outlasts_the_deadline_is_cancelled_not_run_for_nobody(
+    service, redis_server, real_redis, config
+):
+    """Found by review: the push of a POST /jobs reached Redis, its reply did not come back before the request's
+    deadline, and the server's safety net answered 504 without the job's id; the job was run all the same and its
+    result kept for JOB_RESULT_TTL under an id nobody had (a retry ran it twice). It is cancelled now."""
+    enqueue = script(real_redis, "enqueue")
+    real_redis.script_load(enqueue.script)  # else the first EVALSHA, held, would be one that found no script
+    proxy = FaultyProxy(redis_server.port)
+    proxy.faults = False
+    proxy.hold_replies_after(enqueue.sha.encode())
+    try:
+        service.start_web(REDIS_URL=proxy.url, REQUEST_TIMEOUT="2", REDIS_SOCKET_TIMEOUT="20")
+        response = requests.post(f"{service.url}/jobs", files={"image": CASTLE.read_bytes()}, timeout=60)
+        assert response.status_code == 504, response.text
+        [pushed] = real_redis.lrange(KEYS.queue, 0, -1)  # the push ran; only its reply was held
+        job_id = jobs.header_of(pushed)["id"]
+        wait_for(lambda: real_redis.exists(KEYS.cancelled(job_id)), 10, "the job to be cancelled")
+        assert not real_redis.exists(KEYS.status(job_id))
+    finally:
+        proxy.close()
+    classifier = CountingClassifier()
+    worker = Worker(classifier, config.replace(block_timeout=0.2), name="late-comer")
+    assert worker.run_once() == 1
+    assert classifier.seen == [] and worker.counts["cancelled"] == 1
+    assert not real_redis.exists(KEYS.result(job_id))
 
 
 @pytest.mark.slow

@@ -339,7 +339,9 @@ def test_a_requeued_dead_letter_is_answered_again_and_an_async_one_says_queued(r
     dead_letter_one(q, job)
     assert r.get(q.keys.result(job.id)) == b"{}"
     assert DeadLetters(r, Settings()).requeue([job.id]).done == [job.id]
-    assert not r.exists(q.keys.result(job.id)) and r.get(q.keys.status(job.id)) == b"queued"
+    assert not r.exists(q.keys.result(job.id))
+    queued = jobs.header_of(r.lindex(q.keys.queue, 0))
+    assert jobs.read_status(r.get(q.keys.status(job.id))) == ("queued", pytest.approx(queued["deadline"], abs=1e-3))
     assert 1100 < r.ttl(q.keys.status(job.id)) <= 1200
     claimed = q.claim("w2", 1, 0)
     assert q.finish("w2", "w:1", claimed, [Reply(job.id, None, '{"ok": 1}')], gone=[job.id]) == "done"
@@ -777,12 +779,14 @@ def test_a_waited_for_result_is_kept_until_its_deadline_and_announced_as_its_job
     assert second == older_web.id.encode()
 
 
-def test_a_waited_for_result_outlives_a_shorter_result_ttl_until_its_deadline(real_redis, config):
+@pytest.mark.parametrize("reply_to", ["chan", None], ids=["notified", "polling"])
+def test_a_waited_for_result_outlives_a_shorter_result_ttl_until_its_deadline(real_redis, config, reply_to):
     """With REQUEST_TIMEOUT above RESULT_TTL, a request of several images reads its results in order: a later
-    image's, stored first, must still be there when it gets to it (found by review: it was capped at RESULT_TTL)."""
+    image's, stored first, must still be there when it gets to it (found by review: it was capped at RESULT_TTL;
+    then, by a later review, still for a polling request, WAIT_MODE=poll, whose jobs have no reply channel)."""
     config = config.replace(block_timeout=0.2, result_ttl=5)
     q = JobQueue(real_redis, config)
-    job = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60, reply_to="chan")
+    job = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() + 60, reply_to=reply_to)
     q.enqueue(jobs.encode_job(job))
     assert Worker(CountingClassifier(), config, name="keeper").run_once() == 1
     assert real_redis.pttl(q.keys.result(job.id)) > 50_000
