@@ -149,7 +149,7 @@ def requeue(dead: DeadLetters, ids: list[str] | None, force: bool) -> list[str]:
     if outcome.expired:
         problems.append(
             f"left dead, their deadline passed (a worker would drop them unprocessed): {', '.join(outcome.expired)};"
-            f" --force requeues them with a new deadline of {dead.request_timeout:g} s"
+            f" --force requeues them with a new deadline of {dead.request_timeout:g} s (async jobs: their own)"
         )
     if outcome.no_pixels:
         problems.append(

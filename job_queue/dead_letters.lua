@@ -11,7 +11,8 @@
 --                        (finish.lua), and this one is to be replaced; an async job says queued again;
 --                        'purge': delete the entries (their pixels go with them)
 -- ARGV[2] force          'requeue' only. '0': a job whose deadline has passed stays dead (a worker would drop
---                        it unprocessed); '1': requeue it too, with a new deadline of now + ARGV[3]
+--                        it unprocessed); '1': requeue it too, with a new deadline of now + ARGV[3] (an async
+--                        job's: now + its result_ttl, as when it was submitted)
 -- ARGV[3] timeout        seconds from now of the new deadline (REQUEST_TIMEOUT)
 -- ARGV[4] grace          seconds the pixels' key outlives the job's deadline (JobQueue.pixels_grace)
 -- ARGV[5] pixels_prefix  the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
@@ -53,7 +54,7 @@ for index, entry in ipairs(entries) do
       local deadline = tonumber(job.deadline)
       if deadline and deadline >= now or force then
         if not deadline or deadline < now then
-          job.deadline = now + timeout
+          job.deadline = now + (result_ttl(job) or timeout)  -- an async job's time is its result_ttl (/jobs)
         end
         job.attempts = 0
         job.reply_to = cjson.null

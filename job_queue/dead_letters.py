@@ -5,7 +5,8 @@ job's pixels; requeue and purge are one atomic script, dead_letters.lua, beside 
 A requeued job goes to the tail of the queue with attempts 0 and no reply channel: its requester was answered
 (500 or 422) when it died, so nobody waits for it. It is re-run for the operator, whose outcome is in the
 worker's log and, for RESULT_TTL seconds, in its result key. A job whose deadline has passed would be dropped
-unprocessed by the worker, so it stays dead unless `force`, which gives it a new deadline of REQUEST_TIMEOUT.
+unprocessed by the worker, so it stays dead unless `force`, which gives it a new deadline of REQUEST_TIMEOUT (an
+async job: of its own result_ttl).
 A requeued job's pixels go back into their key (Keys.pixels), to expire like a new job's; a dead job whose
 pixels were gone before it died (the worker answered 410) cannot be requeued.
 """

@@ -348,6 +348,20 @@ def test_a_requeued_dead_letter_is_answered_again_and_an_async_one_says_queued(r
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
 
 
+def test_a_forced_requeue_gives_an_async_job_its_own_time_again(r):
+    """Found by review: a dead async job requeued with --force got REQUEST_TIMEOUT (30 s) to be done in, not the
+    JOB_RESULT_TTL it was submitted with, while its status said queued for twice that."""
+    q = JobQueue(r, Settings())
+    job = jobs.encode_job(jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), time.time() - 60, result_ttl=600))
+    dead_letter_one(q, job)
+    assert DeadLetters(r, Settings()).requeue([job.id]).expired == [job.id]
+    before = time.time()
+    assert DeadLetters(r, Settings()).requeue([job.id], force=True).done == [job.id]
+    deadline = jobs.header_of(r.lindex(q.keys.queue, 0))["deadline"]
+    assert before + 590 < deadline <= time.time() + 600
+    assert jobs.read_status(r.get(q.keys.status(job.id))) == ("queued", pytest.approx(deadline, abs=1e-3))
+
+
 def test_a_late_copy_of_a_failure_leaves_the_batch_in_hand_alone(r):
     """It requeued whatever the list held by then, with an attempt counted for a run that never failed."""
     q = JobQueue(r, Settings(max_attempts=3))
