@@ -74,7 +74,9 @@ class Reply(NamedTuple):
 
     @classmethod
     def of(cls, job_id: str, reply_to: str | None, result: dict, ttl: int = 0, with_result: bool = False) -> "Reply":
-        return cls(job_id, reply_to, encode_result(result), ttl, with_result)
+        # Capped: a TTL Redis refuses ("invalid expire time": a deadline of 1e16 in a job that was put on the queue
+        # by hand) failed finish.lua after it had acknowledged the batch, and every later reply of it was lost.
+        return cls(job_id, reply_to, encode_result(result), min(ttl, MAX_RESULT_TTL), with_result)
 
 
 class EncodedJob(NamedTuple):

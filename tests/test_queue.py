@@ -100,20 +100,20 @@ def test_requeue_of_a_dead_worker_counts_attempts_then_dead_letters(r):
     first, second = raw_job(), raw_job()
     q.enqueue(first)
     q.enqueue(second)
-    for attempt in (1, 2):
+
+    def die_holding():
         registry.beat("doomed", {"ready": 1})
-        claimed = q.claim("doomed", 10, 1)
-        assert len(claimed) == 2
+        claimed = [jobs.decode_job(raw).id for raw in q.claim("doomed", 10, 1)]
         r.delete(q.keys.heartbeat("doomed"))  # the heartbeat expired: the worker died holding its batch
         assert registry.sweep() == ["doomed"]
-        queued = [jobs.decode_job(raw) for raw in r.lrange(q.keys.queue, 0, -1)]
-        assert [j.id for j in queued] == [first.id, second.id]
-        assert all(j.attempts == attempt for j in queued)
-        assert r.get(q.keys.pixels(first.id)) == first.pixels  # a requeued job keeps its pixels
-    registry.beat("doomed", {"ready": 1})
-    q.claim("doomed", 10, 1)
-    r.delete(q.keys.heartbeat("doomed"))
-    registry.sweep()
+        return claimed
+
+    assert die_holding() == [first.id, second.id]
+    queued = [jobs.decode_job(raw) for raw in r.lrange(q.keys.queue, 0, -1)]
+    assert [(j.id, j.attempts) for j in queued] == [(first.id, 1), (second.id, 1)]
+    assert r.get(q.keys.pixels(first.id)) == first.pixels  # a requeued job keeps its pixels
+    # Handed back, each is claimed alone: a job that kills its worker uses up its own attempts, not its batch-mates'.
+    assert [die_holding() for _ in range(4)] == [[first.id], [first.id], [second.id], [second.id]]
     assert q.length() == 0
     assert r.llen(q.keys.dead) == 2
     result = jobs.decode_result(r.get(q.keys.result(first.id)))
@@ -244,6 +244,33 @@ def retried(raw):
     return jobs.encode_header(dataclasses.replace(jobs.decode_job(raw), attempts=1))
 
 
+def test_a_job_that_kills_its_worker_is_given_up_alone_and_its_batch_mates_are_answered(r):
+    """Found by review: a whole batch goes back when its worker dies (or hangs), each job with an attempt counted,
+    and it was claimed whole again: with one image that killed the worker, 5 of its 7 batch-mates were given up
+    (500) beside it. Handed back, each job is now claimed alone."""
+    q, registry = queue_and_registry(r, max_attempts=3)
+    batch = [raw_job() for _ in range(8)]
+    poison = batch[3].id
+    q.enqueue(*batch)
+    for restart in range(20):  # each round a worker (a fresh pod) claims, and dies if it holds the poison
+        name = f"worker-{restart}"
+        registry.beat(name, {"ready": 1})
+        claimed = q.claim(name, 10, 1)
+        if not claimed:
+            break
+        ids = [jobs.decode_job(raw).id for raw in claimed]
+        if poison in ids:
+            r.delete(q.keys.heartbeat(name))
+            assert registry.sweep() == [name]
+        else:
+            replies = [Reply(job_id, None, '{"ok": 1}') for job_id in ids]
+            assert q.finish(name, f"{name}:1", claimed, replies, gone=ids) == "done"
+    answers = {job.id: json.loads(r.get(q.keys.result(job.id))) for job in batch}
+    assert answers.pop(poison)["status"] == 500
+    assert answers == {job.id: {"ok": 1} for job in batch if job.id != poison}
+    assert [jobs.decode_dead_letter(entry).id for entry in r.lrange(q.keys.dead, 0, -1)] == [poison]
+
+
 def test_a_late_copy_of_an_earlier_batchs_finish_changes_nothing(r):
     """The worker gave up on the reply of a finish whose bytes were still on the way, retried it and went on; the
     first copy reaches Redis when a later batch is in hand. Counting alone trimmed that batch away unanswered (and
@@ -255,18 +282,19 @@ def test_a_late_copy_of_an_earlier_batchs_finish_changes_nothing(r):
     answered = Reply(jobs.decode_job(first[0]).id, "chan", '{"ok": 1}')
     late_copy = ("w1", "t:1", first, [answered], [retried(first[1])])  # the worker numbers its batches
     assert q.finish(*late_copy) == "done"
-    second = q.claim("w1", 2, 0)  # the retried job and the third
-    assert q.finish("w1", "t:2", second, [], retry=second) == "done"  # the model failed: both again
+    second = q.claim("w1", 2, 0)  # the retried job, alone
+    assert q.finish("w1", "t:2", second, [], retry=second) == "done"  # the model failed: again
     third = q.claim("w1", 2, 0)
+    waiting = r.lrange(q.keys.queue, 0, -1)  # the third job
     r.delete(q.keys.result(answered.job_id))  # the answer was read, and has expired
     pubsub = r.pubsub()
     pubsub.subscribe("chan")
     pubsub.get_message(timeout=1)
     assert q.finish(*late_copy) == "duplicate"
-    assert r.lrange(q.keys.processing("w1"), 0, -1) == third and q.length() == 0
+    assert r.lrange(q.keys.processing("w1"), 0, -1) == third and r.lrange(q.keys.queue, 0, -1) == waiting
     assert not r.exists(q.keys.result(answered.job_id)) and pubsub.get_message(timeout=0.2) is None
     assert q.finish("w1", "t:3", third, [], retry=third) == "done"
-    assert r.lrange(q.keys.queue, 0, -1) == third  # nothing lost, nothing queued twice
+    assert r.lrange(q.keys.queue, 0, -1) == third + waiting  # nothing lost, nothing queued twice
     other = JobQueue(r, Settings())  # another Worker's numbers are its own
     q.enqueue(raw_job())
     assert other.finish("w1", "u:1", q.claim("w1", 1, 0), []) == "done"
@@ -489,6 +517,23 @@ def marked_job(marker, deadline_in=30.0, **kwargs):
     pixels = np.zeros(jobs.IMAGE_SHAPE, np.uint8)
     pixels[0, 0, 0] = marker  # CountingClassifier's record of which images it saw
     return jobs.encode_job(jobs.Job(pixels, time.time() + deadline_in, **kwargs))
+
+
+def test_a_job_with_a_deadline_ages_away_does_not_cost_its_batch_mates_their_answers(real_redis, config):
+    """Found by review: a job put on the queue by hand with a deadline of 1e16 gave its result a TTL Redis refuses;
+    finish.lua failed after acknowledging the batch, and its batch-mates' answers were never stored."""
+    q = JobQueue(real_redis, config.replace(block_timeout=0.2))
+    before, after = marked_job(1), marked_job(3)
+    far = jobs.Job(np.zeros(jobs.IMAGE_SHAPE, np.uint8), 1e16)
+    q.enqueue(before)
+    real_redis.set(q.keys.pixels(far.id), far.pixels.tobytes(), ex=600)  # as an injected job's would be
+    real_redis.rpush(q.keys.queue, jobs.encode_header(far))
+    q.enqueue(after)
+    assert Worker(CountingClassifier(), config.replace(block_timeout=0.2), name="w").run_once() == 3
+    for job in (before, far, after):
+        assert jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+    assert 0 < real_redis.ttl(q.keys.result(far.id)) <= jobs.MAX_RESULT_TTL
+    assert not real_redis.lrange(q.keys.processing("w"), 0, -1) and q.length() == 0
 
 
 def pixel_keys(r, q):
