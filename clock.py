@@ -15,17 +15,25 @@ class RedisClock:
         self.redis = connection
         self.resync_after = resync_after
         self._anchor = None  # (Redis time, monotonic time) of the last reading
+        self._tried_at = None  # monotonic time of the last attempt to read it
 
     def sync(self) -> None:
         """Read Redis's time; the round trip's midpoint is taken as the moment it was read."""
-        sent = time.monotonic()
+        sent = self._tried_at = time.monotonic()
         seconds, microseconds = self.redis.time()
         received = time.monotonic()
         self._anchor = (seconds + microseconds / 1e6, (sent + received) / 2)
 
     def now(self) -> float:
-        """Seconds since the epoch by Redis's clock; reads it again when the last reading is old."""
-        if self._anchor is None or time.monotonic() - self._anchor[1] > self.resync_after:
-            self.sync()
+        """Seconds since the epoch by Redis's clock; reads it again when the last attempt is old. Once it has a
+        reading it never raises: when Redis cannot be read, it counts on from the last reading and tries again a
+        `resync_after` later (found by review: a worker whose model ended during an outage threw its batch's
+        results away, an attempt counted, for want of the time). Raises redis.RedisError before the first."""
+        if self._anchor is None or time.monotonic() - self._tried_at > self.resync_after:
+            try:
+                self.sync()
+            except redis.RedisError:
+                if self._anchor is None:
+                    raise
         redis_time, at = self._anchor
         return redis_time + (time.monotonic() - at)

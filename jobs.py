@@ -126,6 +126,18 @@ def header_of(raw: bytes | str) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
+def _scripts_read(raw: bytes | str, header: dict) -> bool:
+    """Whether the Lua scripts' cjson reads the header as json.loads did: it refuses a UTF-8 byte order mark and a
+    lone surrogate escape, both of which json.loads takes."""
+    if raw[:3] == b"\xef\xbb\xbf" if isinstance(raw, bytes) else raw.startswith("\ufeff"):
+        return False
+    try:
+        json.dumps(header, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def decode_job(raw: bytes | str) -> Job:
     """Parse and validate a job's header from the queue, pixels not yet loaded (`with_pixels`); raises
     JobError (and nothing else) saying what is wrong.
@@ -143,6 +155,10 @@ def decode_job(raw: bytes | str) -> Job:
 
     def fail(message):
         return JobError(message, job_id, reply_to)
+
+    if not _scripts_read(raw, data):
+        # Such a job went back to the queue uncounted after every crash on it, forever (found by review).
+        raise fail("job header is JSON the queue's scripts cannot read (a byte order mark or a lone surrogate)")
 
     if data.get("shape") != list(IMAGE_SHAPE):
         raise fail(f"job image shape must be {list(IMAGE_SHAPE)}")

@@ -46,7 +46,8 @@ class Keys:
         return self.processing_prefix + worker
 
     def finished(self, worker: str) -> str:
-        """STRING with the id of the worker's last finished batch (TTL RESULT_TTL), so a retried finish is a no-op."""
+        """STRING with the id of the worker's last finished batch (TTL job_queue.LEFT_TTL, an hour), so a retried
+        finish, or a late copy of an earlier one, is a no-op."""
         return f"{self.queue}:finished:{worker}"
 
     def heartbeat(self, worker: str) -> str:

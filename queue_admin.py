@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import redis
 
@@ -33,15 +32,17 @@ class Failure(Exception):
 
 
 # -- info ------------------------------------------------------------------------------------------------
-def collect_info(connection: redis.Redis, keys: Keys, now: float) -> dict:
+def collect_info(connection: redis.Redis, keys: Keys) -> dict:
     names = sorted(_text(name) for name in connection.smembers(keys.workers))
     pipe = connection.pipeline(transaction=False)
+    pipe.time()  # the heartbeats' beat_at is Redis's time: this host's clock may be off (found by review)
     pipe.llen(keys.queue)
     pipe.llen(keys.dead)
     for name in names:
         pipe.hgetall(keys.heartbeat(name))
         pipe.llen(keys.processing(name))
-    depth, dead, *per_worker = pipe.execute()
+    (seconds, microseconds), depth, dead, *per_worker = pipe.execute()
+    now = seconds + microseconds / 1e6
     workers = [
         _worker(name, {_text(k): _text(v) for k, v in beat.items()}, in_flight, now)
         for name, beat, in_flight in zip(names, per_worker[::2], per_worker[1::2], strict=True)
@@ -49,7 +50,11 @@ def collect_info(connection: redis.Redis, keys: Keys, now: float) -> dict:
     registered = set(names)
     orphan_keys = sorted(
         key
-        for key in (_text(k) for k in connection.scan_iter(match=_glob_escape(keys.processing_prefix) + "*", count=500))
+        for key in (
+            _text(k)
+            # Lists only: a stray key of another type under the prefix made LLEN, and so all of `info`, fail.
+            for k in connection.scan_iter(match=_glob_escape(keys.processing_prefix) + "*", count=500, _type="list")
+        )
         if key[len(keys.processing_prefix) :] not in registered
     )
     pipe = connection.pipeline(transaction=False)
@@ -254,7 +259,7 @@ def main(argv=None) -> int:
         connection.ping()
         problems = []
         if args.command == "info":
-            info = collect_info(connection, keys, time.time())
+            info = collect_info(connection, keys)
             if args.json:
                 print(json.dumps({"redis": redis_client.describe(config.redis_url), **info}, indent=2))
             else:

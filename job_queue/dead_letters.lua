@@ -19,16 +19,20 @@
 -- ARGV[6] result_prefix  the result keys' prefix (Keys.result_prefix)
 -- ARGV[7] status_prefix  the status keys' prefix (Keys.status_prefix): an async job (one with a result_ttl)'s
 --                        says queued (jobs.lua's queued_status) for twice its result_ttl, as when it was submitted
--- ARGV[8 ..]             the job ids to match; none: every entry
+-- ARGV[8] cancelled_prefix the cancellation marks' prefix (Keys.cancelled_prefix): a requeued job's mark (its
+--                        request's client went away, or its deadline passed) is deleted, or the worker would skip it
+--                        (found by review: requeued, reported done, and never run)
+-- ARGV[9 ..]             the job ids to match; none: every entry
 -- Returns {ids done, ids left dead because their deadline passed, ids left dead because their pixels were
 -- gone, entries left because they hold no job with an id}.
 local dead, queue = KEYS[1], KEYS[2]
 local mode, force, timeout = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
 local grace, pixels_prefix, result_prefix, status_prefix = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local cancelled_prefix = ARGV[8]
 local wanted = nil
-if #ARGV >= 8 then
+if #ARGV >= 9 then
   wanted = {}
-  for i = 8, #ARGV do
+  for i = 9, #ARGV do
     wanted[ARGV[i]] = true
   end
 end
@@ -64,7 +68,7 @@ for index, entry in ipairs(entries) do
         -- already requeued, and a script is not rolled back: such an entry is left dead, before any write.
         if encoded and expires_ms == expires_ms and expires_ms > 0 and expires_ms < 2 ^ 53 then
           redis.call('SET', pixels_prefix .. id, pixels, 'PXAT', expires_ms)
-          redis.call('DEL', result_prefix .. id)
+          redis.call('DEL', result_prefix .. id, cancelled_prefix .. id)
           local keep = result_ttl(job)
           if keep then
             redis.call('SET', status_prefix .. id, queued_status(job), 'EX', 2 * keep)

@@ -56,7 +56,7 @@ class DeadLetters:
             return Outcome([], [], [], 0)
         force_flag = "1" if force else "0"
         args = [mode, force_flag, self.request_timeout, self.pixels_grace, self.keys.pixels_prefix]
-        args += [self.keys.result_prefix, self.keys.status_prefix, *(ids or [])]
+        args += [self.keys.result_prefix, self.keys.status_prefix, self.keys.cancelled_prefix, *(ids or [])]
         done, expired, no_pixels, no_job = self._script(keys=[self.keys.dead, self.keys.queue], args=args)
         return Outcome(
             [_text(i) for i in done], [_text(i) for i in expired], [_text(i) for i in no_pixels], int(no_job)

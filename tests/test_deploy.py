@@ -106,6 +106,10 @@ def test_keda_scaled_object_scales_the_worker_on_the_queue_length():
     assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == ("apps/v1", "Deployment")
     assert one("Deployment", target["name"]) is not None and target["name"] == "worker"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]  # 0 workers: web never ready, never woken
+    # With at least one replica, KEDA's cooldownPeriod (the scale to zero) means nothing; the HPA's window does.
+    assert "cooldownPeriod" not in spec
+    scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert 0 < scale_down["stabilizationWindowSeconds"] <= 3600  # Kubernetes refuses more
     [trigger] = spec["triggers"]
     assert trigger["type"] == "redis"
     metadata = trigger["metadata"]

@@ -97,6 +97,12 @@ def test_request_id_defaults_to_job_id():
             (lambda d: d.update(result_ttl=10**8), "result_ttl"),
             (lambda d: d.update(result_ttl=1.5), "result_ttl"),
         ]
+    ]
+    + [
+        # JSON that Python reads and the Lua scripts' cjson does not (found by review: such a job never had an
+        # attempt counted, and one that crashed its worker came back forever).
+        (lambda raw: b"\xef\xbb\xbf" + raw, "scripts cannot read"),  # a UTF-8 byte order mark
+        (lambda raw: raw[:-1] + b', "trace": "\\ud800"}', "scripts cannot read"),  # a lone surrogate
     ],
 )
 def test_malformed_job_names_the_problem_and_keeps_the_address(mutate, message):

@@ -376,6 +376,48 @@ def test_a_requeued_dead_letter_is_answered_again_and_an_async_one_says_queued(r
     assert r.get(q.keys.result(job.id)) == b'{"ok": 1}'
 
 
+def test_a_requeued_dead_letter_is_run_even_if_its_request_had_cancelled_it(real_redis, config):
+    """Found by review: a job whose request timed out (marked cancelled) and which then died was requeued, reported
+    done, and skipped by the worker as cancelled: no run, no answer."""
+    q = JobQueue(real_redis, config)
+    job = marked_job(7)
+    dead_letter_one(q, job)
+    real_redis.set(q.keys.cancelled(job.id), "1", ex=90)  # its client went away before it died
+    assert DeadLetters(real_redis, config).requeue([job.id]).done == [job.id]
+    classifier = CountingClassifier()
+    assert Worker(classifier, config.replace(block_timeout=0.2), name="w").run_once() == 1
+    assert classifier.seen == [7] and jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+
+
+def test_a_batch_that_ends_while_the_clock_cannot_reach_redis_keeps_its_answers(real_redis, config):
+    """Found by review: the worker's clock reads Redis's TIME again once its last reading is 30 s old (its heartbeat
+    thread keeps it fresh, unless Redis is away); that read failing after the model ran threw the batch's results
+    away as a model failure, an attempt counted. The clock now counts on from its last reading."""
+    q = JobQueue(real_redis, config)
+    worker = Worker(CountingClassifier(), config.replace(block_timeout=0.2), name="w")
+    worker.clock.now()  # a reading, as the worker's start makes
+
+    class Away:
+        def time(self):
+            raise redis.ConnectionError("Redis is away")
+
+    real_clock_redis = worker.clock.redis
+
+    class OutageDuringTheModel(CountingClassifier):
+        def predict(self, pixels):
+            read, at = worker.clock._anchor  # as if read 31 s ago, and not since: 30 s of failed syncs
+            worker.clock._anchor, worker.clock._tried_at, worker.clock.redis = (read - 31, at - 31), at - 31, Away()
+            return super().predict(pixels)
+
+    worker.classifier = OutageDuringTheModel()
+    job = marked_job(5)
+    q.enqueue(job)
+    assert worker.run_once() == 1
+    worker.clock.redis = real_clock_redis
+    assert worker.counts["errors"] == 0 and q.length() == 0  # not failed, not handed back
+    assert jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+
+
 def test_a_forced_requeue_gives_an_async_job_its_own_time_again(r):
     """Found by review: a dead async job requeued with --force got REQUEST_TIMEOUT (30 s) to be done in, not the
     JOB_RESULT_TTL it was submitted with, while its status said queued for twice that."""

@@ -5,6 +5,7 @@ the model-failure path through requeue.lua), so these tests also hold the writer
 """
 
 import dataclasses
+import glob
 import json
 import os
 import subprocess
@@ -118,6 +119,23 @@ def test_info_shows_depth_workers_in_flight_orphans_and_dead(real_redis, redis_s
     assert counts == ["5", "40", "1", "2", "2"]
     assert rows["w-silent"]["HEARTBEAT"].startswith("none") and rows["w-silent"]["IN FLIGHT"] == "1"
     assert table(result.stdout, "KEY ") == [{"KEY": "image_queue:processing:ghost", "JOBS": "3"}]
+
+
+def test_info_holds_against_a_skewed_host_clock_and_a_stray_key(real_redis, redis_server, admin_config):
+    """Found by review: heartbeat ages were counted on the admin host's own clock against Redis's (a host 90 s
+    behind showed a beat of 0.5 s ago as -89 s), and one key of another type under the processing prefix made the
+    whole of `info` fail with WRONGTYPE."""
+    registry = WorkerRegistry(real_redis, JobQueue(real_redis, admin_config), heartbeat_ttl=60)
+    seconds, microseconds = real_redis.time()
+    registry.beat("w-alive", {"name": "w-alive", "ready": 1, "beat_at": seconds + microseconds / 1e6 - 3})
+    real_redis.set(KEYS.processing("stray"), "not a list")
+    [libfaketime] = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")  # Debian's faketime package
+    result = admin(redis_server.url, "info", "--json", LD_PRELOAD=libfaketime, FAKETIME="-90s")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    [alive] = info["workers"]
+    assert 3 <= alive["heartbeat_age_s"] < 60
+    assert info["orphans"] == []
 
 
 def test_info_reads_the_image_queue_namespace_it_is_given(real_redis, redis_server, admin_config):
