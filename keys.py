@@ -74,6 +74,11 @@ class Keys:
         push repeated after a lost reply finds it and changes nothing."""
         return f"{self.queue}:enqueued:{job_id}"
 
+    def dead_operation(self, token: str) -> str:
+        """STRING with the outcome of one `queue_admin.py dead requeue|purge` (JSON), kept a few minutes: a call
+        repeated after a lost reply answers as the first did instead of finding nothing left to do."""
+        return f"{self.queue}:dead_operation:{token}"
+
     def status(self, job_id: str) -> str:
         """STRING 'queued:<deadline>' or 'running' of an async job (POST /jobs) while it has no result: set when it
         is queued, overwritten when a worker claims it, set back when the job is handed back to the queue, deleted

@@ -5,6 +5,9 @@
 -- it 410 again).
 -- KEYS[1] dead           the dead-letter list
 -- KEYS[2] queue          the waiting jobs
+-- KEYS[3] operation      Keys.dead_operation(a token of this call): its outcome is kept there, and a repeat of the
+--                        call (redis-py sends it again after a lost reply) returns it instead of acting again: the
+--                        jobs are gone from the list by then, and it said none was found (found by review)
 -- ARGV[1] mode           'requeue': move the matching jobs to the tail of the queue with attempts 0 and no
 --                        reply channel (their requesters were answered when the jobs died), their pixels back
 --                        in their key, and the answer they died with deleted: a job's first answer stands
@@ -22,17 +25,22 @@
 -- ARGV[8] cancelled_prefix the cancellation marks' prefix (Keys.cancelled_prefix): a requeued job's mark (its
 --                        request's client went away, or its deadline passed) is deleted, or the worker would skip it
 --                        (found by review: requeued, reported done, and never run)
--- ARGV[9 ..]             the job ids to match; none: every entry
+-- ARGV[10 ..]            the job ids to match; none: every entry
+-- ARGV[9] operation_ttl  seconds KEYS[3] is kept
 -- Returns {ids done, ids left dead because their deadline passed, ids left dead because their pixels were
 -- gone, entries left because they hold no job with an id}.
-local dead, queue = KEYS[1], KEYS[2]
+local dead, queue, operation = KEYS[1], KEYS[2], KEYS[3]
 local mode, force, timeout = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
 local grace, pixels_prefix, result_prefix, status_prefix = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
-local cancelled_prefix = ARGV[8]
+local cancelled_prefix, operation_ttl = ARGV[8], ARGV[9]
+local done_before = redis.call('GET', operation)
+if done_before then
+  return cjson.decode(done_before)
+end
 local wanted = nil
-if #ARGV >= 9 then
+if #ARGV >= 10 then
   wanted = {}
-  for i = 9, #ARGV do
+  for i = 10, #ARGV do
     wanted[ARGV[i]] = true
   end
 end
@@ -88,4 +96,6 @@ end
 if #done > 0 then
   redis.call('LREM', dead, 0, removed)
 end
-return {done, expired, no_pixels, no_job}
+local outcome = {done, expired, no_pixels, no_job}
+redis.call('SET', operation, cjson.encode(outcome), 'EX', operation_ttl)
+return outcome

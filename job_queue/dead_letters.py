@@ -11,6 +11,7 @@ A requeued job's pixels go back into their key (Keys.pixels), to expire like a n
 pixels were gone before it died (the worker answered 410) cannot be requeued.
 """
 
+import uuid
 from typing import NamedTuple
 
 import redis
@@ -26,6 +27,10 @@ class Outcome(NamedTuple):
     expired: list[str]  # ids left dead because their deadline passed (requeue without force)
     no_pixels: list[str]  # ids left dead because their pixels were gone when they died (requeue)
     no_job: int  # entries left dead because they hold no job with an id (requeue of every entry)
+
+
+# Seconds a requeue's or purge's outcome is kept for a repeat of the call: redis-py repeats it at once.
+OPERATION_TTL = 300
 
 
 class DeadLetters:
@@ -56,8 +61,9 @@ class DeadLetters:
             return Outcome([], [], [], 0)
         force_flag = "1" if force else "0"
         args = [mode, force_flag, self.request_timeout, self.pixels_grace, self.keys.pixels_prefix]
-        args += [self.keys.result_prefix, self.keys.status_prefix, self.keys.cancelled_prefix, *(ids or [])]
-        done, expired, no_pixels, no_job = self._script(keys=[self.keys.dead, self.keys.queue], args=args)
+        args += [self.keys.result_prefix, self.keys.status_prefix, self.keys.cancelled_prefix, OPERATION_TTL]
+        keys = [self.keys.dead, self.keys.queue, self.keys.dead_operation(uuid.uuid4().hex)]
+        done, expired, no_pixels, no_job = self._script(keys=keys, args=[*args, *(ids or [])])
         return Outcome(
             [_text(i) for i in done], [_text(i) for i in expired], [_text(i) for i in no_pixels], int(no_job)
         )

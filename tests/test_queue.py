@@ -14,6 +14,7 @@ import pytest
 import redis
 
 import jobs
+import redis_client
 import worker as worker_module
 from job_queue import JobQueue, QueueFull
 from job_queue.dead_letters import DeadLetters
@@ -416,6 +417,39 @@ def test_a_batch_that_ends_while_the_clock_cannot_reach_redis_keeps_its_answers(
     worker.clock.redis = real_clock_redis
     assert worker.counts["errors"] == 0 and q.length() == 0  # not failed, not handed back
     assert jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+
+
+@pytest.mark.parametrize("action", ["requeue", "purge"])
+def test_a_dead_letter_command_repeated_after_a_lost_reply_answers_as_the_first(
+    redis_server, real_redis, config, monkeypatch, action
+):
+    """Found by review: redis-py sends a command again when its reply is lost; the repeat of a requeue or purge
+    that had run found the job gone from the list and said there was no dead job with that id (exit status 1)."""
+    q = JobQueue(real_redis, config)
+    job = marked_job(3)
+    dead_letter_one(q, job)
+    dead = DeadLetters(redis_client.connect(redis_server.url, 5), config)
+    connection_class = redis.connection.Connection
+    send, read, state = connection_class.send_command, connection_class.read_response, {"last": None, "lost": 0}
+
+    def send_command(self, *args, **kwargs):
+        state["last"] = args[0]
+        return send(self, *args, **kwargs)
+
+    def read_response(self, *args, **kwargs):
+        reply = read(self, *args, **kwargs)  # an error reply (no script loaded yet) raises here: not this one
+        if state["last"] == "EVALSHA" and not state["lost"]:
+            state["lost"] += 1
+            self.disconnect()
+            raise redis.ConnectionError("the connection dropped after the script ran")
+        return reply
+
+    monkeypatch.setattr(connection_class, "send_command", send_command)
+    monkeypatch.setattr(connection_class, "read_response", read_response)
+    outcome = getattr(dead, action)([job.id])
+    monkeypatch.undo()
+    assert state["lost"] == 1 and outcome.done == [job.id]
+    assert real_redis.llen(q.keys.dead) == 0 and q.length() == (1 if action == "requeue" else 0)
 
 
 def test_a_forced_requeue_gives_an_async_job_its_own_time_again(r):
