@@ -156,15 +156,31 @@ class Admission:
         """Record this process's backlog every QUEUE_MAX_AGE (unless a request just did) until it is gone and
         recorded gone. The others count a record for BACKLOG_MAX_AGE only, and a process busy with its backlog may
         take in no request, the only other time it records, for longer than that: found by review, it then vanished
-        from the others' count, and they admitted requests to wait behind its images unweighed."""
+        from the others' count, and they admitted requests to wait behind its images unweighed. A Redis error
+        does not end it (the busy process may admit nothing to start it again): it tries again."""
         try:
-            while self.preparing_images or self._recorded:
-                time.sleep(self.QUEUE_MAX_AGE)
-                self._shared()
-        except redis.RedisError:
-            pass  # the requests meet it too; the next one admitted starts this again
+            while True:
+                time.sleep(self.QUEUE_MAX_AGE)  # first: it is started before the request's images are counted
+                if not (self.preparing_images or self._recorded):
+                    return
+                try:
+                    self._shared()
+                except redis.RedisError:
+                    pass  # the requests meet it too, and log it
         finally:
             self._recording = False
+
+    def _start_recorder(self):
+        """Start the recorder unless it runs. Before a request's images are counted: starting a thread may switch
+        greenlets, and a request cut short there (the server's safety net) would leave them counted for good."""
+        if not self._background or self._recording:
+            return
+        self._recording = True
+        try:
+            self._background(self._keep_recording)
+        except BaseException:
+            self._recording = False
+            raise
 
     def throughput(self) -> float:
         """Images/s of all live workers together (0.0 when none has measured any), cached for a second."""
@@ -210,11 +226,9 @@ class Admission:
         refusal, queued, throughput = self._weigh(remaining, images, prepare_within)
         if refusal:
             raise refusal
+        self._start_recorder()
         self.preparing += 1
         self.preparing_images += images
-        if self._background and not self._recording:
-            self._recording = True
-            self._background(self._keep_recording)
         return queued, throughput
 
     def refuses(self, remaining: float) -> Refusal | None:

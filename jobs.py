@@ -126,14 +126,13 @@ def header_of(raw: bytes | str) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-def _scripts_read(raw: bytes | str, header: dict) -> bool:
-    """Whether the Lua scripts' cjson reads the header as json.loads did: it refuses a UTF-8 byte order mark and a
-    lone surrogate escape, both of which json.loads takes."""
-    if raw[:3] == b"\xef\xbb\xbf" if isinstance(raw, bytes) else raw.startswith("\ufeff"):
-        return False
+def _scripts_read(raw: bytes | str) -> bool:
+    """Whether the Lua scripts' cjson reads the header as json.loads did: cjson takes UTF-8 alone, without a byte
+    order mark (json.loads also takes UTF-16 and UTF-32, and one), and refuses a lone surrogate escape."""
     try:
-        json.dumps(header, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        json.dumps(json.loads(text, strict=False), ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # UnicodeError and JSONDecodeError are ValueErrors
         return False
     return True
 
@@ -156,9 +155,9 @@ def decode_job(raw: bytes | str) -> Job:
     def fail(message):
         return JobError(message, job_id, reply_to)
 
-    if not _scripts_read(raw, data):
+    if not _scripts_read(raw):
         # Such a job went back to the queue uncounted after every crash on it, forever (found by review).
-        raise fail("job header is JSON the queue's scripts cannot read (a byte order mark or a lone surrogate)")
+        raise fail("job header is JSON the queue's scripts cannot read (not UTF-8, or a lone surrogate)")
 
     if data.get("shape") != list(IMAGE_SHAPE):
         raise fail(f"job image shape must be {list(IMAGE_SHAPE)}")
@@ -209,17 +208,6 @@ def with_pixels(job: Job, pixels: bytes) -> Job:
 
 def is_job_id(text: str) -> bool:
     return bool(_ID.fullmatch(text))
-
-
-def read_status(raw: bytes) -> tuple[str, float | None]:
-    """An async job's status key as (state, deadline): 'queued' with the job's deadline (jobs.lua's queued_status),
-    or 'running' with None (a worker holds it and will answer). A bare 'queued' (written before the deadline was)
-    has None too."""
-    state, _, deadline = raw.decode().partition(":")
-    try:
-        return state, float(deadline) if deadline else None
-    except ValueError:
-        return state, None
 
 
 def _is_int(value):

@@ -80,7 +80,13 @@ class Keys:
         return f"{self.queue}:dead_operation:{token}"
 
     def status(self, job_id: str) -> str:
-        """STRING 'queued:<deadline>' or 'running' of an async job (POST /jobs) while it has no result: set when it
-        is queued, overwritten when a worker claims it, set back when the job is handed back to the queue, deleted
+        """STRING 'queued' or 'running' of an async job (POST /jobs) while it has no result: set when it is
+        queued, overwritten when a worker claims it, set back when the job is handed back to the queue, deleted
         when its answer is stored; at the latest it expires twice JOB_RESULT_TTL after it was queued."""
         return self.status_prefix + job_id
+
+    def job_deadline(self, job_id: str) -> str:
+        """STRING with an async job's deadline (unix seconds), beside its status and as long: a status read that
+        finds the job still queued past it answers 504 (job_status.lua). Not in the status value, which web
+        processes of earlier versions show as it is. The scripts name it status_prefix .. id .. ':deadline'."""
+        return f"{self.status(job_id)}:deadline"

@@ -307,7 +307,7 @@ def _cancel(svc, job_ids, ttl=None):
     pipe = svc.queue.redis.pipeline(transaction=False)
     for job_id in job_ids:
         pipe.set(svc.queue.keys.cancelled(job_id), "1", ex=ttl)
-        pipe.delete(svc.queue.keys.status(job_id))
+        pipe.delete(svc.queue.keys.status(job_id), svc.queue.keys.job_deadline(job_id))
     try:
         pipe.execute()
     except redis.RedisError as exc:  # the worker's own deadline check still drops them once they are late

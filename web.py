@@ -320,41 +320,19 @@ def job_status(job_id):
 
     Nothing about a job lives in a web process: any web process answers for it, after a restart too."""
     svc = submission.service()
-    queue = svc.queue
     if not jobs.is_job_id(job_id):
         return _error("no such job", 404)
+    late = jobs.encode_result(jobs.error_result(job_id, jobs.LATE, 504))
     try:
-        # One MULTI: finish.lua stores the result and deletes the status in one step, and two separate reads
-        # could fall either side of it and see neither.
-        pipe = queue.redis.pipeline(transaction=True)
-        pipe.get(queue.keys.result(job_id))
-        pipe.get(queue.keys.status(job_id))
-        raw_result, status = pipe.execute()
-        if raw_result is None and status is not None:
-            state, deadline = jobs.read_status(status)
-            if state == "queued" and deadline is not None and deadline < svc.clock.now():
-                raw_result = _store_late(svc, job_id)
+        raw_result, state = svc.queue.job_status(job_id, late, svc.config.job_result_ttl)
     except redis.RedisError as exc:
         log("redis_unavailable", level="ERROR", error=str(exc))
         return _refused(Refused(503, "the job store is unavailable; retry later", "redis_unavailable", 1))
     if raw_result is not None:
         return _answer(jobs.decode_result(raw_result))
-    if status is None:
+    if state is None:
         return _error("no such job (unknown, or its result expired)", 404)
     return jsonify({"id": job_id, "status": state}), 202
-
-
-def _store_late(svc, job_id):
-    """Store the 504 of an async job whose deadline passed while it waited, as the worker that claims it would
-    (SET NX: an answer stored first stands, and the worker's later one does not replace this); returns the
-    answer that stands."""
-    queue = svc.queue
-    late = jobs.encode_result(jobs.error_result(job_id, jobs.LATE, 504))
-    pipe = queue.redis.pipeline(transaction=True)
-    pipe.set(queue.keys.result(job_id), late, ex=svc.config.job_result_ttl, nx=True)
-    pipe.get(queue.keys.result(job_id))
-    pipe.delete(queue.keys.status(job_id))
-    return pipe.execute()[1]
 
 
 def _http_error(exc):

@@ -320,7 +320,6 @@ class Worker:
         started = self.clock.now()
         valid, replies, dead, claimed_ids = self._triage(raws, started)
         valid = self._load(valid, replies, dead)
-        self._mark_running(valid)
         bind(rids=",".join(job.request_id for job in valid))  # every line about this batch names its requests
         log("batch_claimed", worker=self.name, claimed=len(raws), batch_size=len(valid))
         retry, done = [], []
@@ -413,20 +412,6 @@ class Worker:
             if not job.reply_to:
                 ttl = max(ttl, self.queue.result_ttl)
         return Reply.of(job.id, job.reply_to, result, ttl, with_result=job.notify_result)
-
-    def _mark_running(self, valid):
-        """Async jobs' status keys say 'running' from now on (only keys that exist: one left to expire stays
-        gone). A status only; the claim itself is what keeps the job safe, so a failure here is logged."""
-        tracked = [job for job in valid if job.result_ttl]
-        if not tracked:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for job in tracked:
-            pipe.set(self.queue.keys.status(job.id), "running", xx=True, keepttl=True)
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            log("status_update_failed", level="WARNING", worker=self.name, error=str(exc))
 
     def _triage(self, raws, now):
         """Split claimed jobs into those to run, replies for malformed ones and for jobs that cannot be done by

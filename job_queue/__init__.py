@@ -73,14 +73,15 @@ class JobQueue:
         self.result_ttl = config.result_ttl
         self.pixels_grace = pixels_grace(config)
         self._scripts = {
-            name: script(connection, name) for name in ("enqueue", "claim", "finish", "requeue", "backlogs")
+            name: script(connection, name)
+            for name in ("enqueue", "claim", "finish", "requeue", "backlogs", "job_status")
         }
 
     def enqueue(self, *batch: jobs.EncodedJob, track_ttl: int = 0) -> int:
         """Queue the jobs side by side, or none of them when `max_queue_length` leaves no room for them all
         (then raise QueueFull); returns the queue's length as the push left it. `track_ttl`: the jobs are async
-        ones, whose status keys say queued, with their deadline, for `track_ttl` seconds from now on (a worker
-        that claims one says 'running').
+        ones, whose status keys say 'queued', their deadlines beside them, for `track_ttl` seconds from now on (a
+        worker that claims one says 'running').
 
         One round trip: each job's pixels are SET (a pipeline keeps the order), then enqueue.lua pushes the
         headers, or deletes the pixels when it refuses them. The pixels expire `pixels_grace` after the
@@ -89,8 +90,9 @@ class JobQueue:
         pixel_keys = [self.keys.pixels(job.id) for job in batch]
         token = self.keys.enqueued(batch[0].id)
         result_keys = [self.keys.result(job.id) for job in batch]
-        status_keys = [self.keys.status(job.id) for job in batch] if track_ttl else []
-        keys = [self.keys.queue, token, *pixel_keys, *result_keys, *status_keys]
+        ids = [job.id for job in batch]
+        tracked = [*map(self.keys.status, ids), *map(self.keys.job_deadline, ids)] if track_ttl else []
+        keys = [self.keys.queue, token, *pixel_keys, *result_keys, *tracked]
         expires = [math.ceil((job.deadline + self.pixels_grace) * 1000) for job in batch]
         args = [self.max_length, track_ttl, max(expires), *(job.header for job in batch)]
 
@@ -120,6 +122,14 @@ class JobQueue:
                     raise
                 self.redis.script_load(script.script)
 
+    def job_status(self, job_id: str, late: str, ttl: int) -> tuple[bytes | None, str | None]:
+        """An async job's (answer, status) as GET /jobs/<id> reports it, in one step (job_status.lua): the stored
+        answer, or `late` (stored for `ttl` seconds) when the job still waits in the queue past its deadline, or
+        the status ('queued', 'running'; None for a job unknown or expired)."""
+        keys = [self.keys.result(job_id), self.keys.status(job_id), self.keys.job_deadline(job_id)]
+        answer, status = self._scripts["job_status"](keys=keys, args=[late, ttl])
+        return answer or None, status.decode() if status else None
+
     def length(self) -> int:
         return self.redis.llen(self.keys.queue)
 
@@ -144,7 +154,7 @@ class JobQueue:
         if timeout:
             (blocking_redis or self.redis).blmove(self.keys.queue, processing, timeout, "LEFT", "RIGHT")
         keys = [self.keys.queue, processing, self.keys.workers]
-        return self._scripts["claim"](keys=keys, args=[max_jobs, worker])
+        return self._scripts["claim"](keys=keys, args=[max_jobs, worker, self.keys.status_prefix])
 
     def finish(
         self,

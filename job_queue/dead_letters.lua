@@ -21,7 +21,8 @@
 -- ARGV[5] pixels_prefix  the pixels' keys' prefix (Keys.pixels_prefix): a job's are prefix .. its id
 -- ARGV[6] result_prefix  the result keys' prefix (Keys.result_prefix)
 -- ARGV[7] status_prefix  the status keys' prefix (Keys.status_prefix): an async job (one with a result_ttl)'s
---                        says queued (jobs.lua's queued_status) for twice its result_ttl, as when it was submitted
+--                        says 'queued', its deadline beside it (Keys.job_deadline), for twice its result_ttl, as
+--                        when it was submitted
 -- ARGV[8] cancelled_prefix the cancellation marks' prefix (Keys.cancelled_prefix): a requeued job's mark (its
 --                        request's client went away, or its deadline passed) is deleted, or the worker would skip it
 --                        (found by review: requeued, reported done, and never run)
@@ -79,7 +80,8 @@ for index, entry in ipairs(entries) do
           redis.call('DEL', result_prefix .. id, cancelled_prefix .. id)
           local keep = result_ttl(job)
           if keep then
-            redis.call('SET', status_prefix .. id, queued_status(job), 'EX', 2 * keep)
+            redis.call('SET', status_prefix .. id, 'queued', 'EX', 2 * keep)
+            redis.call('SET', status_prefix .. id .. ':deadline', string.format('%.6f', job.deadline), 'EX', 2 * keep)
           end
           redis.call('RPUSH', queue, requeued)
           redis.call('LSET', dead, index - 1, removed)

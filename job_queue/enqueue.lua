@@ -13,8 +13,8 @@
 -- KEYS[2] token            Keys.enqueued(first job's id), set when the jobs are pushed
 -- KEYS[3 .. n+2]           each job's pixels' key
 -- KEYS[n+3 .. 2n+2]        each job's result key (read by a repeat only)
--- KEYS[2n+3 .. 3n+2]       async jobs only: each job's status key, set to jobs.lua's queued_status (none for
---                          waited-for jobs)
+-- KEYS[2n+3 .. 3n+2]       async jobs only (none for waited-for jobs): each job's status key, set to 'queued'
+-- KEYS[3n+3 .. 4n+2]       async jobs only: each job's deadline key (Keys.job_deadline), set to its deadline
 -- ARGV[1] max_length       the cap
 -- ARGV[2] status_ttl       seconds a status key is kept
 -- ARGV[3] token_expires    unix ms (PXAT) when the token may go: when the pixels do, after any repeat
@@ -40,8 +40,12 @@ if length + n > max_length then
   redis.call('DEL', unpack(KEYS, 3, n + 2))
   return {0, length}
 end
-for i = 2 * n + 3, #KEYS do
-  redis.call('SET', KEYS[i], queued_status(cjson.decode(ARGV[3 + i - 2 * n - 2])), 'EX', status_ttl)
+if #KEYS > 2 * n + 2 then
+  for i = 1, n do
+    redis.call('SET', KEYS[2 * n + 2 + i], 'queued', 'EX', status_ttl)
+    local deadline = string.format('%.6f', cjson.decode(ARGV[3 + i]).deadline)
+    redis.call('SET', KEYS[3 * n + 2 + i], deadline, 'EX', status_ttl)
+  end
 end
 redis.call('SET', token, '1', 'PXAT', token_expires)
 return {1, redis.call('RPUSH', queue, unpack(ARGV, 4))}

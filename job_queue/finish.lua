@@ -73,7 +73,7 @@ for i = 1, n do
   local channel, job_id, result, keep = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local with_result = ARGV[at + 4] == '1'
   if redis.call('SET', KEYS[i + 4], result, 'EX', keep ~= '0' and keep or ttl, 'NX') then
-    redis.call('DEL', status_prefix .. job_id)
+    forget_status(status_prefix, job_id)
     if channel ~= '' then
       redis.call('PUBLISH', channel, with_result and (job_id .. '\n' .. result) or job_id)
     end
@@ -85,7 +85,7 @@ if outcome == 'done' then
   -- will be run again with their pixels.
   for i = first_dead - 1, first_retry, -1 do
     redis.call('LPUSH', queue, ARGV[i])
-    mark_queued(read_job(ARGV[i]), status_prefix)
+    mark_status(read_job(ARGV[i]), status_prefix, 'queued')
   end
   if first_dead <= #ARGV then
     for i = first_dead, #ARGV, 2 do

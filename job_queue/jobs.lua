@@ -29,19 +29,19 @@ local function result_ttl(job)
   return nil
 end
 
--- An async job's status while it waits for a worker: 'queued:' and its deadline (jobs.py's read_status), so that
--- a web server can answer it 504 once its deadline has passed and no worker has claimed it.
-local function queued_status(job)
-  return 'queued:' .. string.format('%.6f', tonumber(job.deadline) or 0)
-end
-
--- An async job handed back to the queue (retried, failed, swept) says it waits again, not 'running'; only a status
--- key that exists is set: one left to expire stays gone.
-local function mark_queued(job, status_prefix)
+-- An async job's status says `state` ('queued': handed back to the queue, after a failure or a sweep; 'running':
+-- claimed); only a status key that exists is set: one left to expire stays gone. Not a job that waits for nobody.
+local function mark_status(job, status_prefix, state)
   local id = job_id(job)
   if id and result_ttl(job) then
-    redis.call('SET', status_prefix .. id, queued_status(job), 'XX', 'KEEPTTL')
+    redis.call('SET', status_prefix .. id, state, 'XX', 'KEEPTTL')
   end
+end
+
+-- An answered async job's status, and the deadline kept beside it (Keys.job_deadline), go: once the answer expires
+-- the job is unknown (404), not 'running' again.
+local function forget_status(status_prefix, id)
+  redis.call('DEL', status_prefix .. id, status_prefix .. id .. ':deadline')
 end
 
 -- Redis's clock, unix seconds.

@@ -51,7 +51,7 @@ local function answer_requester(job)
   if not redis.call('SET', result_prefix .. id, cjson.encode(answer), 'EX', keep, 'NX') then
     return
   end
-  redis.call('DEL', status_prefix .. id)
+  forget_status(status_prefix, id)
   if type(reply_to) == 'string' and #reply_to <= 200 and string.match(reply_to, '^[%w%._:%-]+$') then
     redis.call('PUBLISH', reply_to, id)
   end
@@ -96,7 +96,7 @@ for i = #jobs, 1, -1 do
     -- A job we cannot even parse goes back too: the worker that takes it dead-letters it with a reason.
     redis.call('LPUSH', queue, raw)
     if parsed then
-      mark_queued(job, status_prefix)
+      mark_status(job, status_prefix, 'queued')
     end
   end
 end

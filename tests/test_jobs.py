@@ -102,6 +102,8 @@ def test_request_id_defaults_to_job_id():
         # JSON that Python reads and the Lua scripts' cjson does not (found by review: such a job never had an
         # attempt counted, and one that crashed its worker came back forever).
         (lambda raw: b"\xef\xbb\xbf" + raw, "scripts cannot read"),  # a UTF-8 byte order mark
+        (lambda raw: raw.decode().encode("utf-16"), "scripts cannot read"),
+        (lambda raw: raw.decode().encode("utf-32-le"), "scripts cannot read"),
         (lambda raw: raw[:-1] + b', "trace": "\\ud800"}', "scripts cannot read"),  # a lone surrogate
     ],
 )

@@ -124,11 +124,41 @@ def test_a_process_busy_with_its_backlog_keeps_recording_it_while_no_request_com
     with pytest.raises(Refusal) as refused:
         other.check(remaining=2.5)  # 2.1 s ahead of it > 0.8 x 2.5 s
     assert "20 by other web processes" in str(refused.value)
+    share, failures = busy.queue.share_backlog, iter([redis.TimeoutError("Redis did not answer")])
+
+    def share_after_a_failure(*args):
+        for failure in failures:
+            raise failure
+        return share(*args)
+
+    busy.queue.share_backlog = share_after_a_failure  # one failed record does not end the recording (review)
+    time.sleep(3 * other.BACKLOG_MAX_AGE)
+    assert next(failures, None) is None
+    with pytest.raises(Refusal) as refused:
+        other.check(remaining=2.5)
+    assert "20 by other web processes" in str(refused.value)
     with busy.preparation(20):
         pass  # done with them: recorded as gone without a request either, and the recorder stops
     wait_for(lambda: not busy._recording, 5, "the recorder to record the empty backlog and stop")
     time.sleep(Admission.QUEUE_MAX_AGE)
     assert other.check(remaining=2.5) == (0, 10.0)
+
+
+def test_a_request_cut_short_while_the_recorder_starts_leaves_nothing_counted(fake_redis):
+    """Found by review: under gevent, starting the recorder's thread switches greenlets, and the server's safety net
+    (a gevent.Timeout) could fire there, after the request's images were counted: nothing ever uncounted them, and
+    the recorder published them to every web process for good."""
+
+    class CutShort(BaseException):
+        pass
+
+    def cut_short(function):
+        raise CutShort
+
+    admission = admission_on(fake_redis, 0, [10.0], background=cut_short)
+    with pytest.raises(CutShort):
+        admission.check(remaining=30, images=16)
+    assert (admission.preparing, admission.preparing_images, admission._recording) == (0, 0, False)
 
 
 def test_while_one_request_shares_the_backlogs_the_others_use_the_last_read(fake_redis):
