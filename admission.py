@@ -169,6 +169,8 @@ class Admission:
                     pass  # the requests meet it too, and log it
         finally:
             self._recording = False
+            if self.preparing_images:  # counted by a request that found this one still running, about to end
+                self._start_recorder()
 
     def _start_recorder(self):
         """Start the recorder unless it runs. Before a request's images are counted: starting a thread may switch

@@ -142,19 +142,26 @@ class JobQueue:
         return int(length), int(others)
 
     def claim(self, worker: str, max_jobs: int, timeout: float, blocking_redis: redis.Redis | None = None) -> list:
-        """Block up to `timeout` s for one job, then fill the batch up to `max_jobs`; returns every job the
-        worker holds, oldest first (an empty list when none came). `timeout` 0: do not block or wait.
+        """Fill the batch up to `max_jobs`, or when there was nothing to take, block up to `timeout` s for one job
+        and then fill it; returns every job the worker holds, oldest first (an empty list when none came).
+        `timeout` 0: do not block or wait.
 
         Every job taken is moved into the worker's processing list in the same step as it leaves the
         queue. The answer is read back from that list, so a retried command whose first reply was lost
-        leaves no job unknown to its worker. `blocking_redis` is a client whose socket timeout outlasts
-        `timeout`.
+        leaves no job unknown to its worker. The blocking move comes only when the worker holds nothing: after
+        it, a list that still held a batch (its finish failed) held one job more, and a job handed back after a
+        failure was no longer claimed alone (found by review). `blocking_redis` is a client whose socket timeout
+        outlasts `timeout`.
         """
         processing = self.keys.processing(worker)
-        if timeout:
-            (blocking_redis or self.redis).blmove(self.keys.queue, processing, timeout, "LEFT", "RIGHT")
         keys = [self.keys.queue, processing, self.keys.workers]
-        return self._scripts["claim"](keys=keys, args=[max_jobs, worker, self.keys.status_prefix])
+        args = [max_jobs, worker, self.keys.status_prefix]
+        held = self._scripts["claim"](keys=keys, args=args)
+        if held or not timeout:
+            return held
+        if (blocking_redis or self.redis).blmove(self.keys.queue, processing, timeout, "LEFT", "RIGHT") is None:
+            return []  # none came (one moved by a call whose reply was lost is the next claim's)
+        return self._scripts["claim"](keys=keys, args=args)
 
     def finish(
         self,
