@@ -126,13 +126,15 @@ def header_of(raw: bytes | str) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-def _scripts_read(raw: bytes | str) -> bool:
-    """Whether the Lua scripts' cjson reads the header as json.loads did: cjson takes UTF-8 alone, without a byte
-    order mark (json.loads also takes UTF-16 and UTF-32, and one), and refuses a lone surrogate escape."""
+def _scripts_read(raw: bytes | str, header: dict) -> bool:
+    """Whether the Lua scripts' cjson reads `raw` as json.loads read it into `header`: cjson takes UTF-8 alone,
+    without a byte order mark (json.loads also takes UTF-16 and UTF-32, and one, by the same rule as
+    json.detect_encoding), and refuses a lone surrogate escape."""
+    if isinstance(raw, bytes) and json.detect_encoding(raw) != "utf-8":
+        return False
     try:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        json.dumps(json.loads(text, strict=False), ensure_ascii=False).encode()
-    except (ValueError, RecursionError):  # UnicodeError and JSONDecodeError are ValueErrors
+        json.dumps(header, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate
         return False
     return True
 
@@ -155,7 +157,7 @@ def decode_job(raw: bytes | str) -> Job:
     def fail(message):
         return JobError(message, job_id, reply_to)
 
-    if not _scripts_read(raw):
+    if not _scripts_read(raw, data):
         # Such a job went back to the queue uncounted after every crash on it, forever (found by review).
         raise fail("job header is JSON the queue's scripts cannot read (not UTF-8, or a lone surrogate)")
 

@@ -87,10 +87,10 @@ class JobQueue:
         headers, or deletes the pixels when it refuses them. The pixels expire `pixels_grace` after the
         job's deadline, on Redis's clock like the deadline itself, so that no host's clock plays a part.
         """
-        pixel_keys = [self.keys.pixels(job.id) for job in batch]
-        token = self.keys.enqueued(batch[0].id)
-        result_keys = [self.keys.result(job.id) for job in batch]
         ids = [job.id for job in batch]
+        pixel_keys = [self.keys.pixels(job_id) for job_id in ids]
+        token = self.keys.enqueued(ids[0])
+        result_keys = [self.keys.result(job_id) for job_id in ids]
         tracked = [*map(self.keys.status, ids), *map(self.keys.job_deadline, ids)] if track_ttl else []
         keys = [self.keys.queue, token, *pixel_keys, *result_keys, *tracked]
         expires = [math.ceil((job.deadline + self.pixels_grace) * 1000) for job in batch]

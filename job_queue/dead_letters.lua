@@ -26,8 +26,8 @@
 -- ARGV[8] cancelled_prefix the cancellation marks' prefix (Keys.cancelled_prefix): a requeued job's mark (its
 --                        request's client went away, or its deadline passed) is deleted, or the worker would skip it
 --                        (found by review: requeued, reported done, and never run)
--- ARGV[10 ..]            the job ids to match; none: every entry
 -- ARGV[9] operation_ttl  seconds KEYS[3] is kept
+-- ARGV[10 ..]            the job ids to match; none: every entry
 -- Returns {ids done, ids left dead because their deadline passed, ids left dead because their pixels were
 -- gone, entries left because they hold no job with an id}.
 local dead, queue, operation = KEYS[1], KEYS[2], KEYS[3]
@@ -81,7 +81,7 @@ for index, entry in ipairs(entries) do
           local keep = result_ttl(job)
           if keep then
             redis.call('SET', status_prefix .. id, 'queued', 'EX', 2 * keep)
-            redis.call('SET', status_prefix .. id .. ':deadline', string.format('%.6f', job.deadline), 'EX', 2 * keep)
+            redis.call('SET', deadline_key(status_prefix, id), string.format('%.6f', job.deadline), 'EX', 2 * keep)
           end
           redis.call('RPUSH', queue, requeued)
           redis.call('LSET', dead, index - 1, removed)

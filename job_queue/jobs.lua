@@ -38,10 +38,15 @@ local function mark_status(job, status_prefix, state)
   end
 end
 
--- An answered async job's status, and the deadline kept beside it (Keys.job_deadline), go: once the answer expires
--- the job is unknown (404), not 'running' again.
+-- The key of an async job's deadline, kept beside its status (Keys.job_deadline).
+local function deadline_key(status_prefix, id)
+  return status_prefix .. id .. ':deadline'
+end
+
+-- An answered async job's status, and the deadline kept beside it, go: once the answer expires the job is unknown
+-- (404), not 'running' again.
 local function forget_status(status_prefix, id)
-  redis.call('DEL', status_prefix .. id, status_prefix .. id .. ':deadline')
+  redis.call('DEL', status_prefix .. id, deadline_key(status_prefix, id))
 end
 
 -- Redis's clock, unix seconds.
