@@ -8,8 +8,10 @@ f32 and bf16):
 - the service end to end over HTTP at concurrency 1 and 32, with the CPU time each process (web, worker,
   Redis) spent per request at 32, and Redis commands per request (INFO commandstats);
 then plain polling (WAIT_MODE=poll) on TensorFlow for comparison, Redis commands per idle second, and, on
-OpenVINO f32: the same service fed 12-megapixel JPEGs instead of the castle, and an open-loop overload row at
-twice the capacity just measured (REQUEST_TIMEOUT=10, 40 s), with how latency recovers once the load is gone.
+OpenVINO f32: the same service fed 12-megapixel JPEGs and then a 224x224 BMP (nothing to decode or resize: the
+request path's own cost) instead of the castle, and an open-loop overload row at twice the capacity just measured
+(REQUEST_TIMEOUT=10, 40 s), with how latency recovers once the load is gone. Beside them, the CPU that
+`prepare_image` alone costs for each of the three images in this process: the floor under the web's CPU.
 Last, with EfficientNet-Lite0, how far OpenVINO f32's and bf16's answers are from TensorFlow's on real photos
 (measure_precision.py).
 The castle image is sent. Ratios are what matter on a shared machine; the JSON goes to bench-results/.
@@ -30,6 +32,7 @@ import launcher
 import measure_precision
 import models
 import stress_test
+from helpers import prepare_image
 from jobs import IMAGE_SHAPE
 from settings import Settings
 
@@ -144,7 +147,38 @@ def twelve_megapixels():
     return buffer.getvalue()
 
 
-def service_runtimes(model, cache_dir, image, requests, idle_seconds, overload_seconds):
+def small_bmp(image):
+    """The image as a 224x224 BMP: a request whose preparation costs next to nothing."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("RGB").resize(IMAGE_SHAPE[1::-1]).save(buffer, "BMP")
+    return buffer.getvalue()
+
+
+def uploads(image):
+    """The images the service is fed: the castle, then, on OpenVINO f32, two more."""
+    return {"castle": image, "12 MP JPEG": twelve_megapixels(), "224x224 BMP": small_bmp(image)}
+
+
+def prepare_ms(images, seconds=1.0):
+    """{name: CPU ms} of `prepare_image` alone on each image, the best of three rounds: what the web cannot spend
+    less on, whatever the rest of its request path costs."""
+    costs = {}
+    for name, data in images.items():
+        rounds = []
+        for _ in range(3):
+            runs, started = 0, time.process_time()
+            while runs < 5 or time.process_time() - started < seconds / 3:
+                prepare_image(data, 50_000_000)
+                runs += 1
+            rounds.append((time.process_time() - started) / runs * 1000)
+        costs[name] = min(rounds)
+    return costs
+
+
+def service_runtimes(model, cache_dir, images, requests, idle_seconds, overload_seconds):
+    image = images["castle"]
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         server = launcher.RedisServer(tmp)
@@ -167,9 +201,11 @@ def service_runtimes(model, cache_dir, image, requests, idle_seconds, overload_s
                     }
                     _print_service(model, name, report[name])
                     if name == "openvino f32":
-                        big = twelve_megapixels()
-                        report["12 MP JPEG"] = {32: service_run(url, redis, big, 32, max(48, 32 * requests), pids)}
-                        _print_service(model, "12 MP JPEG", report["12 MP JPEG"])
+                        for upload in ("12 MP JPEG", "224x224 BMP"):
+                            report[upload] = {
+                                32: service_run(url, redis, images[upload], 32, max(48, 32 * requests), pids)
+                            }
+                            _print_service(model, upload, report[upload])
                     if name == "openvino f32" and overload_seconds:
                         service.stop(web)
                         capacity = report[name][32]["throughput_rps"]
@@ -205,7 +241,7 @@ def _print_service(model, name, runs):
         )
 
 
-def print_tables(model, bare_before, bare_after, service):
+def print_tables(model, bare_before, bare_after, service, prepare):
     reference = {
         b: (bare_before["tensorflow"][b]["images_per_s"] + bare_after["tensorflow"][b]["images_per_s"]) / 2
         for b in BATCHES
@@ -237,15 +273,36 @@ def print_tables(model, bare_before, bare_after, service):
             f"{s['redis_commands_per_request']:.2f} |"
         )
     if "12 MP JPEG" in service:
-        big, small = service["12 MP JPEG"][32], service["openvino f32"][32]
-        print(
-            f"\n12 MP JPEG uploads, openvino f32, concurrency 32: {big['throughput_rps']:.1f} requests/s = "
-            f"{big['throughput_rps'] / small['throughput_rps']:.2f}x the castle's; web CPU "
-            f"{big['cpu_ms_per_request']['web']:.1f} ms/req (castle {small['cpu_ms_per_request']['web']:.1f})"
-        )
+        _print_uploads(service, prepare)
     print(f"\nidle: {service['idle_commands_per_s']:.2f} Redis commands/s")
     if "overload" in service:
         print(_overload_line(service["overload"]))
+
+
+def _print_uploads(service, prepare):
+    castle = service["openvino f32"][32]
+    runs = {"castle": castle, "12 MP JPEG": service["12 MP JPEG"][32], "224x224 BMP": service["224x224 BMP"][32]}
+    print(
+        "\n| upload, openvino f32, concurrency 32 | requests/s | x the castle's | web CPU ms/req "
+        "| prepare_image alone, ms | the rest of the web's request, ms |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, s in runs.items():
+        rps, web = s["throughput_rps"], s["cpu_ms_per_request"]["web"]
+        print(
+            f"| {name} | {rps:.1f} | {rps / castle['throughput_rps']:.2f}x | {web:.2f} | {prepare[name]:.2f} "
+            f"| {web - prepare[name]:.2f} |"
+        )
+    # With both cores busy, throughput is the inverse of the CPU a request costs in all.
+    total = sum(castle["cpu_ms_per_request"].values())
+    extra = prepare["12 MP JPEG"] - prepare["castle"]
+    path = runs["224x224 BMP"]["cpu_ms_per_request"]["web"] - prepare["224x224 BMP"]
+    print(
+        f"floors on this machine: a castle request costs {total:.1f} ms of CPU in all (web, worker, Redis) and a 12 MP "
+        f"JPEG's preparation alone {extra:.1f} ms more, so 12 MP uploads reach at most {total / (total + extra):.2f}x "
+        f"the castle's throughput; the web's CPU for the castle is at least its preparation, {prepare['castle']:.2f}"
+        f" ms, plus the request path around it, {path:.2f} ms as the BMP measures it: {prepare['castle'] + path:.2f} ms"
+    )
 
 
 def _overload_line(o):
@@ -271,17 +328,18 @@ def main(argv=None):
     parser.add_argument("--overload", type=float, default=40, help="seconds of the overload row (0: none)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bench.json")
     args = parser.parse_args(argv)
-    image = (ROOT / "castle_image.jpg").read_bytes()
+    images = uploads((ROOT / "castle_image.jpg").read_bytes())
     report = {}
     with tempfile.TemporaryDirectory() as cache_dir:
         for model in args.models:
             # The machine is shared: measuring the bare runtimes before and after the service and averaging
             # keeps a drift in the machine's speed from favouring either side.
             before = bare_runtimes(model, cache_dir, args.seconds)
-            service = service_runtimes(model, cache_dir, image, args.requests, args.idle, args.overload)
+            service = service_runtimes(model, cache_dir, images, args.requests, args.idle, args.overload)
+            prepare = prepare_ms(images)
             after = bare_runtimes(model, cache_dir, args.seconds)
-            report[model] = {"bare_before": before, "bare_after": after, "service": service}
-            print_tables(model, before, after, service)
+            report[model] = {"bare_before": before, "bare_after": after, "service": service, "prepare_ms": prepare}
+            print_tables(model, before, after, service, prepare)
         if "efficientnet_lite0" in args.models:  # the model with real weights: its answers can be compared
             report["precision"] = measure_precision.measure(cache_dir)
             measure_precision.print_report(report["precision"])
