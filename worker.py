@@ -177,6 +177,10 @@ class Worker:
             # Inside: a stop while Redis is down at start-up ends the wait to register, and leaves as any stop does.
             if not self._connect_with_backoff(self._beat):
                 raise NameTaken(f"a worker named {self.name!r} left less than {LEFT_TTL} s ago; give each its own name")
+            if self._redis_away:
+                # Started while Redis was away: the others' heartbeats may have lapsed in the same outage, and their
+                # next beat may still be on its way. Give them a full HEARTBEAT_TTL, as a worker that saw Redis go does.
+                self._sweep_from = time.monotonic() + self.heartbeat_ttl
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
             log(
                 "worker_ready",
@@ -215,9 +219,9 @@ class Worker:
         `until_stopped` is False: a batch's finish or failure must land, or the stop's leave would hand the batch
         back as if it had never run (a failure's attempt lost)."""
         backoff, first_try = redis_client.Backoff(), time.monotonic()
+        this_try = first_try  # so that a first try that succeeds adds exactly nothing: serve() asks whether it did
         while True:
             try:
-                this_try = time.monotonic()
                 outcome = action()
                 self._redis_away += this_try - first_try
                 return outcome
@@ -228,6 +232,7 @@ class Worker:
                     time.sleep(delay)
                 elif self.stopping.wait(delay):
                     raise _Interrupted() from None
+                this_try = time.monotonic()
 
     # -- work ------------------------------------------------------------------------------------------
     def run_once(self) -> int:

@@ -4,6 +4,7 @@ Protocol tests run on fakeredis and on a real redis-server; the race between wor
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import threading
@@ -868,6 +869,44 @@ def test_a_batch_waiting_out_a_redis_outage_is_not_taken_for_a_hung_model(real_r
     worker.serve()
     assert ended == []
     assert jobs.decode_result(real_redis.get(q.keys.result(job.id)))["success"]
+
+
+@pytest.mark.parametrize(
+    "refused_beat", [1, 2, None], ids=["redis away at its start", "redis away at its first beat", "redis up"]
+)
+def test_a_worker_that_met_a_redis_outage_gives_the_others_a_full_ttl_before_it_sweeps(
+    real_redis, config, monkeypatch, refused_beat
+):
+    # The peer's heartbeat lapsed in the outage and its next beat is still on its way: swept now, its batch would
+    # be computed twice and each job charged an attempt (with MAX_ATTEMPTS=2, a second such sweep gives it up).
+    config = config.replace(block_timeout=0.2, heartbeat_interval=0.2, heartbeat_ttl=2)
+    q = JobQueue(real_redis, config)
+    q.enqueue(marked_job(1))
+    WorkerRegistry(real_redis, q, config.heartbeat_ttl).beat("peer", {"ready": 1})
+    q.claim("peer", 10, 1)
+    real_redis.delete(q.keys.heartbeat("peer"))
+    worker = Worker(CountingClassifier(), config, name="newcomer")
+    beat, beats = worker.registry.beat, itertools.count(1)
+
+    def beat_unless_refused(*args):
+        if next(beats) == refused_beat:
+            raise redis.ConnectionError("Connection refused")
+        return beat(*args)
+
+    monkeypatch.setattr(worker.registry, "beat", beat_unless_refused)
+    serving = threading.Thread(target=worker.serve)
+    serving.start()
+    try:
+        time.sleep(1.0)  # five heartbeat intervals: the newcomer has beaten and could have swept four times
+        swept_early = real_redis.llen(q.keys.processing("peer")) == 0
+        deadline = time.monotonic() + 5
+        while real_redis.llen(q.keys.processing("peer")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stopping.set()
+        serving.join(10)
+    assert swept_early is (refused_beat is None)  # a worker that never missed Redis sweeps after one interval
+    assert real_redis.llen(q.keys.processing("peer")) == 0  # and once the TTL is over, a lapsed peer is swept
 
 
 def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redis, config):
