@@ -104,7 +104,7 @@ class Worker:
         self.finished = threading.Event()  # the last batch is done: stop beating
         self.stop_signal = None
         self._idle = False
-        self._sweep_from = 0.0  # monotonic time from which this worker may sweep others
+        self._sweep_from = math.inf  # monotonic time from which this worker may sweep others: set as it registers
         self._published = (0.0, -math.inf)  # the images/s the last beat carried, and when (monotonic)
         # Seconds spent on tries that failed for want of Redis, and on the waits between them (main thread only):
         # not work, so not part of a batch's busy time.
@@ -177,10 +177,10 @@ class Worker:
             # Inside: a stop while Redis is down at start-up ends the wait to register, and leaves as any stop does.
             if not self._connect_with_backoff(self._beat):
                 raise NameTaken(f"a worker named {self.name!r} left less than {LEFT_TTL} s ago; give each its own name")
-            if self._redis_away:
-                # Started while Redis was away: the others' heartbeats may have lapsed in the same outage, and their
-                # next beat may still be on its way. Give them a full HEARTBEAT_TTL, as a worker that saw Redis go does.
-                self._sweep_from = time.monotonic() + self.heartbeat_ttl
+            # Redis may have been away just before (while the model loaded, say, or while this worker waited to
+            # register): the others' heartbeats may have lapsed in that outage, their next beat still on its way.
+            # A newcomer cannot tell, so it gives them a full HEARTBEAT_TTL, as a worker that saw Redis go does.
+            self._sweep_from = time.monotonic() + self.heartbeat_ttl
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
             log(
                 "worker_ready",
@@ -219,9 +219,9 @@ class Worker:
         `until_stopped` is False: a batch's finish or failure must land, or the stop's leave would hand the batch
         back as if it had never run (a failure's attempt lost)."""
         backoff, first_try = redis_client.Backoff(), time.monotonic()
-        this_try = first_try  # so that a first try that succeeds adds exactly nothing: serve() asks whether it did
         while True:
             try:
+                this_try = time.monotonic()
                 outcome = action()
                 self._redis_away += this_try - first_try
                 return outcome
@@ -232,7 +232,6 @@ class Worker:
                     time.sleep(delay)
                 elif self.stopping.wait(delay):
                     raise _Interrupted() from None
-                this_try = time.monotonic()
 
     # -- work ------------------------------------------------------------------------------------------
     def run_once(self) -> int:
