@@ -101,9 +101,9 @@ def print_info(info: dict, redis_url: str) -> None:
         _table(["NAME", "MODEL", "BATCH", "HEARTBEAT", "BATCHES", "JOBS", "ERRORS", "EXPIRED", "IN FLIGHT"], rows)
     if info["orphans"]:
         print(f"\norphaned processing lists: {len(info['orphans'])}")
-        print("  jobs claimed under a worker name that is not registered; the next sweep of any live worker")
-        print("  requeues them (attempt counted; none for a worker that left within the hour, whose late claim")
-        print("  put them there: they never ran).")
+        print("  jobs claimed under a worker name that is not registered; a live worker's sweep requeues them")
+        print("  (attempt counted; none for a worker that left within the hour, whose late claim put them there:")
+        print("  they never ran): its first sweep, HEARTBEAT_TTL after it registered, and every tenth after it.")
         _table(["KEY", "JOBS"], [[o["key"], o["jobs"]] for o in info["orphans"]])
     else:
         print("\norphaned processing lists: none")

@@ -72,6 +72,9 @@ class Throughput:
 # Every model of the catalog answers ImageNet's classes; an answer of another width would be labelled wrongly.
 CLASSES = len(load_labels())
 EXIT_HUNG = 3  # the exit status of a worker whose model hung (Worker._give_up_hung_batch)
+# Seconds a heartbeat may come after its interval before the worker takes it that Redis or the worker stalled (a
+# beat and a clock sync take milliseconds). While every beat is that late, the worker sweeps no one.
+LATE_BEAT = 1.0
 
 
 def _end_process(status):
@@ -85,7 +88,6 @@ class Worker:
         self.batch_size = config.batch_size
         self.block_timeout = config.block_timeout
         self.heartbeat_interval = config.heartbeat_interval
-        self.heartbeat_ttl = config.heartbeat_ttl
         self.max_batch_seconds = config.max_batch_seconds
         self._in_model = None  # (the batch, when the model was given it): the heartbeat watches it
         self.max_attempts = config.max_attempts
@@ -132,9 +134,16 @@ class Worker:
         with self._beat_lock:
             return self.registry.beat(self.name, self.heartbeat_info())
 
+    def _hold_off_sweeps(self):
+        """Redis was away or stalled, or may have been just before this worker came: the others' heartbeats may have
+        lapsed meanwhile, their next beat still on its way. Give them a full TTL (the heartbeat's own, as Redis holds
+        it) to beat again before taking any of them for dead."""
+        self._sweep_from = time.monotonic() + self.registry.heartbeat_ttl
+
     def _heartbeat_loop(self):
         # Beats go on while a stopping worker finishes its batch, however long it takes: a worker that fell
         # silent would be swept, and its batch computed twice. Up to MAX_BATCH_SECONDS: then the model is hung.
+        waited_from = time.monotonic()
         while not self.finished.wait(self.heartbeat_interval):
             # Only the model's time counts: waiting out a Redis outage, before or after it, is no hang.
             in_model = self._in_model
@@ -145,16 +154,21 @@ class Worker:
                 self.clock.sync()
                 self._beat()
             except redis.RedisError as exc:
-                # The other workers' heartbeats may lapse in the same outage: once Redis is back, give them a
-                # full HEARTBEAT_TTL to beat again before taking any of them for dead.
-                self._sweep_from = time.monotonic() + self.heartbeat_ttl
+                self._hold_off_sweeps()
                 log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
+                waited_from = time.monotonic()
                 continue
+            # A beat that came late went through a stall that raised nothing: Redis frozen for less than redis-py's
+            # try and retry (a review's case: frozen 12 s, a beat sent into it went through when Redis thawed, where
+            # a peer's had timed out and its heartbeat lapsed), or this process or its host paused.
+            if time.monotonic() - waited_from > self.heartbeat_interval + LATE_BEAT:
+                self._hold_off_sweeps()
             try:
                 if time.monotonic() >= self._sweep_from:
                     self.registry.sweep()
             except Exception as exc:  # noqa: BLE001 - whatever the sweep met, this thread must go on beating
                 log("sweep_failed", level="ERROR", worker=self.name, error=repr(exc))
+            waited_from = time.monotonic()
 
     def _on_signal(self, signum, _frame):
         # No logging here: the signal may land while this thread holds the log's lock.
@@ -177,10 +191,9 @@ class Worker:
             # Inside: a stop while Redis is down at start-up ends the wait to register, and leaves as any stop does.
             if not self._connect_with_backoff(self._beat):
                 raise NameTaken(f"a worker named {self.name!r} left less than {LEFT_TTL} s ago; give each its own name")
-            # Redis may have been away just before (while the model loaded, say, or while this worker waited to
-            # register): the others' heartbeats may have lapsed in that outage, their next beat still on its way.
-            # A newcomer cannot tell, so it gives them a full HEARTBEAT_TTL, as a worker that saw Redis go does.
-            self._sweep_from = time.monotonic() + self.heartbeat_ttl
+            # Redis may have been away just before: while the model loaded, say, or while this worker waited to
+            # register. A newcomer cannot tell.
+            self._hold_off_sweeps()
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
             log(
                 "worker_ready",

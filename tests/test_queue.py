@@ -872,10 +872,12 @@ def test_a_batch_waiting_out_a_redis_outage_is_not_taken_for_a_hung_model(real_r
 
 
 @pytest.mark.parametrize(
-    "refused_beat", [None, 1, 5], ids=["redis up throughout", "redis away at its start", "redis away later"]
+    ("refused", "stalled"),
+    [(set(), None), ({1, 2, 3, 4, 5}, None), ({5}, None), (set(), 5)],
+    ids=["redis up throughout", "redis away at its start", "redis away later", "redis stalled later"],
 )
-def test_a_worker_sweeps_no_one_for_a_heartbeat_ttl_after_it_came_or_saw_redis_go(
-    real_redis, config, monkeypatch, refused_beat
+def test_a_worker_sweeps_no_one_for_a_heartbeat_ttl_after_it_came_or_met_an_outage(
+    real_redis, config, monkeypatch, refused, stalled
 ):
     # The peer's heartbeat lapsed in an outage (perhaps one that ended before the newcomer came, while its model
     # loaded) and its next beat may still be on its way: swept now, its batch would be computed twice and each job
@@ -887,14 +889,20 @@ def test_a_worker_sweeps_no_one_for_a_heartbeat_ttl_after_it_came_or_saw_redis_g
     q.claim("peer", 10, 1)
     real_redis.delete(q.keys.heartbeat("peer"))
     worker = Worker(CountingClassifier(), config, name="newcomer")
-    beat, sweep, beats, seen = worker.registry.beat, worker.registry.sweep, itertools.count(1), {}
+    beat, sweep, beats, seen = worker.registry.beat, worker.registry.sweep, itertools.count(1), {"trouble": 0.0}
 
-    def beat_unless_refused(*args):
-        if next(beats) == refused_beat:  # 1: the registration; then every HEARTBEAT_INTERVAL
-            seen["redis_gone"] = time.monotonic()
+    def beat_as_redis_lets_it(*args):  # 1: the registration (retried after 0.1, 0.2, 0.4 s...); then every interval
+        number = next(beats)
+        if number in refused:
+            seen["trouble"] = time.monotonic()
             raise redis.ConnectionError("Connection refused")
         seen.setdefault("registered", time.monotonic())
-        return beat(*args)
+        if number == stalled:
+            time.sleep(1.5)  # Redis frozen, and thawed before the client's timeout: the beat raises nothing
+        outcome = beat(*args)
+        if number == stalled:
+            seen["trouble"] = time.monotonic()
+        return outcome
 
     def timed_sweep():
         swept = sweep()
@@ -902,19 +910,19 @@ def test_a_worker_sweeps_no_one_for_a_heartbeat_ttl_after_it_came_or_saw_redis_g
             seen["swept"] = time.monotonic()
         return swept
 
-    monkeypatch.setattr(worker.registry, "beat", beat_unless_refused)
+    monkeypatch.setattr(worker.registry, "beat", beat_as_redis_lets_it)
     monkeypatch.setattr(worker.registry, "sweep", timed_sweep)
     serving = threading.Thread(target=worker.serve)
     serving.start()
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         while "swept" not in seen and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         worker.stopping.set()
         serving.join(10)
     assert "swept" in seen and not real_redis.exists(q.keys.processing("peer"))  # a lapsed peer is swept in the end
-    assert seen["swept"] >= max(seen["registered"], seen.get("redis_gone", 0)) + config.heartbeat_ttl
+    assert seen["swept"] >= max(seen["registered"], seen["trouble"]) + config.heartbeat_ttl
 
 
 def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redis, config):
