@@ -342,7 +342,7 @@ def main(argv=None):
             before, prepare_before = bare_runtimes(model, cache_dir, args.seconds), prepare_ms(images)
             service = service_runtimes(model, cache_dir, images, args.requests, args.idle, args.overload)
             after, prepare_after = bare_runtimes(model, cache_dir, args.seconds), prepare_ms(images)
-            # A floor: the faster of the two, so that a slow moment of the machine does not raise it.
+            # The faster of the two: a slow moment of the machine must not raise the estimate of the floor.
             prepare = {name: min(prepare_before[name], prepare_after[name]) for name in images}
             report[model] = {"bare_before": before, "bare_after": after, "service": service, "prepare_ms": prepare}
             print_tables(model, before, after, service, prepare)

@@ -73,7 +73,7 @@ class Throughput:
 CLASSES = len(load_labels())
 EXIT_HUNG = 3  # the exit status of a worker whose model hung (Worker._give_up_hung_batch)
 # Seconds a heartbeat may come after its interval before the worker takes it that Redis or the worker stalled (a
-# beat and a clock sync take milliseconds). While every beat is that late, the worker sweeps no one.
+# beat, a clock sync and a sweep take milliseconds). Each late beat holds sweeps off for HEARTBEAT_TTL, logged.
 LATE_BEAT = 1.0
 
 
@@ -143,7 +143,7 @@ class Worker:
     def _heartbeat_loop(self):
         # Beats go on while a stopping worker finishes its batch, however long it takes: a worker that fell
         # silent would be swept, and its batch computed twice. Up to MAX_BATCH_SECONDS: then the model is hung.
-        waited_from = time.monotonic()
+        beaten = time.monotonic()  # when the last beat went through: the registration, just before this thread
         while not self.finished.wait(self.heartbeat_interval):
             # Only the model's time counts: waiting out a Redis outage, before or after it, is no hang.
             in_model = self._in_model
@@ -156,19 +156,23 @@ class Worker:
             except redis.RedisError as exc:
                 self._hold_off_sweeps()
                 log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
-                waited_from = time.monotonic()
                 continue
-            # A beat that came late went through a stall that raised nothing: Redis frozen for less than redis-py's
-            # try and retry (a review's case: frozen 12 s, a beat sent into it went through when Redis thawed, where
-            # a peer's had timed out and its heartbeat lapsed), or this process or its host paused.
-            if time.monotonic() - waited_from > self.heartbeat_interval + LATE_BEAT:
+            # A beat that came late, after a failed one or through a stall that raised nothing (Redis frozen for
+            # less than redis-py's try and retry, in this beat or in the sweep before it; this process paused):
+            # the others' beats may have timed out meanwhile, and a review's case swept a live peer then.
+            late = time.monotonic() - beaten - self.heartbeat_interval
+            beaten = time.monotonic()
+            if late > LATE_BEAT:
                 self._hold_off_sweeps()
+                log("sweeps_held_off", level="WARNING", worker=self.name, beat_late_s=round(late, 1))
             try:
                 if time.monotonic() >= self._sweep_from:
                     self.registry.sweep()
+            except redis.RedisError as exc:
+                self._hold_off_sweeps()
+                log("sweep_failed", level="ERROR", worker=self.name, error=repr(exc))
             except Exception as exc:  # noqa: BLE001 - whatever the sweep met, this thread must go on beating
                 log("sweep_failed", level="ERROR", worker=self.name, error=repr(exc))
-            waited_from = time.monotonic()
 
     def _on_signal(self, signum, _frame):
         # No logging here: the signal may land while this thread holds the log's lock.

@@ -872,12 +872,18 @@ def test_a_batch_waiting_out_a_redis_outage_is_not_taken_for_a_hung_model(real_r
 
 
 @pytest.mark.parametrize(
-    ("refused", "stalled"),
-    [(set(), None), ({1, 2, 3, 4, 5}, None), ({5}, None), (set(), 5)],
-    ids=["redis up throughout", "redis away at its start", "redis away later", "redis stalled later"],
+    ("refused", "stalled", "sweep_stalls"),
+    [
+        pytest.param(set(), None, None, id="redis up"),
+        pytest.param({1, 2, 3, 4, 5}, None, None, id="redis away at its start, for longer than the TTL"),
+        pytest.param({5}, None, None, id="redis away at a later beat"),
+        pytest.param(set(), 5, None, id="a beat stalled"),
+        pytest.param(set(), None, 0.0, id="a sweep failed"),
+        pytest.param(set(), None, 1.5, id="a sweep timed out"),
+    ],
 )
 def test_a_worker_sweeps_no_one_for_a_heartbeat_ttl_after_it_came_or_met_an_outage(
-    real_redis, config, monkeypatch, refused, stalled
+    real_redis, config, monkeypatch, refused, stalled, sweep_stalls
 ):
     # The peer's heartbeat lapsed in an outage (perhaps one that ended before the newcomer came, while its model
     # loaded) and its next beat may still be on its way: swept now, its batch would be computed twice and each job
@@ -905,6 +911,10 @@ def test_a_worker_sweeps_no_one_for_a_heartbeat_ttl_after_it_came_or_met_an_outa
         return outcome
 
     def timed_sweep():
+        if sweep_stalls is not None and "sweep_failed" not in seen:  # Redis went, or froze as the sweep was sent
+            time.sleep(sweep_stalls)
+            seen["trouble"] = seen["sweep_failed"] = time.monotonic()
+            raise redis.TimeoutError("Timeout reading from socket") if sweep_stalls else redis.ConnectionError()
         swept = sweep()
         if "peer" in swept:
             seen["swept"] = time.monotonic()
