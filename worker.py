@@ -160,13 +160,13 @@ class Worker:
             # A beat that came late, after a failed one or through a stall that raised nothing (Redis frozen for
             # less than redis-py's try and retry, in this beat or in the sweep before it; this process paused):
             # the others' beats may have timed out meanwhile, and a review's case swept a live peer then.
-            late = time.monotonic() - beaten - self.heartbeat_interval
-            beaten = time.monotonic()
+            now = time.monotonic()
+            late, beaten = now - beaten - self.heartbeat_interval, now
             if late > LATE_BEAT:
                 self._hold_off_sweeps()
                 log("sweeps_held_off", level="WARNING", worker=self.name, beat_late_s=round(late, 1))
             try:
-                if time.monotonic() >= self._sweep_from:
+                if now >= self._sweep_from:
                     self.registry.sweep()
             except redis.RedisError as exc:
                 self._hold_off_sweeps()
