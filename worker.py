@@ -153,9 +153,12 @@ class Worker:
             try:
                 self.clock.sync()
                 self._beat()
-            except redis.RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - see below
+                # Redis away, or anything else (a bug of ours or a library's): this thread goes on beating. Ended,
+                # it would leave the worker serving unseen, its batches swept by its peers and computed twice.
                 self._hold_off_sweeps()
-                log("heartbeat_failed", level="WARNING", worker=self.name, error=str(exc))
+                away = isinstance(exc, redis.RedisError)
+                log("heartbeat_failed", level="WARNING" if away else "ERROR", worker=self.name, error=repr(exc))
                 continue
             # A beat that came late, after a failed one or through a stall that raised nothing (Redis frozen for
             # less than redis-py's try and retry, in this beat or in the sweep before it; this process paused):

@@ -935,6 +935,38 @@ def test_a_worker_sweeps_no_one_for_a_heartbeat_ttl_after_it_came_or_met_an_outa
     assert seen["swept"] >= max(seen["registered"], seen["trouble"]) + config.heartbeat_ttl
 
 
+def test_a_heartbeat_that_raises_something_other_than_a_redis_error_goes_on_beating(
+    real_redis, config, monkeypatch, capfd
+):
+    # Ended by it, the heartbeat thread left the worker serving unseen: its heartbeat lapsed, readiness and admission
+    # no longer counted it, and its peers would sweep each batch it claimed while it computed it.
+    config = config.replace(block_timeout=0.2, heartbeat_interval=0.2, heartbeat_ttl=1)
+    q = JobQueue(real_redis, config)
+    worker = Worker(CountingClassifier(), config, name="steady")
+    sync, faults = worker.clock.sync, []
+
+    def sync_with_a_bug():
+        if threading.current_thread().name == "heartbeat" and not faults:
+            faults.append(time.monotonic())
+            raise ValueError("a reply the client could not read")
+        sync()
+
+    monkeypatch.setattr(worker.clock, "sync", sync_with_a_bug)
+    serving = threading.Thread(target=worker.serve)
+    serving.start()
+    try:
+        deadline = time.monotonic() + 10
+        while (not faults or time.monotonic() < faults[0] + 3 * config.heartbeat_ttl) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert faults, "the heartbeat thread never beat"
+        assert real_redis.exists(q.keys.heartbeat("steady")), "the worker's heartbeat lapsed after the fault"
+        assert real_redis.sismember(q.keys.workers, "steady")
+    finally:
+        worker.stopping.set()
+        serving.join(10)
+    assert "ValueError('a reply the client could not read')" in capfd.readouterr().err
+
+
 def test_a_job_whose_pixels_are_gone_is_answered_410_and_dead_lettered(real_redis, config):
     config = config.replace(block_timeout=0.2)
     q = JobQueue(real_redis, config)
