@@ -66,8 +66,9 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process = None
 
-    def start(self):
-        self.process = subprocess.Popen(redis_server_command(self.port, self.workdir), stdout=subprocess.DEVNULL)
+    def start(self, *extra):
+        command = redis_server_command(self.port, self.workdir, *extra)
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         wait_for(self._answers, 10, "redis-server to start")
 
     def _answers(self):
@@ -82,6 +83,66 @@ class RedisServer:
 
     def client(self, **kwargs):
         return redis.Redis.from_url(self.url, **kwargs)
+
+
+class SentinelGroup:
+    """A master, one replica and three sentinels watching them (quorum 2), each a redis-server of our own on a
+    free loopback port; the sentinels take the master for down after `down_after_ms` of silence. `url` is the
+    redis+sentinel:// URL of the group, under the name `service`."""
+
+    def __init__(self, workdir, service="imgclf", down_after_ms=1000):
+        self.workdir, self.service, self.down_after_ms = Path(workdir), service, down_after_ms
+        self.master, self.replica = RedisServer(self.workdir / "master"), RedisServer(self.workdir / "replica")
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels = []
+        self.url = f"redis+sentinel://{','.join(f'127.0.0.1:{port}' for port in self.sentinel_ports)}/{service}/0"
+
+    def start(self):
+        for server in (self.master, self.replica):
+            server.workdir.mkdir(parents=True, exist_ok=True)
+        self.master.start()
+        self.replica.start("--replicaof", "127.0.0.1", str(self.master.port))
+        for port in self.sentinel_ports:
+            conf = self.workdir / f"sentinel-{port}.conf"  # a sentinel rewrites its file with what it learns
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} 5000\n"
+            )
+            command = ["redis-server", str(conf), "--sentinel"]
+            self.sentinels.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+        wait_for(self._watched, 30, "the sentinels to see the replica and each other")
+
+    def _watched(self):
+        """Whether every sentinel knows the replica, with its link to the master up, and the two other sentinels."""
+        try:
+            for port in self.sentinel_ports:
+                sentinel = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+                master = sentinel.sentinel_master(self.service)
+                replicas = sentinel.sentinel_slaves(self.service)
+                if master["num-other-sentinels"] < 2 or not any(r["master-link-status"] == "ok" for r in replicas):
+                    return False
+            return True
+        except redis.RedisError:
+            return False
+
+    def master_port(self):
+        """The port of the master as the first sentinel that answers names it."""
+        for port in self.sentinel_ports:
+            try:
+                sentinel = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+                return int(sentinel.sentinel_get_master_addr_by_name(self.service)[1])
+            except redis.RedisError:
+                continue
+        return None
+
+    def stop(self):
+        for process in [*self.sentinels, self.master.process, self.replica.process]:
+            if process is not None and process.poll() is None:
+                process.kill()
+            if process is not None:
+                process.wait(10)
 
 
 class Processes:

@@ -9,12 +9,13 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-import redis.connection
+import redis_client
 
 
 @dataclass(frozen=True)
 class Settings:
-    # Redis: a password or TLS goes in the URL (redis://:pass@host:6379/0, rediss://...).
+    # Redis: a password or TLS goes in the URL (redis://:pass@host:6379/0, rediss://...); a master Sentinel
+    # watches is named by its sentinels (redis+sentinel://s1:26379,s2:26379/mymaster/0, redis_client.py).
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_socket_timeout: float = 5.0
     # How long a worker blocks waiting for the first job of a batch; kept below the socket timeout.
@@ -157,15 +158,7 @@ class Settings:
             raise ValueError(f"RECHECK_MARGIN must be below 1 (probabilities apart), not {self.recheck_margin!r}")
         if self.recheck_margin and self.precision != "bf16":
             raise ValueError("RECHECK_MARGIN is for PRECISION=bf16: f32 has no near ties to run again")
-        try:
-            redis.connection.parse_url(self.redis_url)  # what every client of ours does with it, later
-        except ValueError:
-            # Not redis-py's message: it may quote part of the URL, and a password with an unencoded "/" or "#"
-            # in it is read as the port ("Port could not be cast to integer value as 'hunter2'").
-            raise ValueError(
-                "REDIS_URL is not a Redis URL: redis://[[user]:password@]host[:port][/db], rediss://... or "
-                "unix://path, with / ? # @ in a password percent-encoded"
-            ) from None
+        redis_client.check_url(self.redis_url)
         if max(1, round(self.heartbeat_ttl)) <= self.heartbeat_interval:
             raise ValueError("HEARTBEAT_TTL must be longer than HEARTBEAT_INTERVAL, or live workers get swept")
 

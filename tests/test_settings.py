@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import redis_client
 from settings import Settings
 
 
@@ -34,12 +35,25 @@ def test_the_environment_overrides_the_defaults():
         ({"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL is not a Redis URL: redis://"),  # was a traceback at first use
         ({"REDIS_URL": "redis://:s3cret@127.0.0.1:99999/0"}, "REDIS_URL is not a Redis URL"),
         ({"REDIS_URL": "redis://:s3cret/x#y@redis:6379/0"}, "REDIS_URL is not a Redis URL"),  # "port" 's3cret
+        ({"REDIS_URL": "redis+sentinel://:s3cret@s1:26379,s2/imgclf"}, r"not a Sentinel URL \(each sentinel must"),
+        ({"REDIS_URL": "redis+sentinel://:s3cret@s1:26379"}, r"not a Sentinel URL \(the path must be /service"),
+        ({"REDIS_URL": "redis+sentinel://:s3cret@s1:26379/imgclf/x"}, r"not a Sentinel URL \(the path must be"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(environ, message):
     with pytest.raises(ValueError, match=message) as refused:
         Settings.from_env(environ)
     assert "s3cret" not in str(refused.value)
+
+
+def test_a_sentinel_url_names_the_sentinels_the_master_and_its_database():
+    url = "redis+sentinel://app:p%40ss@s1.internal:26379,[::1]:26380/imgclf/2"
+    assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+    place = redis_client.SentinelURL.parse(url)
+    assert place.sentinels == [("s1.internal", 26379), ("::1", 26380)]
+    assert (place.service, place.db, place.username, place.password) == ("imgclf", 2, "app", "p@ss")
+    assert redis_client.describe(url) == "redis+sentinel://s1.internal:26379,[::1]:26380/imgclf/2"  # for logs
+    assert redis_client.SentinelURL.parse("redis+sentinel://s1:26379/imgclf").db == 0
 
 
 def test_a_whole_number_setting_built_in_code_refuses_a_fraction():
