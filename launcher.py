@@ -1,4 +1,5 @@
-"""Start the service's processes on this machine: a private redis-server, workers and web servers.
+"""Start the service's processes on this machine: a private redis-server (or a Sentinel group of them: a master,
+its replica and three sentinels), workers and web servers.
 
 Used by the benchmark and the tests, which need real processes on free ports, never a developer's 6379,
 and by `make run` (`python launcher.py redis-server PORT DIR`) for its private Redis.
