@@ -320,8 +320,8 @@ def _print_two_targets(prepare, bare_tf_32):
     MP request, costing at least its extra preparation more than a castle request, reaches 0.9x only when a castle
     request costs 9x that; the cores then serve at most cores / (9 x extra) castle requests a second."""
     extra = prepare["12 MP JPEG"] - prepare["castle"]
-    cores = os.cpu_count()
-    fastest = 1000 * cores / (9 * extra)
+    cores = len(os.sched_getaffinity(0))
+    fastest = 1000 * cores / (9 * extra) if extra > 0 else float("inf")
     print(
         f"issue 10's two targets in one run: 12 MP at 0.9x the castle's throughput needs a castle request to cost at "
         f"least 9x {extra:.1f} = {9 * extra:.0f} ms of CPU, so at most {fastest:.1f} castle requests/s on {cores} "

@@ -128,6 +128,11 @@ class SentinelGroup:
         except redis.RedisError:
             return False
 
+    def failover(self):
+        """A failover by hand (SENTINEL FAILOVER): the replica is promoted while the master still runs, and the
+        sentinels turn it into a replica only later (seconds: they read a replica's INFO every 10 s)."""
+        redis.Redis(port=self.sentinel_ports[0], socket_timeout=5).sentinel_failover(self.service)
+
     def master_port(self):
         """The port of the master as the first sentinel that answers names it."""
         for port in self.sentinel_ports:

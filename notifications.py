@@ -25,6 +25,10 @@ from keys import Keys
 from logger import log
 from settings import Settings
 
+# Seconds between asking the sentinels where the master is (REDIS_URL redis+sentinel://; nothing otherwise): how long
+# a master demoted while it lives keeps this process's connections at most, besides the sentinels' own delay.
+FOLLOW_MASTER_EVERY = 1.0
+
 
 class _Pending:
     def __init__(self, job_id, notify_result):
@@ -114,7 +118,7 @@ class ResultWaiter:
                 backoff.reset()
                 # A connection dropped without a word (a dead peer, a NAT that forgot us) delivers nothing and
                 # raises nothing: after a quiet spell, PING; if even that goes unanswered, connect again.
-                heard = pinged = time.monotonic()
+                heard = pinged = followed = time.monotonic()
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     now = time.monotonic()
@@ -134,6 +138,12 @@ class ResultWaiter:
                     elif now - heard > self._ping_every and now - pinged > self._ping_every:
                         pubsub.ping()
                         pinged = now
+                    if now - followed > FOLLOW_MASTER_EVERY:
+                        followed = now
+                        # Both: the web's pool (its enqueues and reads) and this subscription's. A raise subscribes
+                        # again, on the new master, and wakes every waiting request to read its result there.
+                        if any([redis_client.follow_master(self.redis), redis_client.follow_master(connection)]):
+                            raise redis.ConnectionError("the master moved (Sentinel): subscribing on the new one")
             except Exception as exc:  # noqa: BLE001 - whatever it was, listen again rather than die quietly
                 subscribed.clear()
                 delay = backoff.next()

@@ -4,15 +4,18 @@ and the backoff every reconnecting loop uses.
 REDIS_URL names one Redis (redis://, rediss://, unix://) or, with redis+sentinel://, a master that Redis Sentinel
 watches: `redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`, the sentinels' addresses, the
 name they monitor the master by and its database. Every new connection asks the sentinels where the master is, so
-after a failover the next try (a retry, a reconnecting loop, a request) reaches the promoted replica; a connection
-still open to a master demoted to a replica is dropped at its first refused write. The password is the master's;
-the sentinels are reached without one.
+after a failover the next try (a retry, a reconnecting loop, a request) reaches the promoted replica. Connections
+already open to a master that was demoted while it lives are closed by `follow_master`, which the workers' heartbeat
+and the web's notification listener call, or at their first write the demoted master refuses. The password is the
+master's; the sentinels are reached without one.
 """
 
 # Imported before any thread starts: the first lookup of the "idna" codec is not thread-safe. Every Redis
 # connection looks it up (getaddrinfo), and a web request thread (Werkzeug encodes the host name) racing the
 # notification listener's first connection failed with "LookupError: unknown encoding: idna".
+import contextlib
 import encodings.idna  # noqa: F401
+import re
 import urllib.parse
 
 import redis
@@ -22,7 +25,7 @@ from redis.retry import Retry
 
 SENTINEL_SCHEME = "redis+sentinel"
 # Asking a sentinel where the master is: a sentinel that does not answer within this is passed over for the next.
-SENTINEL_TIMEOUT = 1.0
+SENTINEL_TIMEOUT = 0.5
 
 
 def connect(
@@ -42,7 +45,7 @@ def connect(
         retry=Retry(NoBackoff(), 1),
         decode_responses=decode,
     )
-    if urllib.parse.urlsplit(url).scheme == SENTINEL_SCHEME:
+    if _is_sentinel(url):
         return _master_of(SentinelURL.parse(url), max_connections, kwargs)
     if max_connections:
         pool = redis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5, **kwargs)
@@ -50,12 +53,16 @@ def connect(
     return redis.Redis.from_url(url, **kwargs)
 
 
+def _is_sentinel(url):
+    return url.startswith(f"{SENTINEL_SCHEME}://")
+
+
 def check_url(url: str) -> None:
     """Raises ValueError, saying what a REDIS_URL looks like, for one our clients cannot use. Not redis-py's
     message: it may quote part of the URL, and a password with an unencoded "/" or "#" in it is read as the port
     ("Port could not be cast to integer value as 'hunter2'")."""
     try:
-        if urllib.parse.urlsplit(url).scheme != SENTINEL_SCHEME:
+        if not _is_sentinel(url):
             redis.connection.parse_url(url)  # what connect() does with it, later
             return
     except ValueError:
@@ -76,9 +83,19 @@ class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.Blockin
     """Sentinel's pool, which finds the master for each new connection, with the blocking pool's bound: a thread
     past `max_connections` waits for a free connection, as with a plain REDIS_URL, rather than failing."""
 
+    def release(self, connection):
+        super().release(connection)
+        # The blocking pool frees the slot of a connection it does not own (one to a master that moved, or whose
+        # lookup found none) but keeps the connection in its list: a review counted 5.4 KB kept per request refused
+        # while no master was known.
+        if not self.owns_connection(connection):
+            with contextlib.suppress(ValueError):
+                self._connections.remove(connection)
+
 
 class SentinelURL:
-    """The parts of a redis+sentinel:// URL; `parse` raises ValueError, naming the part, for anything else."""
+    """The parts of a redis+sentinel:// URL; `parse` raises ValueError, naming the part, for anything else. Split
+    by hand, not by urllib: Python's stricter parsers refuse a bracketed IPv6 address after the first host."""
 
     def __init__(self, sentinels, service, db, username, password):
         self.sentinels, self.service, self.db = sentinels, service, db
@@ -86,23 +103,27 @@ class SentinelURL:
 
     @classmethod
     def parse(cls, url):
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme != SENTINEL_SCHEME:
+        scheme, _, rest = url.partition("://")
+        if scheme != SENTINEL_SCHEME:
             raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
-        userinfo, _, hosts = parsed.netloc.rpartition("@")
+        if "?" in rest or "#" in rest:
+            raise ValueError("it takes no options (?...); a ? or # in the password must be percent-encoded")
+        netloc, _, path = rest.partition("/")
+        userinfo, _, hosts = netloc.rpartition("@")
         username, _, password = userinfo.partition(":")
         sentinels = [_host_port(item) for item in hosts.split(",")]
-        path = [part for part in parsed.path.split("/") if part]
-        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-            raise ValueError("the path must be /service or /service/db, the name the sentinels monitor the master by")
+        path = path.removesuffix("/").split("/")
+        if len(path) > 2 or not _SERVICE.fullmatch(path[0]) or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError(
+                "the path must be /service or /service/db, the name the sentinels monitor the master by (letters, "
+                "digits, . _ -); a / or @ in the password must be percent-encoded"
+            )
         unquote = urllib.parse.unquote
-        return cls(
-            sentinels,
-            unquote(path[0]),
-            int(path[1]) if len(path) == 2 else 0,
-            unquote(username) or None,
-            unquote(password) or None,
-        )
+        db = int(path[1]) if len(path) == 2 else 0
+        return cls(sentinels, path[0], db, unquote(username) or None, unquote(password) or None)
+
+
+_SERVICE = re.compile(r"[\w.-]+")
 
 
 def _host_port(item):
@@ -119,6 +140,9 @@ def _master_of(place, max_connections, kwargs):
         "socket_timeout": SENTINEL_TIMEOUT,
         "socket_connect_timeout": SENTINEL_TIMEOUT,
         "socket_keepalive": True,
+        # No retry: redis-py's default, ten with backoff, held a lookup 15 s on one sentinel that did not answer
+        # (found by review), where the next sentinel would have.
+        "retry": Retry(NoBackoff(), 0),
     }
     sentinel = redis.sentinel.Sentinel(place.sentinels, sentinel_kwargs=sentinel_kwargs)
     master = {"db": place.db, "username": place.username, "password": place.password, **kwargs}
@@ -128,11 +152,27 @@ def _master_of(place, max_connections, kwargs):
     return sentinel.master_for(place.service, **master)
 
 
+def follow_master(client: redis.Redis) -> bool:
+    """For a client through Sentinel, ask the sentinels where the master is now. True when it moved: the pool has then
+    closed its idle connections, and closes the others as they come back, so the next command reaches the new master.
+
+    Without this, a master demoted while it lives (a failover by hand, or across a partition) keeps a process's
+    pooled connections, and takes their writes, until the sentinels make it a replica: 11 s in a review's run, the
+    web enqueueing there while the workers claimed on the new master. Raises redis.ConnectionError when the
+    sentinels know no master; False for a client of a plain REDIS_URL, or before its first connection."""
+    pool = client.connection_pool
+    if not isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        return False
+    before = pool.master_address
+    return pool.get_master_address() != before and before is not None
+
+
 def describe(url: str) -> str:
     """The Redis URL without its password, for logs."""
+    if _is_sentinel(url):
+        netloc, _, path = url.partition("://")[2].partition("/")
+        return f"{SENTINEL_SCHEME}://{netloc.rpartition('@')[2]}/{path.partition('?')[0].partition('#')[0]}"
     parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme == SENTINEL_SCHEME:
-        return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc.rpartition("@")[2], parsed.path, "", ""))
     netloc = parsed.hostname or ""
     if parsed.port:
         netloc += f":{parsed.port}"

@@ -151,6 +151,10 @@ class Worker:
                 self._give_up_hung_batch(in_model[0])
                 return
             try:
+                # Through Sentinel: a master demoted while it lives would keep both pools until the sentinels make it
+                # a replica (redis_client.follow_master); one the sentinels cannot name yet fails the beat.
+                redis_client.follow_master(self.redis)
+                redis_client.follow_master(self.blocking_redis)
                 self.clock.sync()
                 self._beat()
             except Exception as exc:  # noqa: BLE001 - see below

@@ -38,6 +38,9 @@ def test_the_environment_overrides_the_defaults():
         ({"REDIS_URL": "redis+sentinel://:s3cret@s1:26379,s2/imgclf"}, r"not a Sentinel URL \(each sentinel must"),
         ({"REDIS_URL": "redis+sentinel://:s3cret@s1:26379"}, r"not a Sentinel URL \(the path must be /service"),
         ({"REDIS_URL": "redis+sentinel://:s3cret@s1:26379/imgclf/x"}, r"not a Sentinel URL \(the path must be"),
+        # A / in the password, unencoded: the rest would have been taken for the name of the master (review).
+        ({"REDIS_URL": "redis+sentinel://app:20/s3cret@s1:26379/0"}, r"not a Sentinel URL \(the path must be"),
+        ({"REDIS_URL": "redis+sentinel://:s3cret@s1:26379/imgclf?ssl=true"}, r"not a Sentinel URL \(it takes no"),
     ],
 )
 def test_a_bad_value_is_refused_naming_its_variable(environ, message):
