@@ -25,10 +25,6 @@ from keys import Keys
 from logger import log
 from settings import Settings
 
-# Seconds between asking the sentinels where the master is (REDIS_URL redis+sentinel://; nothing otherwise): how long
-# a master demoted while it lives keeps this process's connections at most, besides the sentinels' own delay.
-FOLLOW_MASTER_EVERY = 1.0
-
 
 class _Pending:
     def __init__(self, job_id, notify_result):
@@ -76,32 +72,39 @@ class ResultWaiter:
         when it cannot be made. Later calls never wait: a job pushed while the listener is reconnecting is
         not lost, since every (re)subscribe wakes all waiting requests to look for their results.
         """
-        if self.mode == "poll":
-            return None
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._subscribed, self._established = threading.Event(), threading.Event()
-                self.channel = self.keys.channel(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
-                # A read may wait this long (connecting, subscribing, a PING's answer) before the connection is
-                # given up; between messages the listener waits in get_message, which this does not bound.
-                connection = redis_client.connect(self._url, socket_timeout=3 * self._ping_every)
-                threading.Thread(
-                    target=self._listen,
-                    args=(connection, self._subscribed, self._established),
-                    name="result-listener",
-                    daemon=True,
-                ).start()
+                if self.mode == "poll":
+                    redis_client.follow_master([self.redis])  # (in notify mode, the listener has it followed)
+                else:
+                    self._start_listener()
+        if self.mode == "poll":
+            return None
         if not self._established.is_set() and not self._subscribed.wait(timeout):
             raise redis.ConnectionError("the result notification channel is not subscribed")
         return self.channel
+
+    def _start_listener(self):
+        self._subscribed, self._established = threading.Event(), threading.Event()
+        self.channel = self.keys.channel(f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        # A read may wait this long (connecting, subscribing, a PING's answer) before the connection is given up;
+        # between messages the listener waits in get_message, which this does not bound.
+        connection = redis_client.connect(self._url, socket_timeout=3 * self._ping_every)
+        threading.Thread(
+            target=self._listen,
+            args=(connection, self._subscribed, self._established),
+            name="result-listener",
+            daemon=True,
+        ).start()
 
     def listening(self) -> bool:
         """Whether the notification subscription holds right now (always True in poll mode)."""
         return self.mode == "poll" or (self._subscribed is not None and self._subscribed.is_set())
 
     def _listen(self, connection, subscribed, established):
-        backoff = redis_client.Backoff()
+        backoff, master_moved = redis_client.Backoff(), threading.Event()
+        redis_client.follow_master([self.redis, connection], on_move=master_moved.set)
         while not self._closed.is_set():
             pubsub = connection.pubsub()
             try:
@@ -118,7 +121,7 @@ class ResultWaiter:
                 backoff.reset()
                 # A connection dropped without a word (a dead peer, a NAT that forgot us) delivers nothing and
                 # raises nothing: after a quiet spell, PING; if even that goes unanswered, connect again.
-                heard = pinged = followed = time.monotonic()
+                heard = pinged = time.monotonic()
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     now = time.monotonic()
@@ -138,12 +141,13 @@ class ResultWaiter:
                     elif now - heard > self._ping_every and now - pinged > self._ping_every:
                         pubsub.ping()
                         pinged = now
-                    if now - followed > FOLLOW_MASTER_EVERY:
-                        followed = now
-                        # Both: the web's pool (its enqueues and reads) and this subscription's. A raise subscribes
-                        # again, on the new master, and wakes every waiting request to read its result there.
-                        if any([redis_client.follow_master(self.redis), redis_client.follow_master(connection)]):
-                            raise redis.ConnectionError("the master moved (Sentinel): subscribing on the new one")
+                    if master_moved.is_set():  # (Sentinel) subscribe again, on the new master, and wake all
+                        master_moved.clear()
+                        # First what is already here: results the old master announced live nowhere else.
+                        while (message := pubsub.get_message(timeout=0)) is not None:
+                            if message["type"] == "message":
+                                self._wake(*jobs.parse_notification(message["data"]))
+                        raise redis.ConnectionError("the master moved: subscribing on the new one")
             except Exception as exc:  # noqa: BLE001 - whatever it was, listen again rather than die quietly
                 subscribed.clear()
                 delay = backoff.next()

@@ -5,8 +5,8 @@ REDIS_URL names one Redis (redis://, rediss://, unix://) or, with redis+sentinel
 watches: `redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`, the sentinels' addresses, the
 name they monitor the master by and its database. Every new connection asks the sentinels where the master is, so
 after a failover the next try (a retry, a reconnecting loop, a request) reaches the promoted replica. Connections
-already open to a master that was demoted while it lives are closed by `follow_master`, which the workers' heartbeat
-and the web's notification listener call, or at their first write the demoted master refuses. The password is the
+already open to a master that was demoted while it lives are closed by `follow_master`, which every process runs
+(the web, the workers, the log sink), or at their first write the demoted master refuses. The password is the
 master's; the sentinels are reached without one.
 """
 
@@ -16,6 +16,8 @@ master's; the sentinels are reached without one.
 import contextlib
 import encodings.idna  # noqa: F401
 import re
+import threading
+import time
 import urllib.parse
 
 import redis
@@ -26,6 +28,9 @@ from redis.retry import Retry
 SENTINEL_SCHEME = "redis+sentinel"
 # Asking a sentinel where the master is: a sentinel that does not answer within this is passed over for the next.
 SENTINEL_TIMEOUT = 0.5
+# Seconds between asking the sentinels where the master is (follow_master): how long a master demoted while it lives
+# keeps a process's idle connections at most, besides the sentinels' own delay.
+FOLLOW_MASTER_EVERY = 1.0
 
 
 def connect(
@@ -84,13 +89,17 @@ class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.Blockin
     past `max_connections` waits for a free connection, as with a plain REDIS_URL, rather than failing."""
 
     def release(self, connection):
-        super().release(connection)
-        # The blocking pool frees the slot of a connection it does not own (one to a master that moved, or whose
-        # lookup found none) but keeps the connection in its list: a review counted 5.4 KB kept per request refused
-        # while no master was known.
-        if not self.owns_connection(connection):
-            with contextlib.suppress(ValueError):
-                self._connections.remove(connection)
+        self._checkpid()
+        if self.owns_connection(connection):
+            return super().release(connection)
+        # One to a master that moved, or whose lookup found none: the blocking pool would free its slot but keep it
+        # in its list of connections (a review counted 5.4 KB kept per request refused while no master was known).
+        # Owned or not is decided once: asked again, a lookup in between could make the answers differ.
+        connection.disconnect()
+        with contextlib.suppress(ValueError):
+            self._connections.remove(connection)
+        self.pool.put_nowait(None)  # the free slot
+        return None
 
 
 class SentinelURL:
@@ -152,19 +161,35 @@ def _master_of(place, max_connections, kwargs):
     return sentinel.master_for(place.service, **master)
 
 
-def follow_master(client: redis.Redis) -> bool:
-    """For a client through Sentinel, ask the sentinels where the master is now. True when it moved: the pool has then
-    closed its idle connections, and closes the others as they come back, so the next command reaches the new master.
+def follow_master(clients, on_move=None) -> None:
+    """For the clients through Sentinel among `clients`: ask the sentinels where the master is every
+    FOLLOW_MASTER_EVERY seconds, for as long as the process lives, in a thread of its own (slow sentinels must hold
+    up neither a heartbeat nor a notification). When it moved, each such client's pool closes its idle connections,
+    and each busy one as it is returned, so that the next command reaches the new master; then `on_move()`.
 
     Without this, a master demoted while it lives (a failover by hand, or across a partition) keeps a process's
     pooled connections, and takes their writes, until the sentinels make it a replica: 11 s in a review's run, the
-    web enqueueing there while the workers claimed on the new master. Raises redis.ConnectionError when the
-    sentinels know no master; False for a client of a plain REDIS_URL, or before its first connection."""
-    pool = client.connection_pool
-    if not isinstance(pool, redis.sentinel.SentinelConnectionPool):
-        return False
-    before = pool.master_address
-    return pool.get_master_address() != before and before is not None
+    web enqueueing there while the workers claimed on the new master. Sentinels that do not answer change nothing:
+    the connections carry on with the master they have (found by review: a beat that asked them first stopped)."""
+    followed = [
+        client for client in clients if isinstance(client.connection_pool, redis.sentinel.SentinelConnectionPool)
+    ]
+    if not followed:
+        return
+
+    def follow():
+        while True:
+            time.sleep(FOLLOW_MASTER_EVERY)
+            moved = False
+            for client in followed:
+                pool = client.connection_pool
+                before = pool.master_address  # None before its first connection: nothing to leave
+                with contextlib.suppress(redis.RedisError):
+                    moved = (pool.get_master_address() != before and before is not None) or moved
+            if moved and on_move is not None:
+                on_move()
+
+    threading.Thread(target=follow, name="master-follower", daemon=True).start()
 
 
 def describe(url: str) -> str:

@@ -151,10 +151,6 @@ class Worker:
                 self._give_up_hung_batch(in_model[0])
                 return
             try:
-                # Through Sentinel: a master demoted while it lives would keep both pools until the sentinels make it
-                # a replica (redis_client.follow_master); one the sentinels cannot name yet fails the beat.
-                redis_client.follow_master(self.redis)
-                redis_client.follow_master(self.blocking_redis)
                 self.clock.sync()
                 self._beat()
             except Exception as exc:  # noqa: BLE001 - see below
@@ -206,6 +202,7 @@ class Worker:
             # register. A newcomer cannot tell.
             self._hold_off_sweeps()
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+            redis_client.follow_master([self.redis, self.blocking_redis])
             log(
                 "worker_ready",
                 worker=self.name,

@@ -16,7 +16,10 @@ import requests
 import launcher
 import redis_client
 from keys import Keys
-from support import post, wait_for
+from notifications import ResultWaiter
+from settings import Settings
+from support import CountingClassifier, post, wait_for
+from worker import Worker
 
 KEYS = Keys("image_queue")
 
@@ -174,3 +177,26 @@ def test_a_bounded_pool_keeps_no_connection_whose_lookup_found_no_master():
         with pytest.raises(redis.ConnectionError):
             client.ping()
     assert len(client.connection_pool._connections) <= 4
+
+
+def test_the_sentinels_away_change_nothing_while_the_master_answers(sentinels):
+    # Found by review: a worker that asked the sentinels before each beat stopped beating, readiness then counted no
+    # worker on every web process, and a listener that asked them before reading dropped its subscription.
+    config = Settings(redis_url=sentinels.url, heartbeat_interval=0.2, heartbeat_ttl=1, block_timeout=0.2)
+    worker = Worker(CountingClassifier(), config, name="calm")
+    waiter = ResultWaiter(redis_client.connect(sentinels.url, 5), config)
+    serving = threading.Thread(target=worker.serve)
+    serving.start()
+    try:
+        waiter.start()
+        master = redis.Redis(port=sentinels.master.port)
+        wait_for(lambda: master.exists(KEYS.heartbeat("calm")), 10, "the worker's first beat")
+        for sentinel in sentinels.sentinels:
+            sentinel.kill()
+            sentinel.wait(10)
+        time.sleep(3 * config.heartbeat_ttl)  # beats and follows a few times over
+        assert master.exists(KEYS.heartbeat("calm")) and waiter.listening()
+    finally:
+        worker.stopping.set()
+        serving.join(10)
+        waiter.close()
