@@ -111,7 +111,6 @@ class _RedisSink:
         from keys import Keys
 
         self._redis = redis_client.connect(config.redis_url, config.redis_socket_timeout)
-        redis_client.follow_master([self._redis])
         self._stream = Keys(config.image_queue).log_stream
         self._maxlen = config.log_stream_maxlen
         self._queue = queue.Queue(maxsize=10_000)

@@ -72,15 +72,12 @@ class ResultWaiter:
         when it cannot be made. Later calls never wait: a job pushed while the listener is reconnecting is
         not lost, since every (re)subscribe wakes all waiting requests to look for their results.
         """
+        if self.mode == "poll":
+            return None
         with self._lock:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
-                if self.mode == "poll":
-                    redis_client.follow_master([self.redis])  # (in notify mode, the listener has it followed)
-                else:
-                    self._start_listener()
-        if self.mode == "poll":
-            return None
+                self._start_listener()
         if not self._established.is_set() and not self._subscribed.wait(timeout):
             raise redis.ConnectionError("the result notification channel is not subscribed")
         return self.channel
@@ -103,8 +100,7 @@ class ResultWaiter:
         return self.mode == "poll" or (self._subscribed is not None and self._subscribed.is_set())
 
     def _listen(self, connection, subscribed, established):
-        backoff, master_moved = redis_client.Backoff(), threading.Event()
-        redis_client.follow_master([self.redis, connection], on_move=master_moved.set)
+        backoff = redis_client.Backoff()
         while not self._closed.is_set():
             pubsub = connection.pubsub()
             try:
@@ -115,6 +111,7 @@ class ResultWaiter:
                     if time.monotonic() > confirm_by:
                         raise redis.ConnectionError("Redis did not confirm the subscription")
                 self._wake_all()  # results published while we were away: re-check their keys
+                here = (pubsub.connection.host, pubsub.connection.port)  # the Redis this subscription lives on
                 subscribed.set()
                 established.set()
                 log("listener_subscribed", channel=self.channel)
@@ -136,14 +133,17 @@ class ResultWaiter:
                             # request waited its fallback polls out, one after the other, into a 504).
                             log("listener_resubscribed", level="WARNING", channel=self.channel)
                             self._wake_all()
+                            here = (pubsub.connection.host, pubsub.connection.port)
                     elif now - heard > 3 * self._ping_every:
                         raise redis.ConnectionError(f"no answer on the notification connection for {now - heard:.0f} s")
                     elif now - heard > self._ping_every and now - pinged > self._ping_every:
                         pubsub.ping()
                         pinged = now
-                    if master_moved.is_set():  # (Sentinel) subscribe again, on the new master, and wake all
-                        master_moved.clear()
-                        # First what is already here: results the old master announced live nowhere else.
+                    master = getattr(connection.connection_pool, "master_address", None)  # Sentinel's, followed
+                    if master is not None and master != here:
+                        # (Sentinel) The master moved: subscribe on the new one, waking every waiting request to read
+                        # its result there. First what is already here: results the old master announced live
+                        # nowhere else.
                         while (message := pubsub.get_message(timeout=0)) is not None:
                             if message["type"] == "message":
                                 self._wake(*jobs.parse_notification(message["data"]))

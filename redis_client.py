@@ -5,8 +5,8 @@ REDIS_URL names one Redis (redis://, rediss://, unix://) or, with redis+sentinel
 watches: `redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]`, the sentinels' addresses, the
 name they monitor the master by and its database. Every new connection asks the sentinels where the master is, so
 after a failover the next try (a retry, a reconnecting loop, a request) reaches the promoted replica. Connections
-already open to a master that was demoted while it lives are closed by `follow_master`, which every process runs
-(the web, the workers, the log sink), or at their first write the demoted master refuses. The password is the
+already open to a master that was demoted while it lives are closed within a second by each process's follower
+(`_follow_masters`), or at their first write the demoted master refuses. The password is the
 master's; the sentinels are reached without one.
 """
 
@@ -15,10 +15,12 @@ master's; the sentinels are reached without one.
 # notification listener's first connection failed with "LookupError: unknown encoding: idna".
 import contextlib
 import encodings.idna  # noqa: F401
+import os
 import re
 import threading
 import time
 import urllib.parse
+import weakref
 
 import redis
 import redis.sentinel
@@ -28,7 +30,7 @@ from redis.retry import Retry
 SENTINEL_SCHEME = "redis+sentinel"
 # Asking a sentinel where the master is: a sentinel that does not answer within this is passed over for the next.
 SENTINEL_TIMEOUT = 0.5
-# Seconds between asking the sentinels where the master is (follow_master): how long a master demoted while it lives
+# Seconds between asking the sentinels where the master is (_follow_masters): how long a master demoted while it lives
 # keeps a process's idle connections at most, besides the sentinels' own delay.
 FOLLOW_MASTER_EVERY = 1.0
 
@@ -84,9 +86,21 @@ def check_url(url: str) -> None:
         ) from None
 
 
-class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
-    """Sentinel's pool, which finds the master for each new connection, with the blocking pool's bound: a thread
-    past `max_connections` waits for a free connection, as with a plain REDIS_URL, rather than failing."""
+class _FollowedPool(redis.sentinel.SentinelConnectionPool):
+    """Sentinel's pool, which finds the master for each new connection, followed by this process's follower
+    (`_follow_masters`) from its first connection in the process on."""
+
+    _followed_in = None  # the process that follows it
+
+    def get_connection(self, *args, **kwargs):
+        if self._followed_in != os.getpid():
+            _follow(self)
+        return super().get_connection(*args, **kwargs)
+
+
+class _BlockingSentinelPool(_FollowedPool, redis.BlockingConnectionPool):
+    """With the blocking pool's bound: a thread past `max_connections` waits for a free connection, as with a plain
+    REDIS_URL, rather than failing."""
 
     def release(self, connection):
         self._checkpid()
@@ -94,12 +108,50 @@ class _BlockingSentinelPool(redis.sentinel.SentinelConnectionPool, redis.Blockin
             return super().release(connection)
         # One to a master that moved, or whose lookup found none: the blocking pool would free its slot but keep it
         # in its list of connections (a review counted 5.4 KB kept per request refused while no master was known).
-        # Owned or not is decided once: asked again, a lookup in between could make the answers differ.
         connection.disconnect()
         with contextlib.suppress(ValueError):
             self._connections.remove(connection)
         self.pool.put_nowait(None)  # the free slot
         return None
+
+
+# This process's follower: its pid and the pools it follows (weakly: a client dropped is not kept for it).
+_follower = {"pid": None, "pools": weakref.WeakSet()}
+_follower_lock = threading.Lock()
+
+
+def _follow(pool):
+    with _follower_lock:
+        if _follower["pid"] != os.getpid():  # the first here: a process forked from one that followed has no thread
+            _follower.update(pid=os.getpid(), pools=weakref.WeakSet())
+            thread = threading.Thread(target=_follow_masters, args=(os.getpid(), _follower["pools"]), daemon=True)
+            thread.name = "master-follower"
+            thread.start()
+        _follower["pools"].add(pool)
+        pool._followed_in = os.getpid()
+
+
+def _follow_masters(pid, pools):
+    """Ask the sentinels where the master is every FOLLOW_MASTER_EVERY seconds, for each pool through Sentinel this
+    process has used, in a thread of its own (slow sentinels must hold up neither a heartbeat nor a notification).
+    When it moved, the pool closes its idle connections, and each busy one as it is returned, so that the next command
+    reaches the new master; the notification listener sees `master_address` change and subscribes there.
+
+    Without this, a master demoted while it lives (a failover by hand, or across a partition) keeps a process's
+    pooled connections, and takes their writes, until the sentinels make it a replica: 11 s in a review's run, the
+    web enqueueing there while the workers claimed on the new master. Sentinels that do not answer change nothing:
+    the connections carry on with the master they have (found by review: a beat that asked them first stopped)."""
+    while os.getpid() == pid:  # a copy in a forked child (gevent keeps a parent's greenlets) ends
+        time.sleep(FOLLOW_MASTER_EVERY)
+        for pool in list(pools):
+            try:
+                pool.get_master_address()
+            except redis.RedisError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - this thread must go on following
+                from logger import log  # (logger's Redis sink connects through this module)
+
+                log("master_follow_failed", level="ERROR", error=repr(exc))
 
 
 class SentinelURL:
@@ -158,38 +210,7 @@ def _master_of(place, max_connections, kwargs):
     if max_connections:
         master.update(max_connections=max_connections, timeout=5)
         return sentinel.master_for(place.service, connection_pool_class=_BlockingSentinelPool, **master)
-    return sentinel.master_for(place.service, **master)
-
-
-def follow_master(clients, on_move=None) -> None:
-    """For the clients through Sentinel among `clients`: ask the sentinels where the master is every
-    FOLLOW_MASTER_EVERY seconds, for as long as the process lives, in a thread of its own (slow sentinels must hold
-    up neither a heartbeat nor a notification). When it moved, each such client's pool closes its idle connections,
-    and each busy one as it is returned, so that the next command reaches the new master; then `on_move()`.
-
-    Without this, a master demoted while it lives (a failover by hand, or across a partition) keeps a process's
-    pooled connections, and takes their writes, until the sentinels make it a replica: 11 s in a review's run, the
-    web enqueueing there while the workers claimed on the new master. Sentinels that do not answer change nothing:
-    the connections carry on with the master they have (found by review: a beat that asked them first stopped)."""
-    followed = [
-        client for client in clients if isinstance(client.connection_pool, redis.sentinel.SentinelConnectionPool)
-    ]
-    if not followed:
-        return
-
-    def follow():
-        while True:
-            time.sleep(FOLLOW_MASTER_EVERY)
-            moved = False
-            for client in followed:
-                pool = client.connection_pool
-                before = pool.master_address  # None before its first connection: nothing to leave
-                with contextlib.suppress(redis.RedisError):
-                    moved = (pool.get_master_address() != before and before is not None) or moved
-            if moved and on_move is not None:
-                on_move()
-
-    threading.Thread(target=follow, name="master-follower", daemon=True).start()
+    return sentinel.master_for(place.service, connection_pool_class=_FollowedPool, **master)
 
 
 def describe(url: str) -> str:

@@ -202,7 +202,6 @@ class Worker:
             # register. A newcomer cannot tell.
             self._hold_off_sweeps()
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
-            redis_client.follow_master([self.redis, self.blocking_redis])
             log(
                 "worker_ready",
                 worker=self.name,
