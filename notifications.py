@@ -45,6 +45,11 @@ class _Pending:
         self.event.set()
 
 
+def _address(pubsub):
+    """(host, port) of the Redis a subscription lives on; a unix socket has no port."""
+    return getattr(pubsub.connection, "host", None), getattr(pubsub.connection, "port", None)
+
+
 class ResultWaiter:
     def __init__(self, connection: redis.Redis, config: Settings):
         self.redis, self.keys, self.mode = connection, Keys(config.image_queue), config.wait_mode
@@ -111,7 +116,7 @@ class ResultWaiter:
                     if time.monotonic() > confirm_by:
                         raise redis.ConnectionError("Redis did not confirm the subscription")
                 self._wake_all()  # results published while we were away: re-check their keys
-                here = (pubsub.connection.host, pubsub.connection.port)  # the Redis this subscription lives on
+                here = _address(pubsub)  # the Redis this subscription lives on
                 subscribed.set()
                 established.set()
                 log("listener_subscribed", channel=self.channel)
@@ -133,7 +138,7 @@ class ResultWaiter:
                             # request waited its fallback polls out, one after the other, into a 504).
                             log("listener_resubscribed", level="WARNING", channel=self.channel)
                             self._wake_all()
-                            here = (pubsub.connection.host, pubsub.connection.port)
+                            here = _address(pubsub)
                     elif now - heard > 3 * self._ping_every:
                         raise redis.ConnectionError(f"no answer on the notification connection for {now - heard:.0f} s")
                     elif now - heard > self._ping_every and now - pinged > self._ping_every:

@@ -48,10 +48,11 @@ def connect(
     kwargs = dict(
         socket_timeout=socket_timeout,
         socket_connect_timeout=2,
-        socket_keepalive=True,
         retry=Retry(NoBackoff(), 1),
         decode_responses=decode,
     )
+    if not url.startswith("unix:"):  # a unix socket's connection refuses the option (found by a test of one)
+        kwargs["socket_keepalive"] = True
     if _is_sentinel(url):
         return _master_of(SentinelURL.parse(url), max_connections, kwargs)
     if max_connections:
@@ -123,10 +124,11 @@ _follower_lock = threading.Lock()
 def _follow(pool):
     with _follower_lock:
         if _follower["pid"] != os.getpid():  # the first here: a process forked from one that followed has no thread
-            _follower.update(pid=os.getpid(), pools=weakref.WeakSet())
-            thread = threading.Thread(target=_follow_masters, args=(os.getpid(), _follower["pools"]), daemon=True)
+            pools = weakref.WeakSet()
+            thread = threading.Thread(target=_follow_masters, args=(os.getpid(), pools), daemon=True)
             thread.name = "master-follower"
             thread.start()
+            _follower.update(pid=os.getpid(), pools=pools)
         _follower["pools"].add(pool)
         pool._followed_in = os.getpid()
 
@@ -141,17 +143,34 @@ def _follow_masters(pid, pools):
     pooled connections, and takes their writes, until the sentinels make it a replica: 11 s in a review's run, the
     web enqueueing there while the workers claimed on the new master. Sentinels that do not answer change nothing:
     the connections carry on with the master they have (found by review: a beat that asked them first stopped)."""
-    while os.getpid() == pid:  # a copy in a forked child (gevent keeps a parent's greenlets) ends
+    while True:
         time.sleep(FOLLOW_MASTER_EVERY)
-        for pool in list(pools):
-            try:
-                pool.get_master_address()
-            except redis.RedisError:
-                pass
-            except Exception as exc:  # noqa: BLE001 - this thread must go on following
-                from logger import log  # (logger's Redis sink connects through this module)
+        if os.getpid() != pid:  # a copy in a forked child (gevent keeps a parent's greenlets): the child has its own
+            return
+        try:
+            with _follower_lock:  # (_follow adds to the set from other threads)
+                followed = list(pools)
+            for pool in followed:
+                with contextlib.suppress(redis.RedisError):
+                    pool.get_master_address()
+        except Exception as exc:  # noqa: BLE001 - this thread must go on following
+            from logger import log  # (logger's Redis sink connects through this module)
 
-                log("master_follow_failed", level="ERROR", error=repr(exc))
+            log("master_follow_failed", level="ERROR", error=repr(exc))
+
+
+class _Sentinel(redis.sentinel.Sentinel):
+    """One lookup of the master at a time. redis-py moves the sentinel that answered to the front of its list by
+    the index it had when the lookup began: two lookups at once (the follower's and a new connection's) that both
+    passed over a silent sentinel could swap against stale indexes and drop a sentinel from the list for good."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lookup = threading.Lock()
+
+    def discover_master(self, service_name):
+        with self._lookup:
+            return super().discover_master(service_name)
 
 
 class SentinelURL:
@@ -205,7 +224,7 @@ def _master_of(place, max_connections, kwargs):
         # (found by review), where the next sentinel would have.
         "retry": Retry(NoBackoff(), 0),
     }
-    sentinel = redis.sentinel.Sentinel(place.sentinels, sentinel_kwargs=sentinel_kwargs)
+    sentinel = _Sentinel(place.sentinels, sentinel_kwargs=sentinel_kwargs)
     master = {"db": place.db, "username": place.username, "password": place.password, **kwargs}
     if max_connections:
         master.update(max_connections=max_connections, timeout=5)

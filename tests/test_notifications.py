@@ -10,12 +10,14 @@ from prometheus_client import REGISTRY
 from test_open_inference import triton_request
 
 import jobs
+import launcher
 import redis_client
 import web
 from job_queue import JobQueue
 from keys import Keys
 from notifications import ResultWaiter
 from open_inference import HEADER_LENGTH
+from settings import Settings
 from support import CASTLE, free_port, wait_for
 from worker_registration import WorkerRegistry
 
@@ -354,3 +356,17 @@ def test_a_result_delivered_just_as_the_wait_timed_out_is_taken_while_redis_cann
 
         pending.event.wait = wait_then_deliver
         assert waiter.wait(pending, time.monotonic() + 1.5) == answer
+
+
+def test_the_listener_subscribes_over_a_unix_socket(tmp_path):
+    # A unix socket's connection has no port: reading one, the listener failed at every subscription and each
+    # request waited 5 s for it, then got 503 (found by review).
+    server, path = launcher.RedisServer(tmp_path), tmp_path / "redis.sock"
+    server.start("--unixsocket", str(path))
+    try:
+        config = Settings(redis_url=f"unix://{path}")
+        waiter = ResultWaiter(redis_client.connect(config.redis_url, 5), config)
+        assert waiter.start() == waiter.channel and waiter.listening()
+        waiter.close()
+    finally:
+        server.stop()
