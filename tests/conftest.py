@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 import launcher
+import support
 from settings import Settings
 
 
@@ -49,13 +50,6 @@ def model_cache_dir(tmp_path_factory):
 @pytest.fixture
 def service(real_redis, redis_server, model_cache_dir, tmp_path):
     """Real workers and web servers; EfficientNet-Lite0 with its real weights, fast heartbeats for the sweeps."""
-    svc = launcher.Processes(
-        redis_server.url,
-        tmp_path,
-        MODEL="efficientnet_lite0",
-        MODEL_CACHE_DIR=model_cache_dir,
-        HEARTBEAT_INTERVAL="0.5",
-        HEARTBEAT_TTL="2",
-    )
+    svc = support.lite0_service(redis_server.url, tmp_path, model_cache_dir)
     yield svc
     svc.stop_all()

@@ -1,4 +1,5 @@
-"""What several test files share: the images, a client's POST, a stand-in model, crafted inputs."""
+"""What several test files share: the images, a client's POST, a load of them, the service's processes, a stand-in
+model, crafted inputs."""
 
 import re
 import struct
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
+import launcher
 from launcher import free_port, wait_for  # noqa: F401 - the tests' one import for these
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +23,57 @@ def post(url, path=CASTLE, timeout=60, **kwargs):
     """POST an image file to a running service's /predict, the way a client does."""
     with open(path, "rb") as f:
         return requests.post(f"{url}/predict", files={"image": f}, timeout=timeout, **kwargs)
+
+
+class Load:
+    """`clients` threads POSTing the castle to a running service one request after another until `stop()`;
+    `outcomes` holds (status or the client's exception, when sent, seconds taken) for each request."""
+
+    def __init__(self, url, clients=4):
+        self.url, self.outcomes, self._stop = url, [], threading.Event()
+        self._threads = [threading.Thread(target=self._loop) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                status = post(self.url, timeout=20).status_code
+            except requests.RequestException as exc:
+                status = repr(exc)
+            self.outcomes.append((status, started, time.monotonic() - started))
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def statuses(self):
+        return [status for status, _, _ in self.outcomes]
+
+    def longest(self):
+        return max(seconds for _, _, seconds in self.outcomes)
+
+
+def lite0_service(redis_url, logdir, model_cache_dir, **env):
+    """Real workers and web servers against `redis_url`; EfficientNet-Lite0 with its real weights, fast heartbeats
+    for the sweeps."""
+    return launcher.Processes(
+        redis_url,
+        logdir,
+        MODEL="efficientnet_lite0",
+        MODEL_CACHE_DIR=model_cache_dir,
+        HEARTBEAT_INTERVAL="0.5",
+        HEARTBEAT_TTL="2",
+        **env,
+    )
+
+
+def worker_name(service, process):
+    """The name a worker process of `service` registered under."""
+    wait_for(lambda: "worker_ready" in service.log_text(process), 60, "worker_ready")
+    return service.log_text(process).split("worker_ready worker=")[1].split()[0]
 
 
 class CountingClassifier:

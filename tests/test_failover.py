@@ -11,14 +11,13 @@ import time
 
 import pytest
 import redis
-import requests
 
 import launcher
 import redis_client
 from keys import Keys
 from notifications import ResultWaiter
 from settings import Settings
-from support import CountingClassifier, post, wait_for
+from support import CountingClassifier, Load, lite0_service, post, wait_for, worker_name
 from worker import Worker
 
 KEYS = Keys("image_queue")
@@ -34,13 +33,10 @@ def sentinels(tmp_path):
 
 @pytest.fixture
 def failover_service(sentinels, model_cache_dir, tmp_path):
-    svc = launcher.Processes(
+    svc = lite0_service(
         sentinels.url,
         tmp_path,
-        MODEL="efficientnet_lite0",
-        MODEL_CACHE_DIR=model_cache_dir,
-        HEARTBEAT_INTERVAL="0.5",
-        HEARTBEAT_TTL="2",
+        model_cache_dir,
         REQUEST_TIMEOUT="5",
         BLOCK_TIMEOUT="1",  # a worker's wait for work holds its connection this long at most
     )
@@ -53,20 +49,8 @@ def test_a_failover_under_load_is_followed_without_restarts_and_no_request_hangs
     service = failover_service
     worker, web = service.start_worker(), service.start_web()
     assert post(service.url).status_code == 200
-    outcomes, stop = [], threading.Event()
-
-    def load():
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                status = post(service.url, timeout=20).status_code
-            except requests.RequestException as exc:
-                status = repr(exc)
-            outcomes.append((status, started, time.monotonic() - started))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for thread in threads:
-        thread.start()
+    load = Load(service.url)
+    outcomes = load.outcomes
     try:
         wait_for(lambda: len(outcomes) >= 8, 30, "the load to be served")
         sentinels.master.process.kill()  # no goodbye: its last writes may not have reached the replica
@@ -78,15 +62,13 @@ def test_a_failover_under_load_is_followed_without_restarts_and_no_request_hangs
         # Requests sent once the replica is master are served by it.
         wait_for(lambda: sum(s == 200 and t > promoted for s, t, _ in outcomes) >= 8, 60, "service on the new master")
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    statuses = [status for status, _, _ in outcomes]
+        load.stop()
+    statuses = load.statuses()
     # Requests whose jobs were lost with the master's unreplicated writes end in 504 at REQUEST_TIMEOUT, those sent
     # while no master was known in 503 at once, a job claimed before the kill and found without its pixels in 410.
     assert set(statuses) <= {200, 410, 503, 504}, statuses
     assert refused.status_code == 503 and refused.json()["reason"] == "redis_unavailable"
-    assert max(duration for _, _, duration in outcomes) < 8, "a request outlived REQUEST_TIMEOUT"
+    assert load.longest() < 8, "a request outlived REQUEST_TIMEOUT"
     assert any(t < killed and s == 200 for s, t, _ in outcomes)
     after = [post(service.url, timeout=20) for _ in range(5)]
     assert [r.status_code for r in after] == [200] * 5
@@ -96,10 +78,6 @@ def test_a_failover_under_load_is_followed_without_restarts_and_no_request_hangs
     assert new_master.exists(KEYS.heartbeat(worker_name(service, worker)))  # the worker beats on the new master
     web_log = service.log_text(web)
     assert "listener_subscribed" in web_log.split("listener_disconnected")[-1]  # the web listens on it again
-
-
-def worker_name(service, process):
-    return service.log_text(process).split("worker_ready worker=")[1].split()[0]
 
 
 def service_clients(server):

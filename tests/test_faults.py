@@ -8,7 +8,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ import jobs
 from job_queue import JobQueue
 from keys import Keys
 from launcher import free_port, listening
-from support import CountingClassifier, post, wait_for
+from support import CountingClassifier, Load, post, wait_for, worker_name
 from worker import Worker
 from worker_registration import WorkerRegistry
 
@@ -29,11 +28,6 @@ KEYS = Keys("image_queue")
 def fire(url, n):
     pool = concurrent.futures.ThreadPoolExecutor(n)
     return pool, [pool.submit(post, url) for _ in range(n)]
-
-
-def worker_name(service, process):
-    wait_for(lambda: "worker_ready" in service.log_text(process), 60, "worker_ready")
-    return service.log_text(process).split("worker_ready worker=")[1].split()[0]
 
 
 def claimed_by(redis, name):
@@ -194,21 +188,8 @@ def test_redis_outage_under_load_then_full_service_without_restarts(service, rea
     worker = service.start_worker(REQUEST_TIMEOUT="5")
     web = service.start_web(REQUEST_TIMEOUT="5")
     assert post(service.url).status_code == 200
-    outcomes, stop = [], threading.Event()
-
-    def load():
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                status = post(service.url, timeout=20).status_code
-            except requests.RequestException as exc:
-                status = repr(exc)
-            outcomes.append((status, time.monotonic() - started))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: len(outcomes) >= 4, 30, "the load to be served")
+    load = Load(service.url)
+    wait_for(lambda: len(load.outcomes) >= 4, 30, "the load to be served")
     redis_server.stop()
     during = []
     for _ in range(3):  # new requests while Redis is down are refused at once
@@ -220,15 +201,12 @@ def test_redis_outage_under_load_then_full_service_without_restarts(service, rea
         30,
         "the web server's listener to resubscribe",
     )
-    stop.set()
-    for t in threads:
-        t.join(30)
+    load.stop()
     assert all(status == 503 and seconds < 2 for status, seconds in during), during
-    statuses = [status for status, _ in outcomes]
     # Requests whose jobs died with the (non-persistent) Redis end in 504 by REQUEST_TIMEOUT, or in 410 when a
     # worker had claimed the job before the outage and finds its pixels gone after it (seen once in CI); none hangs.
-    assert set(statuses) <= {200, 410, 503, 504}, statuses
-    assert max(duration for _, duration in outcomes) < 7  # never past REQUEST_TIMEOUT (+ slack)
+    assert set(load.statuses()) <= {200, 410, 503, 504}, load.statuses()
+    assert load.longest() < 7  # never past REQUEST_TIMEOUT (+ slack)
     after = [post(service.url, timeout=20) for _ in range(5)]
     assert [r.status_code for r in after] == [200] * 5
     assert worker.poll() is None and web.poll() is None  # nothing was restarted
