@@ -85,7 +85,8 @@ def _worker(name, beat, in_flight, now):
 
 
 def print_info(info: dict, redis_url: str) -> None:
-    print(f"queue {info['queue']} at {redis_client.describe(redis_url)}")
+    master = f" (master {info['master']})" if info.get("master") else ""
+    print(f"queue {info['queue']} at {redis_client.describe(redis_url)}{master}")
     print(f"waiting jobs  {info['queue_depth']}")
     print(f"dead letters  {info['dead']}" + ("  (python queue_admin.py dead list)" if info["dead"] else ""))
     print(f"\nworkers: {len(info['workers'])} registered")
@@ -260,6 +261,8 @@ def main(argv=None) -> int:
         problems = []
         if args.command == "info":
             info = collect_info(connection, keys)
+            if redis_client.master_address(connection):  # through Sentinel: which Redis answered
+                info["master"] = redis_client.master_address(connection)
             if args.json:
                 print(json.dumps({"redis": redis_client.describe(config.redis_url), **info}, indent=2))
             else:

@@ -232,6 +232,12 @@ def _master_of(place, max_connections, kwargs):
     return sentinel.master_for(place.service, connection_pool_class=_FollowedPool, **master)
 
 
+def master_address(client: redis.Redis) -> str | None:
+    """host:port of the master a client through Sentinel last found (after a command); None for any other client."""
+    address = getattr(client.connection_pool, "master_address", None)
+    return None if address is None else f"{address[0]}:{address[1]}"
+
+
 def describe(url: str) -> str:
     """The Redis URL without its password, for logs."""
     if _is_sentinel(url):

@@ -5,7 +5,10 @@ real web server given the group's redis+sentinel:// URL, and the master killed w
 """
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -180,3 +183,17 @@ def test_the_sentinels_away_change_nothing_while_the_master_answers(sentinels):
         worker.stopping.set()
         serving.join(10)
         waiter.close()
+
+
+def test_queue_admin_info_names_the_master_the_sentinels_gave(sentinels):
+    result = subprocess.run(
+        [sys.executable, str(launcher.ROOT / "queue_admin.py"), "info"],
+        cwd=launcher.ROOT,
+        env={**os.environ, "REDIS_URL": sentinels.url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.endswith(f"/imgclf/0 (master 127.0.0.1:{sentinels.master.port})"), first
