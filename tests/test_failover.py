@@ -1,7 +1,8 @@
 """Redis Sentinel: the service follows a failover to the promoted replica, with no restart and nothing hung.
 
-Real parts throughout: a master, its replica and three sentinels (redis-server --sentinel), a real worker and a
-real web server given the group's redis+sentinel:// URL, and the master killed with SIGKILL under load.
+Real parts throughout: a master, its replica and three sentinels (redis-server --sentinel), real workers and web
+servers given the group's redis+sentinel:// URL; the master killed with SIGKILL under load or demoted by hand, the
+sentinels killed, a sentinel that accepts and never answers.
 """
 
 import contextlib
