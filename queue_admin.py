@@ -261,8 +261,9 @@ def main(argv=None) -> int:
         problems = []
         if args.command == "info":
             info = collect_info(connection, keys)
-            if redis_client.master_address(connection):  # through Sentinel: which Redis answered
-                info["master"] = redis_client.master_address(connection)
+            master = redis_client.master_address(connection)  # through Sentinel: which Redis answered
+            if master:
+                info["master"] = master
             if args.json:
                 print(json.dumps({"redis": redis_client.describe(config.redis_url), **info}, indent=2))
             else:

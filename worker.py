@@ -171,10 +171,9 @@ class Worker:
             try:
                 if now >= self._sweep_from:
                     self.registry.sweep()
-            except redis.RedisError as exc:
-                self._hold_off_sweeps()
-                log("sweep_failed", level="ERROR", worker=self.name, error=repr(exc))
             except Exception as exc:  # noqa: BLE001 - whatever the sweep met, this thread must go on beating
+                if isinstance(exc, redis.RedisError):  # Redis away or stalled: the others' beats may be too
+                    self._hold_off_sweeps()
                 log("sweep_failed", level="ERROR", worker=self.name, error=repr(exc))
 
     def _on_signal(self, signum, _frame):
